@@ -1,0 +1,3 @@
+"""fcvm: run Podman containers inside lightweight microVMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from fcvm.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Replays undo journals and reaps rows whose owning process died without cleaning up.
+
+Sits above every layer that creates host resources, so it can map each journal kind to its handler.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fcvm.core import log
+from fcvm.core.proc import ProcessRef
+from fcvm.state.store import JournalEntry, Store, VmRecord
+
+_log = log.get("cleanup")
+
+Handler = Callable[[dict[str, Any]], None]
+
+
+def _handlers() -> dict[str, Handler]:
+    from fcvm.core import undo as core_undo
+    from fcvm.network import undo as network_undo
+    from fcvm.storage import undo as storage_undo
+
+    return {**core_undo.HANDLERS, **network_undo.HANDLERS, **storage_undo.HANDLERS}
+
+
+def replay(store: Store, owner: str) -> list[str]:
+    """Undo every journaled resource of `owner`, newest first. Returns the failures (kept for gc)."""
+    handlers = _handlers()
+    failures: list[str] = []
+    for entry in store.journal_entries(owner):
+        try:
+            _undo(handlers, entry)
+        except Exception as exc:  # keep going: one stuck resource must not strand the rest
+            failures.append(f"{entry.kind} {entry.data}: {exc}")
+            _log.warning("could not undo %s %s: %s", entry.kind, entry.data, exc)
+            continue
+        store.journal_remove(entry.id)
+    return failures
+
+
+def _undo(handlers: dict[str, Handler], entry: JournalEntry) -> None:
+    handler = handlers.get(entry.kind)
+    if handler is None:
+        raise RuntimeError(f"no undo handler for journal kind {entry.kind!r}")
+    _log.debug("undo %s %s", entry.kind, entry.data)
+    handler(entry.data)
+
+
+def finish_vm(store: Store, vm: VmRecord, *, exit_code: int | None) -> list[str]:
+    """Release everything `vm` holds and mark it exited."""
+    failures = replay(store, vm.id)
+    store.release_allocations(vm.id)
+    store.update_vm(vm.id, status="exited", exited=time.time(), exit_code=exit_code, health="unknown")
+    return failures
+
+
+def reap_stale(store: Store) -> list[VmRecord]:
+    """Clean up after live rows whose process is gone. Safe to run from many processes at once."""
+    reaped: list[VmRecord] = []
+    me = ProcessRef.self()
+    for vm in store.list_vms():
+        if not vm.is_stale():
+            continue
+        # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
+        # midway leaves a row that is stale again.
+        if not _take_over(store, vm, me):
+            continue
+        _log.info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
+        finish_vm(store, vm, exit_code=None)
+        reaped.append(vm)
+    return reaped
+
+
+def _take_over(store: Store, vm: VmRecord, me: ProcessRef) -> bool:
+    with store.transaction() as db:
+        cursor = db.execute(
+            "UPDATE vms SET pid = ?, pid_start = ?, status = 'stopping'"
+            " WHERE id = ? AND pid IS ? AND pid_start IS ? AND status != 'exited'",
+            (me.pid, me.start, vm.id, vm.pid, vm.pid_start),
+        )
+        return cursor.rowcount == 1

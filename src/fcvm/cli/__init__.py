@@ -1,0 +1,1 @@
+"""Argument parsing only: argv becomes a call on a `fcvm.commands` module."""

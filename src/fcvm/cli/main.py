@@ -1,0 +1,199 @@
+"""`fcvm` argument parsing. Each command names its handler as "module:function" and is imported lazily,
+so `fcvm --help` and `fcvm ls` never pay for httpx, rich tables or pyroute2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from fcvm import __version__
+from fcvm.core import log
+from fcvm.core.errors import FcvmError, NotBuiltError
+
+
+def _handler(parser: argparse.ArgumentParser, target: str) -> None:
+    parser.set_defaults(handler=target)
+
+
+def _group(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=None, group_parser=parser)
+    return parser.add_subparsers(title="commands", metavar="COMMAND")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="VM name (default: generated)")
+    parser.add_argument("--cpu", type=int, default=2, help="vCPUs (default 2)")
+    parser.add_argument("--mem", type=int, default=1024, help="memory in MiB (default 1024)")
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
+    parser.add_argument(
+        "-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/udp]",
+        help="publish a guest port on the host",
+    )
+    parser.add_argument(
+        "--map", action="append", default=[], metavar="HOSTDIR:GUESTDIR[:ro]",
+        help="share a host directory into the container over fuse-pipe",
+    )
+    parser.add_argument("--network", default=None, choices=None, help="bridged (root) or rootless")
+    parser.add_argument("--health-check", metavar="URL", help="HTTP URL polled through the VM's network")
+    parser.add_argument("--hypervisor", default="auto", help="firecracker, qemu or auto")
+    parser.add_argument("--firecracker-bin", help="firecracker binary (also FCVM_FIRECRACKER_BIN)")
+    parser.add_argument("--jailer", action="store_true", help="run firecracker under the jailer")
+    parser.add_argument("--kernel", help="guest kernel to use instead of the built one")
+    parser.add_argument("--initrd", help="initramfs to use instead of the built one")
+    parser.add_argument("--user", "-u", help="user in the container")
+    parser.add_argument("--workdir", "-w", help="working directory in the container")
+    parser.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    parser.add_argument("--rm", action="store_true", help="remove the VM's record when it exits")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fcvm", description="Run Podman containers inside lightweight microVMs."
+    )
+    parser.add_argument("--version", action="version", version=f"fcvm {__version__}")
+    parser.add_argument("--log-level", help="debug, info, warning or error (also FCVM_LOG)")
+    parser.set_defaults(handler=None, group_parser=parser)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    podman = _group(sub, "podman", "run containers in microVMs, podman style")
+    run = podman.add_parser("run", help="run a container in a new microVM")
+    _add_run_options(run)
+    run.add_argument("image", help="image, e.g. localhost/web or docker.io/library/nginx:alpine")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments for the container")
+    _handler(run, "podman_run:run")
+
+    ls = sub.add_parser("ls", help="list VMs")
+    ls.add_argument("-a", "--all", action="store_true", help="include exited VMs")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    _handler(ls, "ls:run")
+
+    inspect = sub.add_parser("inspect", help="show everything fcvm knows about a VM")
+    inspect.add_argument("name")
+    _handler(inspect, "inspect:run")
+
+    logs = sub.add_parser("logs", help="show a VM's console and container output")
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    _handler(logs, "logs:run")
+
+    exec_ = sub.add_parser("exec", help="run a command in a VM's container (or the VM with --vm)")
+    exec_.add_argument("name")
+    exec_.add_argument("--vm", action="store_true", help="run in the VM, not the container")
+    exec_.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    exec_.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    exec_.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    _handler(exec_, "exec_:run")
+
+    stop = sub.add_parser("stop", help="stop VMs")
+    stop.add_argument("names", nargs="+", metavar="NAME")
+    stop.add_argument("-t", "--time", type=float, default=10.0, help="seconds to wait before killing")
+    _handler(stop, "stop:run")
+
+    rm = sub.add_parser("rm", help="remove exited VMs (running ones too with -f)")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("-f", "--force", action="store_true", help="stop running VMs first")
+    _handler(rm, "rm:run")
+
+    snapshot = _group(sub, "snapshot", "snapshot running VMs and serve their memory to clones")
+    snap_create = snapshot.add_parser("create", help="snapshot a running VM")
+    snap_create.add_argument("name", help="VM to snapshot")
+    snap_create.add_argument("--tag", help="snapshot name (default: VM name)")
+    _handler(snap_create, "snapshot_create:run")
+    snap_serve = snapshot.add_parser("serve", help="serve a snapshot's memory over userfaultfd")
+    snap_serve.add_argument("snapshot", nargs="?", help="snapshot name")
+    snap_serve.add_argument("--mem-file", help="memory file to serve (low-level form)")
+    snap_serve.add_argument("--socket", help="Unix socket to listen on (low-level form)")
+    snap_serve.add_argument("--prefetch", choices=["on", "off"], default="on", help="working-set prefetch")
+    snap_serve.add_argument(
+        "--fault-around", default="64K", metavar="SIZE", help="bytes copied around each fault (e.g. 64K)"
+    )
+    snap_serve.add_argument("--metrics-json", metavar="PATH", help="write per-client metrics here on exit")
+    _handler(snap_serve, "snapshot_serve:run")
+    snap_run = snapshot.add_parser("run", help="start a clone from a snapshot")
+    snap_run.add_argument("snapshot")
+    snap_run.add_argument("--name")
+    snap_run.add_argument("-p", "--publish", action="append", default=[])
+    _handler(snap_run, "snapshot_run:run")
+    snap_ls = snapshot.add_parser("ls", help="list snapshots and their memory servers")
+    snap_ls.add_argument("--json", action="store_true")
+    _handler(snap_ls, "snapshot_ls:run")
+    snap_rm = snapshot.add_parser("rm", help="remove snapshots")
+    snap_rm.add_argument("names", nargs="+", metavar="NAME")
+    _handler(snap_rm, "snapshot_rm:run")
+
+    setup = _group(sub, "setup", "prepare the host: storage, guest kernel, rootfs, firecracker")
+    setup_storage = setup.add_parser("storage", help="make the data directory btrfs (loopback if needed)")
+    setup_storage.add_argument("--size", default="20G", help="size of the loopback image (default 20G)")
+    _handler(setup_storage, "setup_storage:run")
+    setup_kernel = setup.add_parser("kernel", help="build the guest kernel, vmlinux and initramfs")
+    setup_kernel.add_argument("--kernel-deb", help="use this linux-image .deb instead of downloading")
+    _handler(setup_kernel, "setup_kernel:run")
+    setup_rootfs = setup.add_parser("rootfs", help="build the guest root filesystem image")
+    _handler(setup_rootfs, "setup_rootfs:run")
+    setup_fc = setup.add_parser("firecracker", help="install a Firecracker release")
+    setup_fc.add_argument("--tarball", help="local firecracker-vX.Y.Z-x86_64.tgz (with SHA256SUMS beside it)")
+    setup_fc.add_argument("--version", dest="fc_version", help="release to download")
+    _handler(setup_fc, "setup_firecracker:run")
+
+    doctor = sub.add_parser("doctor", help="check what this host can do, and how to fix what it cannot")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    _handler(doctor, "doctor:run")
+
+    gc = sub.add_parser("gc", help="remove what crashed fcvm processes left behind")
+    _handler(gc, "gc:run")
+
+    fuse = _group(sub, "fuse-pipe", "host directories over one byte stream (FUSE over vsock)")
+    fuse_serve = fuse.add_parser("serve", help="serve DIR on a Unix socket")
+    fuse_serve.add_argument("dir")
+    fuse_serve.add_argument("--socket", required=True)
+    fuse_serve.add_argument("--ro", action="store_true", help="read-only")
+    _handler(fuse_serve, "fuse_pipe:serve")
+    fuse_mount = fuse.add_parser("mount", help="mount a served directory")
+    fuse_mount.add_argument("mountpoint")
+    fuse_mount.add_argument("--socket", help="Unix socket of the server")
+    fuse_mount.add_argument("--vsock-port", type=int, help="AF_VSOCK port on CID 2 (inside a guest)")
+    fuse_mount.add_argument("--readers", type=int, default=1, help="/dev/fuse reader threads")
+    _handler(fuse_mount, "fuse_pipe:mount")
+    fuse_local = fuse.add_parser("mount-local", help="serve DIR and mount it at MOUNTPOINT in one process")
+    fuse_local.add_argument("dir")
+    fuse_local.add_argument("mountpoint")
+    fuse_local.add_argument("--ro", action="store_true")
+    fuse_local.add_argument("--readers", type=int, default=1)
+    _handler(fuse_local, "fuse_pipe:mount_local")
+    return parser
+
+
+def _load(module_name: str, function_name: str) -> Callable[[argparse.Namespace], int | None]:
+    qualified = f"fcvm.commands.{module_name}"
+    try:
+        module = importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        if exc.name != qualified:
+            raise
+        raise NotBuiltError(f"`{module_name.rstrip('_').replace('_', ' ')}` is not built yet in fcvm {__version__}") from None
+    handler: Callable[[argparse.Namespace], int | None] = getattr(module, function_name)
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        log.setup(args.log_level)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.handler is None:
+        args.group_parser.print_help(sys.stderr)
+        return 2
+    module_name, function_name = args.handler.split(":")
+    try:
+        result: int | None = _load(module_name, function_name)(args)
+    except FcvmError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return result or 0

@@ -1,0 +1,1 @@
+"""Lowest layer: paths, errors, logging, process tracking. Imports nothing else from fcvm."""

@@ -1,0 +1,117 @@
+"""Logging: hierarchical `fcvm.*` loggers, colour only on a TTY, child output re-logged per line.
+
+`FCVM_LOG=debug` (or `--log-level`) sets the level. Loggers are named by target:
+`fcvm.vm.<name>`, `fcvm.net`, `fcvm.uffd`, `fcvm.fusepipe`, `fcvm.state`, ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from typing import IO
+
+LEVEL_ENV = "FCVM_LOG"
+_COLOURS = {
+    logging.DEBUG: "\x1b[2m",
+    logging.INFO: "\x1b[36m",
+    logging.WARNING: "\x1b[33m",
+    logging.ERROR: "\x1b[31m",
+    logging.CRITICAL: "\x1b[1;31m",
+}
+_RESET = "\x1b[0m"
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, colour: bool) -> None:
+        super().__init__()
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        target = record.name.removeprefix("fcvm.") if record.name != "fcvm" else "fcvm"
+        level = record.levelname.lower()
+        message = record.getMessage()
+        if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
+            message += "\n" + self.formatException(record.exc_info)
+        if self.colour:
+            colour = _COLOURS.get(record.levelno, "")
+            return f"{colour}{level:>7}{_RESET} \x1b[2m{target}\x1b[0m {message}"
+        return f"{level:>7} {target} {message}"
+
+
+def setup(level: str | None = None, stream: IO[str] | None = None) -> None:
+    """Configure the `fcvm` and `fc_agent` logger trees once per process."""
+    stream = stream or sys.stderr
+    name = (level or os.environ.get(LEVEL_ENV) or "info").upper()
+    numeric = logging.getLevelName(name)
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}: use debug, info, warning or error")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_Formatter(colour=stream.isatty()))
+    for root_name in ("fcvm", "fc_agent"):
+        root = logging.getLogger(root_name)
+        root.handlers[:] = [handler]
+        root.setLevel(numeric)
+        root.propagate = False
+
+
+def get(target: str) -> logging.Logger:
+    """`get("vm.web")` returns the `fcvm.vm.web` logger."""
+    return logging.getLogger(f"fcvm.{target}" if target else "fcvm")
+
+
+# Firecracker prefixes each line with a timestamp and `[anonymous-instance:main]` or `[<id>:<thread>]`.
+_FIRECRACKER_PREFIX = re.compile(
+    r"^(?:\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?\s*)?(?:\[[^\]\s]+:[^\]\s]+\]\s*)?"
+)
+_LEVEL_WORD = re.compile(r"^(ERROR|WARN|INFO|DEBUG|TRACE)\s+")
+
+
+def strip_vmm_prefix(line: str) -> str:
+    """Drop Firecracker's timestamp and instance prefix, keep the message."""
+    stripped = _FIRECRACKER_PREFIX.sub("", line, count=1)
+    return _LEVEL_WORD.sub("", stripped, count=1)
+
+
+def relog_lines(
+    lines: Iterable[bytes | str],
+    logger: logging.Logger,
+    *,
+    level: int = logging.INFO,
+    transform: Callable[[str], str] | None = None,
+    sink: IO[str] | None = None,
+) -> None:
+    """Re-log child output one line at a time; also append each line to `sink` (the VM log)."""
+    for raw in lines:
+        line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        line = line.rstrip("\r\n")
+        if transform:
+            line = transform(line)
+        if not line:
+            continue
+        if sink is not None:
+            sink.write(line + "\n")
+            sink.flush()
+        logger.log(level, "%s", line)
+
+
+def relog_in_thread(
+    stream: IO[bytes],
+    logger: logging.Logger,
+    *,
+    level: int = logging.INFO,
+    transform: Callable[[str], str] | None = None,
+    sink: IO[str] | None = None,
+) -> threading.Thread:
+    thread = threading.Thread(
+        target=relog_lines,
+        args=(iter(stream.readline, b""), logger),
+        kwargs={"level": level, "transform": transform, "sink": sink},
+        name=f"relog-{logger.name}",
+        daemon=True,
+    )
+    thread.start()
+    return thread

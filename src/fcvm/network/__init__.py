@@ -1,0 +1,1 @@
+"""VM networking: bridged (netns, veth, tap, iptables) and rootless (user namespace + slirp4netns/pasta)."""

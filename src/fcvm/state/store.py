@@ -1,0 +1,376 @@
+"""sqlite (WAL) store shared by every fcvm process on the host.
+
+Every write runs in `BEGIN IMMEDIATE`, so concurrent writers serialize on the database lock instead of
+racing; unique constraints make double allocation impossible even across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcvm.core import paths
+from fcvm.core.errors import FcvmError
+from fcvm.core.proc import ProcessRef
+
+SCHEMA_VERSION = 1
+LIVE_STATUSES = ("creating", "running", "stopping")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('creating','running','stopping','exited')),
+    health      TEXT NOT NULL DEFAULT 'unknown',
+    kind        TEXT NOT NULL CHECK (kind IN ('vm','serve','clone')),
+    pid         INTEGER,
+    pid_start   INTEGER,
+    serve_id    TEXT,
+    network     TEXT NOT NULL DEFAULT '{}',
+    ports       TEXT NOT NULL DEFAULT '[]',
+    image       TEXT NOT NULL DEFAULT '',
+    hypervisor  TEXT NOT NULL DEFAULT '',
+    config      TEXT NOT NULL DEFAULT '{}',
+    created     REAL NOT NULL,
+    started     REAL,
+    exited      REAL,
+    exit_code   INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS vms_live_name ON vms(name) WHERE status != 'exited';
+CREATE TABLE IF NOT EXISTS snapshots (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    vm_id       TEXT,
+    path        TEXT NOT NULL,
+    created     REAL NOT NULL,
+    info        TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS allocations (
+    kind        TEXT NOT NULL,
+    value       TEXT NOT NULL,
+    vm_id       TEXT NOT NULL,
+    PRIMARY KEY (kind, value)
+);
+CREATE INDEX IF NOT EXISTS allocations_vm ON allocations(vm_id);
+CREATE TABLE IF NOT EXISTS journal (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner       TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    data        TEXT NOT NULL,
+    created     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS journal_owner ON journal(owner);
+"""
+
+
+class NameInUse(FcvmError):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"the name {name!r} is already used by a running VM",
+            hint=f"choose another --name or stop it with `fcvm stop {name}`",
+        )
+
+
+class AllocationExhausted(FcvmError):
+    pass
+
+
+@dataclass
+class VmRecord:
+    id: str
+    name: str
+    status: str
+    health: str
+    kind: str
+    pid: int | None
+    pid_start: int | None
+    serve_id: str | None
+    network: dict[str, Any]
+    ports: list[dict[str, Any]]
+    image: str
+    hypervisor: str
+    config: dict[str, Any]
+    created: float
+    started: float | None
+    exited: float | None
+    exit_code: int | None
+
+    @property
+    def process(self) -> ProcessRef | None:
+        if self.pid is None or self.pid_start is None:
+            return None
+        return ProcessRef(self.pid, self.pid_start)
+
+    @property
+    def live(self) -> bool:
+        return self.status in LIVE_STATUSES
+
+    def is_stale(self) -> bool:
+        """A live row whose owning process is gone (or whose pid now belongs to someone else)."""
+        proc = self.process
+        return self.live and (proc is None or not proc.alive())
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class SnapshotRecord:
+    id: str
+    name: str
+    vm_id: str | None
+    path: str
+    created: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JournalEntry:
+    id: int
+    owner: str
+    kind: str
+    data: dict[str, Any]
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
+
+
+class Store:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or paths.state_db()
+        paths.ensure_dir(self.path.parent)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA busy_timeout = 30000")
+        mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
+        if mode != "wal":
+            self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            with self.transaction():
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- VMs -------------------------------------------------------------------------------------
+
+    def create_vm(
+        self,
+        name: str,
+        *,
+        kind: str = "vm",
+        image: str = "",
+        hypervisor: str = "",
+        config: dict[str, Any] | None = None,
+        process: ProcessRef | None = None,
+        serve_id: str | None = None,
+        vm_id: str | None = None,
+    ) -> VmRecord:
+        vm_id = vm_id or new_id()
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO vms (id, name, status, kind, pid, pid_start, serve_id, image, hypervisor,"
+                    " config, created) VALUES (?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        vm_id,
+                        name,
+                        kind,
+                        process.pid if process else None,
+                        process.start if process else None,
+                        serve_id,
+                        image,
+                        hypervisor,
+                        json.dumps(config or {}),
+                        time.time(),
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            if "name" in str(exc):
+                raise NameInUse(name) from exc
+            raise
+        record = self.get_vm(vm_id)
+        assert record is not None
+        return record
+
+    _JSON_FIELDS = frozenset({"network", "ports", "config"})
+    _VM_FIELDS = frozenset(
+        {"status", "health", "pid", "pid_start", "serve_id", "network", "ports", "image", "hypervisor",
+         "config", "started", "exited", "exit_code"}
+    )
+
+    def update_vm(self, vm_id: str, **fields: Any) -> None:
+        unknown = set(fields) - self._VM_FIELDS
+        if unknown:
+            raise ValueError(f"unknown VM fields {sorted(unknown)}")
+        values = [json.dumps(v) if k in self._JSON_FIELDS else v for k, v in fields.items()]
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        with self.transaction() as db:
+            db.execute(f"UPDATE vms SET {assignments} WHERE id = ?", (*values, vm_id))
+
+    def claim_status(self, vm_id: str, expected: Iterable[str], new: str) -> bool:
+        """Compare-and-set the status; only one of several racing processes wins."""
+        expected = tuple(expected)
+        marks = ",".join("?" * len(expected))
+        with self.transaction() as db:
+            cursor = db.execute(
+                f"UPDATE vms SET status = ? WHERE id = ? AND status IN ({marks})", (new, vm_id, *expected)
+            )
+            return cursor.rowcount == 1
+
+    @staticmethod
+    def _vm(row: sqlite3.Row) -> VmRecord:
+        data = dict(row)
+        for key in ("network", "ports", "config"):
+            data[key] = json.loads(data[key])
+        return VmRecord(**data)
+
+    def get_vm(self, name_or_id: str) -> VmRecord | None:
+        """By id, else the live VM of that name, else the newest exited one."""
+        row = self._db.execute(
+            "SELECT * FROM vms WHERE id = ? OR name = ?"
+            " ORDER BY id = ? DESC, status != 'exited' DESC, created DESC LIMIT 1",
+            (name_or_id, name_or_id, name_or_id),
+        ).fetchone()
+        return self._vm(row) if row else None
+
+    def list_vms(self, *, include_exited: bool = False, kind: str | None = None) -> list[VmRecord]:
+        query = "SELECT * FROM vms"
+        clauses: list[str] = []
+        params: list[Any] = []
+        if not include_exited:
+            clauses.append("status != 'exited'")
+        if kind:
+            clauses.append("kind = ?")
+            params.append(kind)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        return [self._vm(r) for r in self._db.execute(query + " ORDER BY created", params)]
+
+    def delete_vm(self, vm_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM allocations WHERE vm_id = ?", (vm_id,))
+            db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    # --- allocations -----------------------------------------------------------------------------
+
+    def allocate(self, kind: str, vm_id: str, candidates: Iterable[str]) -> str:
+        """Take the first candidate nobody holds; atomic across processes."""
+        with self.transaction() as db:
+            taken = {r[0] for r in db.execute("SELECT value FROM allocations WHERE kind = ?", (kind,))}
+            for value in candidates:
+                if value not in taken:
+                    db.execute(
+                        "INSERT INTO allocations (kind, value, vm_id) VALUES (?, ?, ?)", (kind, value, vm_id)
+                    )
+                    return value
+        raise AllocationExhausted(f"no free {kind} left: {len(taken)} in use", hint="run `fcvm gc`")
+
+    def claim(self, kind: str, vm_id: str, value: str) -> bool:
+        """Take one specific value (e.g. a host port); False if someone holds it."""
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO allocations (kind, value, vm_id) VALUES (?, ?, ?)", (kind, value, vm_id))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def allocations(self, vm_id: str) -> dict[str, list[str]]:
+        result: dict[str, list[str]] = {}
+        for kind, value in self._db.execute(
+            "SELECT kind, value FROM allocations WHERE vm_id = ? ORDER BY kind, value", (vm_id,)
+        ):
+            result.setdefault(kind, []).append(value)
+        return result
+
+    def release_allocations(self, vm_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM allocations WHERE vm_id = ?", (vm_id,))
+
+    def allocation_owners(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT DISTINCT vm_id FROM allocations")}
+
+    # --- journal ---------------------------------------------------------------------------------
+
+    def journal_add(self, owner: str, kind: str, data: dict[str, Any]) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO journal (owner, kind, data, created) VALUES (?, ?, ?, ?)",
+                (owner, kind, json.dumps(data), time.time()),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def journal_remove(self, entry_id: int) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM journal WHERE id = ?", (entry_id,))
+
+    def journal_entries(self, owner: str) -> list[JournalEntry]:
+        """Newest first: the order in which to undo."""
+        return [
+            JournalEntry(r["id"], r["owner"], r["kind"], json.loads(r["data"]))
+            for r in self._db.execute("SELECT * FROM journal WHERE owner = ? ORDER BY id DESC", (owner,))
+        ]
+
+    def journal_owners(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT DISTINCT owner FROM journal")}
+
+    # --- snapshots -------------------------------------------------------------------------------
+
+    def add_snapshot(self, name: str, path: str, *, vm_id: str | None, info: dict[str, Any]) -> SnapshotRecord:
+        snap_id = new_id()
+        try:
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT INTO snapshots (id, name, vm_id, path, created, info) VALUES (?, ?, ?, ?, ?, ?)",
+                    (snap_id, name, vm_id, path, time.time(), json.dumps(info)),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise FcvmError(f"a snapshot named {name!r} already exists", hint="fcvm snapshot rm it first") from exc
+        record = self.get_snapshot(snap_id)
+        assert record is not None
+        return record
+
+    def get_snapshot(self, name_or_id: str) -> SnapshotRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM snapshots WHERE id = ? OR name = ?", (name_or_id, name_or_id)
+        ).fetchone()
+        if not row:
+            return None
+        data = dict(row)
+        data["info"] = json.loads(data["info"])
+        return SnapshotRecord(**data)
+
+    def list_snapshots(self) -> list[SnapshotRecord]:
+        rows = self._db.execute("SELECT id FROM snapshots ORDER BY created").fetchall()
+        return [s for r in rows if (s := self.get_snapshot(r[0])) is not None]
+
+    def update_snapshot_info(self, snap_id: str, info: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE snapshots SET info = ? WHERE id = ?", (json.dumps(info), snap_id))
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM snapshots WHERE id = ?", (snap_id,))

@@ -1,0 +1,1 @@
+"""Data directory, btrfs/reflink copies, per-VM disks, image disks."""

@@ -14,7 +14,7 @@ from fcvm.core.errors import FcvmError, NotBuiltError
 
 
 def _handler(parser: argparse.ArgumentParser, target: str) -> None:
-    parser.set_defaults(handler=target)
+    parser.set_defaults(handler=target, command_name=parser.prog.removeprefix("fcvm "))
 
 
 def _group(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     _handler(setup_kernel, "setup_kernel:run")
     setup_rootfs = setup.add_parser("rootfs", help="build the guest root filesystem image")
     _handler(setup_rootfs, "setup_rootfs:run")
+    setup_demo = setup.add_parser("demo-image", help="build the local demo images (busybox, httpd)")
+    _handler(setup_demo, "setup_demo_image:run")
     setup_fc = setup.add_parser("firecracker", help="install a Firecracker release")
     setup_fc.add_argument("--tarball", help="local firecracker-vX.Y.Z-x86_64.tgz (with SHA256SUMS beside it)")
     setup_fc.add_argument("--version", dest="fc_version", help="release to download")
@@ -166,14 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(module_name: str, function_name: str) -> Callable[[argparse.Namespace], int | None]:
+def _load(module_name: str, function_name: str, command: str) -> Callable[[argparse.Namespace], int | None]:
     qualified = f"fcvm.commands.{module_name}"
     try:
         module = importlib.import_module(qualified)
     except ModuleNotFoundError as exc:
         if exc.name != qualified:
             raise
-        raise NotBuiltError(f"`{module_name.rstrip('_').replace('_', ' ')}` is not built yet in fcvm {__version__}") from None
+        raise NotBuiltError(f"`fcvm {command}` is not built yet in fcvm {__version__}") from None
     handler: Callable[[argparse.Namespace], int | None] = getattr(module, function_name)
     return handler
 
@@ -190,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, function_name = args.handler.split(":")
     try:
-        result: int | None = _load(module_name, function_name)(args)
+        result: int | None = _load(module_name, function_name, args.command_name)(args)
     except FcvmError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code

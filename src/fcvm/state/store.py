@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fcvm.core import paths
-from fcvm.core.errors import FcvmError
+from fcvm.core.errors import FcvmError, NotFoundError
 from fcvm.core.proc import ProcessRef
 
 SCHEMA_VERSION = 1
@@ -161,6 +161,9 @@ class Store:
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def execute_integrity_check(self) -> str:
+        return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+
     def close(self) -> None:
         self._db.close()
 
@@ -255,6 +258,12 @@ class Store:
             (name_or_id, name_or_id, name_or_id),
         ).fetchone()
         return self._vm(row) if row else None
+
+    def require_vm(self, name_or_id: str) -> VmRecord:
+        record = self.get_vm(name_or_id)
+        if record is None:
+            raise NotFoundError(f"no VM named {name_or_id!r}", hint="see `fcvm ls -a`")
+        return record
 
     def list_vms(self, *, include_exited: bool = False, kind: str | None = None) -> list[VmRecord]:
         query = "SELECT * FROM vms"

@@ -1,0 +1,163 @@
+"""`fcvm doctor`: what this host can do, and the fix for what it cannot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from fcvm import host
+from fcvm.core import paths, proc
+from fcvm.core.errors import FcvmError
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok", "warn" or "missing"
+    detail: str
+    fix: str = ""
+    essential: bool = False
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        result = proc.run(argv, timeout=20, check=False)
+    except FcvmError as exc:
+        return str(exc)
+    text = (result.stdout or result.stderr).decode(errors="replace").strip()
+    return text.splitlines()[0] if text else f"exit {result.returncode}"
+
+
+def _kvm() -> Check:
+    kvm = host.kvm_status()
+    if kvm.usable:
+        return Check("kvm", "ok", kvm.detail)
+    return Check("kvm", "warn", kvm.detail, "QEMU falls back to TCG (slower); Firecracker needs a real KVM host")
+
+
+def _firecracker() -> Check:
+    from fcvm.vmm.firecracker import describe_binary, find_firecracker
+
+    binary = find_firecracker(None)
+    if binary is None:
+        return Check(
+            "firecracker", "missing", "no firecracker binary (FCVM_FIRECRACKER_BIN, PATH)",
+            "fcvm setup firecracker, or FCVM_FIRECRACKER_BIN=$(which fcvm-fc-mock) for the mock",
+        )
+    return Check("firecracker", "ok", describe_binary(binary))
+
+
+def _qemu() -> Check:
+    binary = host.which("qemu-system-x86_64")
+    if binary is None:
+        return Check("qemu", "missing", "qemu-system-x86_64 not found", "apt-get install qemu-system-x86")
+    return Check("qemu", "ok", _version([binary, "--version"]))
+
+
+def _podman() -> Check:
+    binary = host.which("podman")
+    if binary is None:
+        return Check("podman", "missing", "podman not found (needed to export local images)",
+                     "apt-get install podman", essential=True)
+    result = proc.run([binary, "info", "--format", "{{.Host.OCIRuntime.Name}}"], check=False, timeout=60)
+    runtime = result.stdout.decode().strip()
+    version = _version([binary, "--version"])
+    if result.returncode != 0 or not runtime:
+        return Check("podman", "warn", f"{version}; `podman info` failed", "check podman's configuration")
+    runtime_path = host.which(runtime)
+    status = "ok" if runtime_path else "warn"
+    fix = "" if runtime_path else f"apt-get install {runtime}"
+    return Check("podman", status, f"{version}; runtime {runtime}", fix, essential=True)
+
+
+def _storage() -> Check:
+    from fcvm.storage.btrfs import filesystem_type, reflink_works
+
+    data = paths.data_dir()
+    fstype = filesystem_type(data)
+    try:
+        works = reflink_works(data)
+    except OSError as exc:
+        return Check("storage", "missing", f"{data}: {exc.strerror}", "check permissions on the data dir")
+    if works:
+        return Check("storage", "ok", f"{data} on {fstype}, reflinks work")
+    return Check("storage", "warn", f"{data} on {fstype}, no reflinks: disks are full copies",
+                 "fcvm setup storage")
+
+
+def _device(name: str, path: str, fix: str, essential: bool = False) -> Check:
+    ok, detail = host.device_usable(path)
+    return Check(name, "ok" if ok else "missing", detail, "" if ok else fix, essential)
+
+
+def _tool(name: str, candidates: tuple[str, ...], fix: str, essential: bool = False) -> Check:
+    found = host.which(*candidates)
+    if found:
+        return Check(name, "ok", found)
+    return Check(name, "missing", f"none of {', '.join(candidates)} found", fix, essential)
+
+
+def _assets() -> list[Check]:
+    from fcvm.guest import find_kernel, find_rootfs
+
+    kernel = find_kernel()
+    rootfs = find_rootfs()
+    return [
+        Check("guest kernel", "ok" if kernel else "missing",
+              f"{kernel.version}: {kernel.bzimage.parent}" if kernel else "not built",
+              "" if kernel else "fcvm setup kernel", essential=True),
+        Check("guest rootfs", "ok" if rootfs else "missing", str(rootfs) if rootfs else "not built",
+              "" if rootfs else "fcvm setup rootfs", essential=True),
+    ]
+
+
+def checks() -> list[Check]:
+    results = [
+        _kvm(),
+        _firecracker(),
+        _qemu(),
+        _podman(),
+        _storage(),
+        _device("userfaultfd", "/dev/userfaultfd", "modprobe userfaultfd; needs root or vm.unprivileged_userfaultfd"),
+        _device("fuse", "/dev/fuse", "modprobe fuse", essential=True),
+        _device("tun", "/dev/net/tun", "modprobe tun", essential=True),
+        _tool("iptables", ("iptables",), "apt-get install iptables (bridged networking)"),
+        _tool("slirp4netns/pasta", ("pasta", "slirp4netns"), "apt-get install passt or slirp4netns (rootless)"),
+        *_assets(),
+    ]
+    # A VM needs some hypervisor that can boot a guest.
+    kvm_ok = results[0].status == "ok"
+    firecracker_ok = results[1].status == "ok" and ("fc-mock" in results[1].detail or kvm_ok)
+    results.append(Check(
+        "hypervisor", "ok" if firecracker_ok or results[2].status == "ok" else "missing",
+        "firecracker" if firecracker_ok else ("qemu (" + ("kvm" if kvm_ok else "tcg") + ")"
+                                               if results[2].status == "ok" else "none can boot a guest"),
+        "" if firecracker_ok or results[2].status == "ok" else "apt-get install qemu-system-x86",
+        essential=True,
+    ))
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    results = checks()
+    ready = all(c.status == "ok" for c in results if c.essential)
+    if args.json:
+        print(json.dumps({"ready": ready, "checks": [asdict(c) for c in results]}, indent=2))
+        return 0 if ready else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    styles = {"ok": "green", "warn": "yellow", "missing": "red"}
+    table = Table(title=f"fcvm doctor ({'root' if os.geteuid() == 0 else 'user'}; data dir {paths.data_dir()})")
+    for column in ("check", "status", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    for check in results:
+        style = styles[check.status]
+        table.add_row(check.name, f"[{style}]{check.status}[/{style}]", check.detail, check.fix)
+    console = Console(file=sys.stdout)
+    console.print(table)
+    console.print("ready to run VMs" if ready else "not ready: fix the essential checks above")
+    return 0 if ready else 1

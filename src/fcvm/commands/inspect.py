@@ -1,0 +1,24 @@
+"""`fcvm inspect NAME`: everything fcvm knows about a VM, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from fcvm.cleanup import reap_stale
+from fcvm.core import paths
+from fcvm.state import Store
+
+
+def run(args: argparse.Namespace) -> int:
+    store = Store()
+    reap_stale(store)
+    vm = store.require_vm(args.name)
+    document = {
+        **vm.to_json(),
+        "dir": str(paths.vm_dir(vm.id)),
+        "allocations": store.allocations(vm.id),
+        "resources": [{"kind": e.kind, **e.data} for e in store.journal_entries(vm.id)],
+    }
+    print(json.dumps([document], indent=2))
+    return 0

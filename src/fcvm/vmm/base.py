@@ -1,0 +1,65 @@
+"""What every hypervisor backend is given and what it offers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from fcvm.core.proc import ProcessRef
+
+
+@dataclass(frozen=True)
+class Drive:
+    drive_id: str  # [A-Za-z0-9_], as Firecracker requires
+    path: Path
+    read_only: bool = False
+    root: bool = False
+
+
+@dataclass
+class MachineSpec:
+    """A microVM, independent of the hypervisor that runs it."""
+
+    name: str  # VM name; prefixes console and VMM log lines
+    workdir: Path  # sockets, console log; short path (Unix socket names are limited to 108 bytes)
+    kernel: Path  # bzImage for QEMU, ELF vmlinux for Firecracker
+    initrd: Path | None
+    boot_args: str  # full kernel command line, minus what the hypervisor appends itself
+    vcpus: int = 2
+    mem_mib: int = 1024
+    drives: list[Drive] = field(default_factory=list)
+    tap: str | None = None  # TAP device inside the VM's network namespace
+    guest_mac: str | None = None
+    vsock_uds: Path | None = None  # host side of the agent channel, with Firecracker vsock semantics
+    guest_cid: int = 3
+    enter_argv: list[str] = field(default_factory=list)  # runs the VMM inside the VM's namespaces
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+
+class Hypervisor(Protocol):
+    name: str  # "qemu", "firecracker", "firecracker (fc-mock)"
+
+    @property
+    def process(self) -> ProcessRef:
+        """The VMM process (pid + start time), for the state store and cleanup."""
+        ...
+
+    def start(self) -> None:
+        """Launch the VMM and boot the guest; return once it runs (not once the guest is up)."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The VMM's exit code, or None if still running after `timeout`."""
+        ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the guest and the VMM; idempotent."""
+        ...

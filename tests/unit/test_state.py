@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fcvm.cleanup import reap_stale, replay
+from fcvm.core.proc import ProcessRef
+from fcvm.state import NameInUse, Store
+from fcvm.state.journal import Journal
+
+
+def test_live_names_are_unique_but_exited_names_can_be_reused() -> None:
+    store = Store()
+    first = store.create_vm("web", process=ProcessRef.self())
+    with pytest.raises(NameInUse, match="'web' is already used"):
+        store.create_vm("web")
+    store.update_vm(first.id, status="exited", exit_code=0)
+    second = store.create_vm("web")
+    assert store.require_vm("web").id == second.id
+    assert store.require_vm(first.id).status == "exited"
+
+
+def _allocate_many(db: str, worker: int, results: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    store = Store(Path(db))
+    got = []
+    for i in range(10):
+        vm = store.create_vm(f"w{worker}-{i}")
+        got.append(store.allocate("subnet", vm.id, (str(n) for n in range(1000))))
+        store.update_vm(vm.id, status="running", health="healthy")
+    results.put(got)
+
+
+def test_twenty_concurrent_writers_never_share_an_allocation(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    Store(Path(db)).close()
+    results: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
+    workers = [multiprocessing.Process(target=_allocate_many, args=(db, w, results)) for w in range(20)]
+    for worker in workers:
+        worker.start()
+    allocated = [value for _ in workers for value in results.get(timeout=60)]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert len(allocated) == 200
+    assert len(set(allocated)) == 200, "two writers got the same address"
+    store = Store(Path(db))
+    assert len(store.list_vms()) == 200
+    assert store.execute_integrity_check() == "ok"
+
+
+def test_journal_replays_newest_first_and_forgets_what_it_undid(tmp_path: Path) -> None:
+    store = Store()
+    vm = store.create_vm("j")
+    journal = Journal(store, vm.id)
+    order: list[str] = []
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    inner = outer / "inner.sock"
+    journal.record("dir", path=str(outer))
+    inner.write_text("x")
+    journal.record("socket", path=str(inner))
+    # The socket must go before its directory; a reversed replay would still remove both, so observe order.
+    original = os.unlink
+
+    def spy(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
+        order.append(str(path))
+        original(path)
+
+    os.unlink = spy  # type: ignore[assignment]
+    try:
+        assert replay(store, vm.id) == []
+    finally:
+        os.unlink = original
+    assert order[0] == str(inner)
+    assert not outer.exists()
+    assert store.journal_entries(vm.id) == []
+
+
+def _spawn_owner(db_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    code = textwrap.dedent(
+        """
+        import sys, time
+        from fcvm.core.proc import ProcessRef
+        from fcvm.state import Store
+        from fcvm.state.journal import Journal
+        store = Store()
+        vm = store.create_vm(sys.argv[1], process=ProcessRef.self(), image="localhost/x")
+        store.allocate("subnet", vm.id, ["10"])
+        Journal(store, vm.id).record("file", path=sys.argv[2])
+        store.update_vm(vm.id, status="running")
+        print("ready", flush=True)
+        time.sleep(600)
+        """
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "victim", db_env["MARKER"]],
+        stdout=subprocess.PIPE,
+        env={**os.environ, **db_env},
+    )
+
+
+def test_a_sigkilled_owner_is_reaped_with_its_resources(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    marker.write_text("left behind unless reaped")
+    child = _spawn_owner({"MARKER": str(marker)})
+    assert child.stdout is not None
+    assert child.stdout.readline() == b"ready\n"
+    store = Store()
+    assert reap_stale(store) == []
+    assert store.require_vm("victim").status == "running"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    reaped = reap_stale(store)
+    assert [vm.name for vm in reaped] == ["victim"]
+    vm = store.require_vm("victim")
+    assert vm.status == "exited" and vm.exit_code is None
+    assert not marker.exists()
+    assert store.allocations(vm.id) == {}
+    assert store.journal_entries(vm.id) == []
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_owner() -> None:
+    store = Store()
+    me = ProcessRef.self()
+    impostor = ProcessRef(me.pid, me.start + 1)  # same pid, different start time: a different process
+    vm = store.create_vm("old", process=impostor)
+    store.update_vm(vm.id, status="running")
+    assert [v.name for v in reap_stale(store)] == ["old"]
+
+
+def test_process_ref_tracks_liveness() -> None:
+    child = subprocess.Popen(["sleep", "30"])
+    ref = ProcessRef.of(child.pid)
+    assert ref.alive()
+    ref.terminate(timeout=2)
+    child.wait(timeout=5)
+    assert not ref.alive()

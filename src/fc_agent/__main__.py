@@ -1,0 +1,3 @@
+from fc_agent.main import main
+
+raise SystemExit(main())

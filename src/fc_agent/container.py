@@ -1,0 +1,115 @@
+"""The container: load its image from the read-only image disk, run it with podman, stream its output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from collections.abc import Callable
+
+from fc_agent import system
+from fcvm_wire.plan import Plan
+
+CONTAINER = "fcvm"
+_CHUNK = 1 << 20
+
+
+class ContainerError(RuntimeError):
+    pass
+
+
+def load_image(plan: Plan) -> None:
+    """Stream `archive_size` bytes of the image disk into `podman load`."""
+    if not plan.image.disk:
+        return
+    loader = system.spawn(
+        ["podman", "load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert loader.stdin is not None
+    remaining = plan.image.archive_size
+    try:
+        with open(plan.image.disk, "rb") as disk:
+            while remaining > 0:
+                chunk = disk.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise ContainerError(f"image disk {plan.image.disk} ended {remaining} bytes early")
+                loader.stdin.write(chunk)
+                remaining -= len(chunk)
+        loader.stdin.close()
+        _stdout, stderr = loader.communicate()
+    finally:
+        system.forget(loader)
+    if loader.returncode != 0:
+        raise ContainerError(f"podman load failed: {stderr.decode(errors='replace').strip()}")
+
+
+def run_argv(plan: Plan, volume_mounts: list[tuple[str, str, bool]]) -> list[str]:
+    argv = ["podman", "run", "-d", "--name", CONTAINER, "--network", "host", "--replace"]
+    if plan.hostname:
+        argv += ["--hostname", plan.hostname]
+    for key, value in plan.env.items():
+        argv += ["--env", f"{key}={value}"]
+    if plan.user:
+        argv += ["--user", plan.user]
+    if plan.workdir:
+        argv += ["--workdir", plan.workdir]
+    for source, target, read_only in volume_mounts:
+        argv += ["--volume", f"{source}:{target}{':ro' if read_only else ''}"]
+    return [*argv, plan.image.ref, *plan.cmd]
+
+
+def start(plan: Plan, volume_mounts: list[tuple[str, str, bool]]) -> None:
+    result = system.run(run_argv(plan, volume_mounts), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if result.returncode != 0:
+        raise ContainerError(f"podman run failed: {result.stderr.decode(errors='replace').strip()}")
+
+
+def stream_logs(emit: Callable[[str, str], None]) -> threading.Thread:
+    """Follow the container's stdout and stderr, calling emit(stream, line) per line."""
+    follower = system.spawn(
+        ["podman", "logs", "--follow", CONTAINER], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+    def pump(stream_name: str, pipe: object) -> None:
+        for raw in iter(pipe.readline, b""):  # type: ignore[attr-defined]
+            emit(stream_name, raw.decode(errors="replace").rstrip("\n"))
+
+    threads = [
+        threading.Thread(target=pump, args=("stdout", follower.stdout), daemon=True),
+        threading.Thread(target=pump, args=("stderr", follower.stderr), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+
+    def reap() -> None:
+        for thread in threads:
+            thread.join()
+        follower.wait()
+        system.forget(follower)
+
+    reaper = threading.Thread(target=reap, daemon=True)
+    reaper.start()
+    return reaper
+
+
+def wait() -> int:
+    result = system.run(["podman", "wait", CONTAINER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if result.returncode != 0:
+        raise ContainerError(f"podman wait failed: {result.stderr.decode(errors='replace').strip()}")
+    return int(result.stdout.decode().strip().splitlines()[-1])
+
+
+def has_healthcheck() -> bool:
+    result = system.run(
+        ["podman", "inspect", "--format", "{{json .Config.Healthcheck}}", CONTAINER],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    if result.returncode != 0:
+        return False
+    text = result.stdout.decode().strip()
+    return text not in ("", "null") and bool(json.loads(text).get("Test"))
+
+
+def healthcheck() -> bool:
+    return system.run(["podman", "healthcheck", "run", CONTAINER], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL).returncode == 0

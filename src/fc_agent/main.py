@@ -1,0 +1,160 @@
+"""fc-agent: the guest's PID 1. Reads its plan, runs the container, serves exec, reports to the host.
+
+Boot contract: the initramfs switches root to `python3 -m fc_agent` with the kernel command line's
+`fcvm_*` words as environment variables: `fcvm_plan=mmds|channel` says where the plan comes from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fc_agent import container, exec_server, mmds, network, system
+from fcvm_wire import ports
+from fcvm_wire.control import ControlError, ControlStream
+from fcvm_wire.plan import Plan, PlanError
+
+AGENT_VERSION = "1"
+VOLUME_ROOT = Path("/run/fcvm/volumes")
+_log = logging.getLogger("fc_agent")
+
+
+def boot_param(name: str) -> str:
+    """A `fcvm_<name>=value` word of the kernel command line (init passes them on as environment)."""
+    return os.environ.get(f"fcvm_{name}", "")
+
+
+class _ControlHandler(logging.Handler):
+    """Agent log lines also travel to the host, which prefixes them with the VM name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.control: ControlStream | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.control is not None:
+            try:
+                self.control.send({"type": "log", "stream": "agent", "line": self.format(record)})
+            except OSError:
+                self.control = None
+
+
+_to_host = _ControlHandler()
+
+
+def _setup_logging() -> None:
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("fc-agent: %(message)s"))
+    _to_host.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("fc_agent")
+    root.handlers[:] = [console, _to_host]
+    root.setLevel(logging.DEBUG if boot_param("debug") else logging.INFO)
+    root.propagate = False
+
+
+def _connect_control(channel: object, timeout: float = 60.0) -> ControlStream:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock: socket.socket = channel.connect(ports.HOST_CONTROL)  # type: ignore[attr-defined]
+            return ControlStream(sock)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _read_plan(control: ControlStream) -> Plan:
+    if boot_param("plan") == "mmds":
+        network.link_up()
+        network.route_mmds(mmds.MMDS_ADDRESS)
+        return Plan.from_dict(mmds.fetch("/"))
+    for message in control:
+        if message["type"] == "plan":
+            return Plan.from_dict(message["plan"])
+    raise PlanError("the host closed the control channel before sending a plan")
+
+
+def _mount_volumes(channel: object, plan: Plan) -> list[tuple[str, str, bool]]:
+    mounts: list[tuple[str, str, bool]] = []
+    if not plan.volumes:
+        return mounts
+    from fcvm_wire.fusepipe import start_relay
+
+    for index, volume in enumerate(plan.volumes):
+        mountpoint = VOLUME_ROOT / str(index)
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        start_relay(
+            lambda port=volume.port: channel.connect(port),  # type: ignore[attr-defined,misc]
+            str(mountpoint), readers=2, read_only=volume.read_only,
+        )
+        mounts.append((str(mountpoint), volume.guest_path, volume.read_only))
+        _log.info("volume %s mounted over port %d", volume.guest_path, volume.port)
+    return mounts
+
+
+def _report_health(control: ControlStream, stop: threading.Event) -> None:
+    if not container.has_healthcheck():
+        control.send({"type": "health", "health": "healthy"})
+        return
+    last = None
+    while not stop.wait(2.0):
+        health = "healthy" if container.healthcheck() else "unhealthy"
+        if health != last:
+            control.send({"type": "health", "health": health})
+            last = health
+
+
+def run_plan(channel: object, control: ControlStream) -> int:
+    plan = _read_plan(control)
+    _log.info("plan for %s: image %s", plan.name, plan.image.ref)
+    if boot_param("plan") != "mmds":
+        network.link_up()
+    network.configure(plan.network)
+    network.set_hostname(plan.hostname or plan.name)
+    listener = channel.listen(ports.GUEST_EXEC)  # type: ignore[attr-defined]
+    threading.Thread(target=exec_server.serve, args=(listener,), daemon=True, name="exec").start()
+    control.send({"type": "status", "state": "starting", "detail": "loading image"})
+    mounts = _mount_volumes(channel, plan)
+    container.load_image(plan)
+    container.start(plan, mounts)
+    control.send({"type": "status", "state": "running"})
+    container.stream_logs(lambda stream, line: control.send({"type": "log", "stream": stream, "line": line}))
+    stop = threading.Event()
+    threading.Thread(target=_report_health, args=(control, stop), daemon=True).start()
+    code = container.wait()
+    stop.set()
+    control.send({"type": "status", "state": "exited", "exit_code": code})
+    return code
+
+
+def main() -> int:
+    _setup_logging()
+    pid1 = os.getpid() == 1
+    if pid1:
+        system.boot_mounts()
+        system.start_orphan_reaper()
+    from fc_agent.channel import open_channel
+
+    channel = open_channel()
+    control = _connect_control(channel)
+    _to_host.control = control
+    control.send({"type": "hello", "agent": AGENT_VERSION, "epoch": 0})
+    try:
+        code = run_plan(channel, control)
+    except (PlanError, ControlError, container.ContainerError, RuntimeError, OSError) as exc:
+        _log.error("failed: %s", exc)
+        with contextlib.suppress(OSError):
+            control.send({"type": "status", "state": "failed", "detail": str(exc)})
+        code = 125
+    if pid1:
+        # Give the host a moment to read the final status before the VM disappears.
+        time.sleep(0.2)
+        system.power_off()
+    return code

@@ -1,0 +1,158 @@
+"""QEMU microvm backend: KVM when it can boot a standard guest, TCG otherwise; driven over QMP.
+
+The agent channel is one virtio-serial port multiplexed by `fcvm.channel`, which exposes Firecracker's
+vsock Unix-socket semantics at `spec.vsock_uds`, so nothing above the channel knows which VMM runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from fcvm import host
+from fcvm.core import log
+from fcvm.core.errors import FcvmError
+from fcvm.core.proc import ProcessRef
+from fcvm.vmm.base import MachineSpec
+
+AGENT_PORT_NAME = "org.fcvm.agent"
+
+
+class QemuError(FcvmError):
+    pass
+
+
+def qemu_binary() -> str:
+    binary = host.which("qemu-system-x86_64")
+    if binary is None:
+        raise QemuError("qemu-system-x86_64 is not installed", hint="apt-get install qemu-system-x86")
+    return binary
+
+
+def build_argv(spec: MachineSpec, *, use_kvm: bool) -> list[str]:
+    accel = ["-accel", "kvm", "-cpu", "host"] if use_kvm else ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    argv = [
+        qemu_binary(), *accel,
+        "-M", "microvm", "-m", str(spec.mem_mib), "-smp", str(spec.vcpus),
+        "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
+        "-kernel", str(spec.kernel), "-append", spec.boot_args,
+        "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
+    ]
+    if spec.initrd:
+        argv += ["-initrd", str(spec.initrd)]
+    # Root drive first, so it is /dev/vda as under Firecracker.
+    for drive in sorted(spec.drives, key=lambda d: not d.root):
+        readonly = ",readonly=on" if drive.read_only else ""
+        argv += [
+            "-drive", f"id={drive.drive_id},file={drive.path},format=raw,if=none,cache=unsafe{readonly}",
+            "-device", f"virtio-blk-device,drive={drive.drive_id}",
+        ]
+    if spec.tap:
+        mac = f",mac={spec.guest_mac}" if spec.guest_mac else ""
+        argv += [
+            "-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net0{mac}",
+        ]
+    if spec.vsock_uds:
+        argv += [
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=agent,path={serial_socket(spec)},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+    return argv
+
+
+def serial_socket(spec: MachineSpec) -> Path:
+    return spec.workdir / "serial.sock"
+
+
+class QemuVm:
+    def __init__(self, spec: MachineSpec, *, use_kvm: bool | None = None) -> None:
+        self.spec = spec
+        self.use_kvm = host.kvm_status().usable if use_kvm is None else use_kvm
+        self.name = "qemu"
+        self._log = log.get(f"vm.{spec.name}")
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._process: ProcessRef | None = None
+        self._bridge: Any = None
+        self._console: IO[str] | None = None
+
+    @property
+    def process(self) -> ProcessRef:
+        if self._process is None:
+            raise QemuError("QEMU has not been started")
+        return self._process
+
+    def start(self) -> None:
+        spec = self.spec
+        for stale in (spec.workdir / "qmp.sock", serial_socket(spec)):
+            stale.unlink(missing_ok=True)
+        argv = [*spec.enter_argv, *build_argv(spec, use_kvm=self.use_kvm)]
+        self._log.debug("starting %s", " ".join(argv))
+        self._console = open(spec.console_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the VM
+        self._popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self._process = ProcessRef.of(self._popen.pid)
+        assert self._popen.stdout is not None
+        log.relog_in_thread(self._popen.stdout, self._log, level=log.logging.DEBUG, sink=self._console)
+        if spec.vsock_uds:
+            self._start_bridge()
+
+    def _start_bridge(self) -> None:
+        from fcvm.channel import SerialVsockBridge
+
+        assert self.spec.vsock_uds is not None
+        socket_path = serial_socket(self.spec)
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            if self.wait(0) is not None:
+                raise QemuError(f"QEMU exited during start-up; see {self.spec.console_log}")
+            if time.monotonic() > deadline:
+                raise QemuError("QEMU did not create its agent socket within 10 s")
+            time.sleep(0.01)
+        self._bridge = SerialVsockBridge(socket_path, self.spec.vsock_uds)
+        self._bridge.start()
+
+    def _qmp(self, command: str, **arguments: Any) -> Any:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        monitor = QEMUMonitorProtocol(str(self.spec.workdir / "qmp.sock"))
+        try:
+            monitor.connect()
+            return monitor.cmd(command, **arguments) if arguments else monitor.cmd(command)
+        except (OSError, EOFError) as exc:
+            raise QemuError(f"QMP {command} failed: {exc}") from exc
+        finally:
+            monitor.close()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._popen is None:
+            return None
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def pause(self) -> None:
+        self._qmp("stop")
+
+    def resume(self) -> None:
+        self._qmp("cont")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            with contextlib.suppress(QemuError):
+                self._qmp("quit")
+            if self.wait(timeout) is None and self._process is not None:
+                self._process.terminate(timeout=5)
+            self._popen.wait()
+        if self._bridge is not None:
+            self._bridge.close()
+            self._bridge = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None

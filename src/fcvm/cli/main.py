@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="show a VM's console and container output")
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument("--console", action="store_true", help="the VM's serial console instead")
     _handler(logs, "logs:run")
 
     exec_ = sub.add_parser("exec", help="run a command in a VM's container (or the VM with --vm)")

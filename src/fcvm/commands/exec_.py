@@ -1,0 +1,103 @@
+"""`fcvm exec NAME [--vm] [-i] [-t] -- CMD`: run a command in a VM's container, or in the VM."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import termios
+import threading
+import tty
+import uuid
+
+from fcvm.core import paths
+from fcvm.core.errors import FcvmError, UsageError
+from fcvm.state import Store
+from fcvm_wire import exec_proto as ep
+from fcvm_wire import ports
+
+_ATTEMPTS = 3
+
+
+def _open(uds: str, request: ep.ExecRequest) -> socket.socket:
+    """Connect and get the agent's ack; retry only while no ack came (the id makes retries safe)."""
+    from fcvm.channel import connect_vsock
+
+    last_error: Exception | None = None
+    for _ in range(_ATTEMPTS):
+        try:
+            sock = connect_vsock(uds, ports.GUEST_EXEC, timeout=10)
+            sock.sendall(request.to_line())
+            reply = ep.read_line(sock)
+        except (OSError, ep.ExecProtocolError, FcvmError) as exc:
+            last_error = exc
+            continue
+        if b'"ack"' in reply:
+            return sock
+        sock.close()
+        raise FcvmError(f"the guest agent refused the exec: {reply.decode(errors='replace').strip()}")
+    raise FcvmError(f"cannot reach the guest agent: {last_error}")
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("fcvm exec needs a command: fcvm exec NAME -- CMD [ARGS...]")
+    store = Store()
+    vm = store.require_vm(args.name)
+    if not vm.live or vm.is_stale():
+        raise FcvmError(f"VM {args.name!r} is not running")
+    use_tty = args.tty and sys.stdin.isatty()
+    rows, cols = shutil.get_terminal_size()
+    request = ep.ExecRequest(id=uuid.uuid4().hex, argv=command, target="vm" if args.vm else "container",
+                             tty=use_tty, interactive=args.interactive, rows=rows, cols=cols)
+    sock = _open(str(paths.vm_dir(vm.id) / "v.sock"), request)
+    saved = termios.tcgetattr(sys.stdin) if use_tty else None
+    try:
+        if saved is not None:
+            tty.setraw(sys.stdin)
+            signal.signal(signal.SIGWINCH, lambda *_: _send_size(sock))
+        if args.interactive:
+            threading.Thread(target=_pump_stdin, args=(sock,), daemon=True).start()
+        return _pump_output(sock)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, saved)
+        sock.close()
+
+
+def _send_size(sock: socket.socket) -> None:
+    size = shutil.get_terminal_size()
+    with contextlib.suppress(OSError):
+        sock.sendall(ep.resize_frame(size.lines, size.columns))
+
+
+def _pump_stdin(sock: socket.socket) -> None:
+    fd = sys.stdin.fileno()
+    try:
+        while True:
+            select.select([fd], [], [])
+            data = os.read(fd, 65536)
+            if not data:
+                sock.sendall(ep.frame(ep.STDIN_EOF))
+                return
+            sock.sendall(ep.frame(ep.STDIN, data))
+    except OSError:
+        return
+
+
+def _pump_output(sock: socket.socket) -> int:
+    outputs = {ep.STDOUT: sys.stdout.buffer, ep.STDERR: sys.stderr.buffer}
+    while (frame := ep.read_frame(sock)) is not None:
+        kind, payload = frame
+        if kind in outputs:
+            outputs[kind].write(payload)
+            outputs[kind].flush()
+        elif kind == ep.EXIT:
+            return int(payload)
+    raise FcvmError("the connection to the guest closed before the command finished")

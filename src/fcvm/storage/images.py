@@ -1,0 +1,64 @@
+"""Container images without a registry: export from the host's podman storage onto a read-only disk."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fcvm.core import log, paths, proc
+from fcvm.core.errors import FcvmError
+
+_log = log.get("storage")
+_SECTOR = 512
+
+
+@dataclass(frozen=True)
+class ImageDisk:
+    ref: str
+    path: Path  # docker-archive tar, zero-padded to a whole number of sectors
+    archive_size: int
+    image_id: str
+
+
+class ImageNotFound(FcvmError):
+    pass
+
+
+def image_id(ref: str) -> str | None:
+    result = proc.run(["podman", "image", "inspect", "--format", "{{.Id}}", ref], check=False, timeout=60)
+    if result.returncode != 0:
+        return None
+    return result.stdout.decode().strip()
+
+
+def export_image(ref: str) -> ImageDisk | None:
+    """The image as a disk, cached by image id and name; None when the host does not have it.
+
+    A `localhost/` image can only come from the host, so its absence is an error."""
+    identity = image_id(ref)
+    if identity is None:
+        if ref.startswith("localhost/"):
+            raise ImageNotFound(
+                f"image {ref!r} is not in the host's podman storage",
+                hint="build it with podman (or `fcvm setup demo-image` for the demo images)",
+            )
+        _log.info("%s is not in the host's podman storage; the guest will pull it", ref)
+        return None
+    key = hashlib.sha256(f"{identity}\0{ref}".encode()).hexdigest()[:32]
+    target = paths.ensure_dir(paths.assets_dir() / "images") / f"{key}.tar"
+    size_file = target.with_suffix(".size")
+    if not (target.exists() and size_file.exists()):
+        partial = target.with_name(f".{target.name}.{os.getpid()}")
+        try:
+            proc.run(["podman", "save", "--format", "docker-archive", "-o", partial, ref], timeout=600)
+            size = partial.stat().st_size
+            with open(partial, "ab") as archive:
+                archive.truncate(-(-size // _SECTOR) * _SECTOR)
+            size_file.write_text(str(size))
+            partial.rename(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        _log.debug("exported %s (%s) to %s", ref, identity[:12], target)
+    return ImageDisk(ref, target, int(size_file.read_text()), identity)

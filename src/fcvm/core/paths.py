@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 DATA_DIR_ENV = "FCVM_DATA_DIR"
+ASSETS_DIR_ENV = "FCVM_ASSETS_DIR"
 
 
 def data_dir() -> Path:
@@ -24,13 +25,16 @@ def state_db() -> Path:
 
 
 def assets_dir() -> Path:
-    """Content-addressed guest assets (kernels, initramfs, rootfs images, image disks)."""
-    return data_dir() / "assets"
+    """Content-addressed guest assets (kernels, initramfs, rootfs images, image disks).
+
+    `FCVM_ASSETS_DIR` lets several data dirs (e.g. one per test) share one set of built assets."""
+    override = os.environ.get(ASSETS_DIR_ENV)
+    return Path(override) if override else data_dir() / "assets"
 
 
 def cache_dir() -> Path:
     """Downloaded inputs (.deb files, apt archives) that make asset builds work offline."""
-    return data_dir() / "cache"
+    return assets_dir().parent / "cache" if os.environ.get(ASSETS_DIR_ENV) else data_dir() / "cache"
 
 
 def vms_dir() -> Path:

@@ -1,1 +1,80 @@
-"""VM networking: bridged (netns, veth, tap, iptables) and rootless (user namespace + slirp4netns/pasta)."""
+"""VM networking: bridged (netns, veth, tap, iptables) and rootless (user namespace + slirp4netns).
+
+Every resource is journaled before it is created, so `teardown_network(journal)`, `fcvm.cleanup.replay` and
+`fcvm gc` (after a SIGKILL) all remove it; see undo.py for the handlers.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fcvm.core import log
+from fcvm.core.errors import UsageError
+from fcvm.network.base import (
+    GATEWAY_IP,
+    GUEST_IP,
+    GUEST_MAC,
+    GUEST_NET,
+    GUEST_PREFIX,
+    MODES,
+    TAP_NAME,
+    VmNetwork,
+    release_network_allocations,
+)
+from fcvm.network.ports import PortMapping, parse_publish, parse_publish_all
+from fcvm.state.journal import Journal
+from fcvm.state.store import Store
+
+__all__ = [
+    "GATEWAY_IP", "GUEST_IP", "GUEST_MAC", "GUEST_NET", "GUEST_PREFIX", "MODES", "TAP_NAME",
+    "PortMapping", "VmNetwork", "default_mode", "parse_publish", "parse_publish_all", "setup_network",
+    "teardown_network",
+]
+
+_log = log.get("network")
+
+
+def default_mode() -> str:
+    return "bridged" if os.geteuid() == 0 else "rootless"
+
+
+def setup_network(mode: str, *, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping]) -> VmNetwork:
+    """Build the VM's network. On any failure everything this call built (and claimed) is gone again."""
+    if mode not in MODES:
+        raise UsageError(f"unknown network mode {mode!r}", hint="use --network bridged or --network rootless")
+    from fcvm.network import bridged, rootless
+
+    impl = bridged if mode == "bridged" else rootless
+    try:
+        return impl.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports))
+    except BaseException:
+        failures = teardown_network(journal)
+        for failure in failures:
+            _log.warning("after a failed network setup: %s", failure)
+        raise
+
+
+def teardown_network(journal: Journal) -> list[str]:
+    """Undo the network resources in `journal` (newest first) and release the owner's network allocations
+    (ports, subnet, loopback address). Other layers' entries are left alone. Returns what could not be undone
+    (those entries stay journaled, for `fcvm gc`).
+
+    `fcvm.cleanup.replay(store, vm_id)` undoes the same resources (and everything else); allocations are then
+    released by `finish_vm` / `Store.release_allocations`.
+    """
+    from fcvm.core import undo as core_undo
+    from fcvm.network.undo import HANDLERS
+
+    handlers = {**core_undo.HANDLERS, **HANDLERS}
+    failures: list[str] = []
+    for entry in journal.entries():
+        if entry.kind not in HANDLERS and entry.data.get("layer") != "network":
+            continue
+        try:
+            handlers[entry.kind](entry.data)
+        except Exception as exc:
+            failures.append(f"{entry.kind} {entry.data}: {exc}")
+            continue
+        journal.forget(entry.id)
+    release_network_allocations(journal.store, journal.owner)
+    return failures

@@ -7,7 +7,7 @@ racing; unique constraints make double allocation impossible even across process
 from __future__ import annotations
 
 import json
-import secrets
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -140,7 +140,7 @@ class JournalEntry:
 
 
 def new_id() -> str:
-    return secrets.token_hex(6)
+    return os.urandom(6).hex()
 
 
 class Store:

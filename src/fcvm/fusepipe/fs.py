@@ -1,0 +1,779 @@
+"""FUSE operations on a served host directory (one instance per mounted session).
+
+`Filesystem.dispatch(header, msg)` turns one FUSE request into one reply (bytes) or None (no reply).
+It never raises: OSError becomes -errno, a malformed request becomes -EINVAL, anything else -EIO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fcvm.core import log
+from fcvm.fusepipe import sysc
+from fcvm.fusepipe.inodes import Inode, InodeTable
+from fcvm_wire.fusepipe import proto
+from fcvm_wire.fusepipe.proto import InHeader
+
+_log = log.get("fusepipe")
+
+_HDR = proto.IN_HEADER.size
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+_WRITE_OPS = frozenset({
+    proto.SETATTR, proto.SYMLINK, proto.MKNOD, proto.MKDIR, proto.UNLINK, proto.RMDIR, proto.RENAME,
+    proto.RENAME2, proto.LINK, proto.WRITE, proto.SETXATTR, proto.REMOVEXATTR, proto.CREATE,
+    proto.FALLOCATE, proto.COPY_FILE_RANGE, proto.TMPFILE,
+})
+_FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on 64-bit Linux
+F_OFD_GETLK, F_OFD_SETLK = 36, 37
+_DT = {stat.S_IFDIR: 4, stat.S_IFREG: 8, stat.S_IFLNK: 10, stat.S_IFIFO: 1, stat.S_IFCHR: 2,
+       stat.S_IFBLK: 6, stat.S_IFSOCK: 12}
+
+
+class Malformed(Exception):
+    pass
+
+
+@dataclass
+class Handle:
+    fd: int
+    inode: Inode
+    is_dir: bool = False
+    entries: list[tuple[bytes, int, int]] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _name(raw: bytes) -> bytes:
+    """Validate one path component from the guest: no escape via '..', '/', or an empty name."""
+    if not raw or raw in (b".", b"..") or b"/" in raw:
+        raise OSError(errno.EINVAL, "bad name")
+    if len(raw) > 255:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+    return raw
+
+
+def _cstrings(body: bytes | memoryview, count: int) -> list[bytes]:
+    parts = bytes(body).split(b"\0")
+    if len(parts) < count + 1:
+        raise Malformed("missing NUL-terminated string")
+    return parts[:count]
+
+
+def _split_ns(ns: int) -> tuple[int, int]:
+    s, n = divmod(ns, 1_000_000_000)
+    return s, n
+
+
+def attr_tuple(st: os.stat_result) -> tuple[int, ...]:
+    a, an = _split_ns(st.st_atime_ns)
+    m, mn = _split_ns(st.st_mtime_ns)
+    c, cn = _split_ns(st.st_ctime_ns)
+    return (st.st_ino, st.st_size, st.st_blocks, a, m, c, an, mn, cn, st.st_mode, st.st_nlink,
+            st.st_uid, st.st_gid, proto.encode_dev(st.st_rdev), st.st_blksize, 0)
+
+
+class Filesystem:
+    def __init__(self, root: str, *, read_only: bool = False, entry_timeout: float = 1.0,
+                 attr_timeout: float = 1.0, negative_timeout: float = 1.0) -> None:
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_path = root
+        self.read_only = read_only
+        self.inodes = InodeTable(root_fd)
+        self.handles: dict[int, Handle] = {}
+        self.handles_lock = threading.Lock()
+        self._next_fh = 1
+        self.creds = sysc.Credentials()
+        self.lock_fds: dict[tuple[int, int], int] = {}
+        self.lock_pids: dict[tuple[int, int], int] = {}
+        self.locks_lock = threading.Lock()
+        self.interrupted: set[int] = set()
+        self.proto_minor = proto.KERNEL_MINOR_VERSION
+        self.expire_only = False
+        self.initialized = False
+        self._times = (self._timeout(entry_timeout), self._timeout(attr_timeout), self._timeout(negative_timeout))
+        self.after_change: Callable[[Inode], None] | None = None
+        self._ops: dict[int, Callable[[InHeader, memoryview], bytes | None]] = {
+            proto.INIT: self.op_init, proto.DESTROY: self.op_destroy, proto.LOOKUP: self.op_lookup,
+            proto.FORGET: self.op_forget, proto.BATCH_FORGET: self.op_batch_forget,
+            proto.GETATTR: self.op_getattr, proto.SETATTR: self.op_setattr, proto.READLINK: self.op_readlink,
+            proto.SYMLINK: self.op_symlink, proto.MKNOD: self.op_mknod, proto.MKDIR: self.op_mkdir,
+            proto.UNLINK: self.op_unlink, proto.RMDIR: self.op_rmdir, proto.RENAME: self.op_rename,
+            proto.RENAME2: self.op_rename2, proto.LINK: self.op_link, proto.OPEN: self.op_open,
+            proto.READ: self.op_read, proto.WRITE: self.op_write, proto.STATFS: self.op_statfs,
+            proto.RELEASE: self.op_release, proto.FSYNC: self.op_fsync, proto.SETXATTR: self.op_setxattr,
+            proto.GETXATTR: self.op_getxattr, proto.LISTXATTR: self.op_listxattr,
+            proto.REMOVEXATTR: self.op_removexattr, proto.FLUSH: self.op_flush, proto.OPENDIR: self.op_opendir,
+            proto.READDIR: self.op_readdir, proto.READDIRPLUS: self.op_readdirplus,
+            proto.RELEASEDIR: self.op_releasedir, proto.FSYNCDIR: self.op_fsyncdir, proto.GETLK: self.op_getlk,
+            proto.SETLK: self.op_setlk, proto.SETLKW: self.op_setlkw, proto.CREATE: self.op_create,
+            proto.INTERRUPT: self.op_interrupt, proto.FALLOCATE: self.op_fallocate, proto.LSEEK: self.op_lseek,
+            proto.COPY_FILE_RANGE: self.op_copy_file_range, proto.SYNCFS: self.op_syncfs,
+            proto.TMPFILE: self.op_tmpfile,
+        }
+
+    @staticmethod
+    def _timeout(seconds: float) -> tuple[int, int]:
+        s = int(seconds)
+        return s, int((seconds - s) * 1e9)
+
+    def close(self) -> None:
+        with self.handles_lock:
+            handles = list(self.handles.values())
+            self.handles.clear()
+        for h in handles:
+            _close(h.fd)
+        with self.locks_lock:
+            for fd in self.lock_fds.values():
+                _close(fd)
+            self.lock_fds.clear()
+        self.inodes.close()
+
+    # ---- dispatch --------------------------------------------------------------------------------
+    def dispatch(self, h: InHeader, msg: bytes) -> bytes | None:
+        op = self._ops.get(h.opcode)
+        try:
+            if op is None:
+                # Everything left is safe to refuse with ENOSYS: the kernel remembers and falls back
+                # (ACCESS with default_permissions, BMAP, IOCTL, POLL, STATX, SETUPMAPPING...).
+                return proto.pack_reply(h.unique, -errno.ENOSYS)
+            if not self.initialized and h.opcode != proto.INIT:
+                return proto.pack_reply(h.unique, -errno.EIO)
+            if self.read_only and h.opcode in _WRITE_OPS:
+                return proto.pack_reply(h.unique, -errno.EROFS)
+            payload = op(h, memoryview(msg)[_HDR:])
+            if payload is None:
+                return None
+            return proto.pack_reply(h.unique, 0, payload)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            return proto.pack_reply(h.unique, -code)
+        except (Malformed, struct.error, ValueError, OverflowError) as exc:
+            _log.debug("malformed %s request: %s", proto.OPCODE_NAMES.get(h.opcode, h.opcode), exc)
+            return None if h.opcode in proto.NO_REPLY else proto.pack_reply(h.unique, -errno.EINVAL)
+        except Exception:
+            _log.exception("fuse-pipe: %s failed", proto.OPCODE_NAMES.get(h.opcode, h.opcode))
+            return None if h.opcode in proto.NO_REPLY else proto.pack_reply(h.unique, -errno.EIO)
+        finally:
+            if self.interrupted:
+                self.interrupted.discard(h.unique)
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _entry(self, ino: Inode | None, st: os.stat_result | None) -> bytes:
+        ev, av, nv = self._times
+        if ino is None or st is None:  # negative entry, cached by the kernel for negative_timeout
+            return proto.ENTRY_OUT.pack(0, 0, nv[0], 0, nv[1], 0, *([0] * 16))
+        return proto.ENTRY_OUT.pack(ino.nodeid, 0, ev[0], av[0], ev[1], av[1], *attr_tuple(st))
+
+    def _attr(self, st: os.stat_result) -> bytes:
+        av = self._times[1]
+        return proto.ATTR_OUT.pack(av[0], av[1], 0, *attr_tuple(st))
+
+    def _lookup(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.inodes.add(fd, st), st
+
+    def _adopt(self, fd: int) -> tuple[Inode, os.stat_result]:
+        """Register the inode behind an open (non-O_PATH) fd we just created."""
+        pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+        st = os.fstat(pfd)
+        return self.inodes.add(pfd, st), st
+
+    def _proc(self, ino: Inode) -> str:
+        return f"/proc/self/fd/{ino.fd}"
+
+    def _handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        return h
+
+    def _new_handle(self, fd: int, ino: Inode, is_dir: bool = False) -> int:
+        with self.handles_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self.handles[fh] = Handle(fd, ino, is_dir)
+        return fh
+
+    def _reopen(self, ino: Inode, flags: int) -> int:
+        if ino.fmt == stat.S_IFDIR:
+            return os.open(".", flags | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=ino.fd)
+        if ino.fmt != stat.S_IFREG:
+            # The kernel opens fifos, sockets and devices itself; reopening a symlink through
+            # /proc would follow it on the host.
+            raise OSError(errno.EINVAL if ino.fmt != stat.S_IFLNK else errno.ELOOP, "not a regular file")
+        return os.open(self._proc(ino), flags | os.O_CLOEXEC)
+
+    def _changed(self, ino: Inode) -> None:
+        if self.after_change is not None:
+            self.after_change(ino)
+
+    # ---- session ---------------------------------------------------------------------------------
+    def op_init(self, h: InHeader, b: memoryview) -> bytes:
+        major, minor, max_readahead, flags = struct.unpack_from("<IIII", b, 0)
+        flags2 = 0
+        if major != proto.KERNEL_VERSION:
+            raise OSError(errno.EPROTO, f"unsupported FUSE major {major}")
+        if minor < 31:
+            raise OSError(errno.EPROTO, f"FUSE 7.{minor} is too old (need 7.31)")
+        if flags & proto.INIT_EXT and len(b) >= 20:
+            flags2 = struct.unpack_from("<I", b, 16)[0]
+        kernel = flags | (flags2 << 32)
+        want = (proto.ASYNC_READ | proto.POSIX_LOCKS | proto.ATOMIC_O_TRUNC | proto.BIG_WRITES
+                | proto.FLOCK_LOCKS | proto.AUTO_INVAL_DATA | proto.DO_READDIRPLUS | proto.ASYNC_DIO
+                | proto.PARALLEL_DIROPS | proto.MAX_PAGES | proto.CACHE_SYMLINKS | proto.INIT_EXT
+                | proto.HAS_EXPIRE_ONLY)
+        got = kernel & want
+        self.proto_minor = min(minor, proto.KERNEL_MINOR_VERSION)
+        self.expire_only = bool(got & proto.HAS_EXPIRE_ONLY)
+        self.initialized = True
+        return proto.INIT_OUT.pack(proto.KERNEL_VERSION, self.proto_minor, max_readahead, got & 0xFFFFFFFF,
+                                   64, 48, proto.MAX_WRITE, 1, proto.MAX_PAGES, 0, got >> 32)
+
+    def op_destroy(self, h: InHeader, b: memoryview) -> bytes:
+        return b""
+
+    def op_interrupt(self, h: InHeader, b: memoryview) -> None:
+        (unique,) = struct.unpack_from("<Q", b, 0)
+        self.interrupted.add(unique)
+        return None
+
+    # ---- names -----------------------------------------------------------------------------------
+    def op_lookup(self, h: InHeader, b: memoryview) -> bytes:
+        (name,) = _cstrings(b, 1)
+        parent = self.inodes.get(h.nodeid)
+        try:
+            ino, st = self._lookup(parent, _name(name))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return self._entry(None, None)
+            raise
+        return self._entry(ino, st)
+
+    def op_forget(self, h: InHeader, b: memoryview) -> None:
+        (n,) = struct.unpack_from("<Q", b, 0)
+        self.inodes.forget(h.nodeid, n)
+        return None
+
+    def op_batch_forget(self, h: InHeader, b: memoryview) -> None:
+        (count,) = struct.unpack_from("<I", b, 0)
+        count = min(count, (len(b) - 8) // 16)
+        for i in range(count):
+            nodeid, n = struct.unpack_from("<QQ", b, 8 + 16 * i)
+            self.inodes.forget(nodeid, n)
+        return None
+
+    def op_getattr(self, h: InHeader, b: memoryview) -> bytes:
+        flags, _, fh = struct.unpack_from("<IIQ", b, 0)
+        if flags & proto.GETATTR_FH and fh in self.handles:
+            return self._attr(os.fstat(self.handles[fh].fd))
+        return self._attr(os.fstat(self.inodes.get(h.nodeid).fd))
+
+    def op_setattr(self, h: InHeader, b: memoryview) -> bytes:
+        (valid, _, fh, size, _lock_owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode,
+         _, uid, gid) = struct.unpack_from("<IIQQQQQQIIIIIII", b, 0)
+        ino = self.inodes.get(h.nodeid)
+        hfd = self.handles[fh].fd if valid & proto.FATTR_FH and fh in self.handles else None
+        is_link = ino.fmt == stat.S_IFLNK
+        if valid & (proto.FATTR_UID | proto.FATTR_GID):
+            u = uid if valid & proto.FATTR_UID else -1
+            g = gid if valid & proto.FATTR_GID else -1
+            if hfd is not None:
+                os.fchown(hfd, u, g)
+            else:
+                sysc.fchown_empty(ino.fd, u, g)
+        if valid & proto.FATTR_SIZE:
+            if ino.fmt != stat.S_IFREG:
+                raise OSError(errno.EISDIR if ino.is_dir else errno.EINVAL, "truncate")
+            if hfd is not None:
+                os.ftruncate(hfd, size)
+            else:
+                os.truncate(self._proc(ino), size)
+        if valid & proto.FATTR_MODE:
+            if is_link:
+                raise OSError(errno.EOPNOTSUPP, "chmod on a symlink")
+            if hfd is not None:
+                os.fchmod(hfd, stat.S_IMODE(mode))
+            else:
+                os.chmod(self._proc(ino), stat.S_IMODE(mode))
+        elif valid & proto.FATTR_KILL_SUIDGID and ino.fmt == stat.S_IFREG:
+            st = os.fstat(ino.fd)
+            kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
+            if st.st_mode & kill:
+                os.chmod(self._proc(ino), stat.S_IMODE(st.st_mode) & ~kill)
+        if valid & (proto.FATTR_ATIME | proto.FATTR_MTIME):
+            omit = (0, sysc.UTIME_OMIT)
+            now = (0, sysc.UTIME_NOW)
+            at = omit
+            mt = omit
+            if valid & proto.FATTR_ATIME:
+                at = now if valid & proto.FATTR_ATIME_NOW else (_s64(atime), atimensec)
+            if valid & proto.FATTR_MTIME:
+                mt = now if valid & proto.FATTR_MTIME_NOW else (_s64(mtime), mtimensec)
+            sysc.utimensat_empty(hfd if hfd is not None else ino.fd, at, mt, nofollow=is_link)
+        self._changed(ino)
+        return self._attr(os.fstat(hfd if hfd is not None else ino.fd))
+
+    def op_readlink(self, h: InHeader, b: memoryview) -> bytes:
+        ino = self.inodes.get(h.nodeid)
+        return os.fsencode(os.readlink("", dir_fd=ino.fd)) if ino.fmt == stat.S_IFLNK else _raise(errno.EINVAL)
+
+    def _created(self, parent: Inode, name: bytes) -> bytes:
+        ino, st = self._lookup(parent, name)
+        self._changed(parent)
+        return self._entry(ino, st)
+
+    def op_symlink(self, h: InHeader, b: memoryview) -> bytes:
+        name, target = _cstrings(b, 2)
+        parent = self.inodes.get(h.nodeid)
+        self.creds.switch(h.uid, h.gid)
+        os.symlink(target, _name(name), dir_fd=parent.fd)
+        return self._created(parent, name)
+
+    def op_mknod(self, h: InHeader, b: memoryview) -> bytes:
+        mode, rdev, _umask, _ = struct.unpack_from("<IIII", b, 0)
+        (name,) = _cstrings(b[16:], 1)
+        parent = self.inodes.get(h.nodeid)
+        self.creds.switch(h.uid, h.gid)
+        major, minor = proto.decode_dev(rdev)
+        fmt = stat.S_IFMT(mode)
+        if fmt == stat.S_IFREG:
+            fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
+            os.close(fd)
+        else:
+            os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
+        return self._created(parent, name)
+
+    def op_mkdir(self, h: InHeader, b: memoryview) -> bytes:
+        mode, _umask = struct.unpack_from("<II", b, 0)
+        (name,) = _cstrings(b[8:], 1)
+        parent = self.inodes.get(h.nodeid)
+        self.creds.switch(h.uid, h.gid)
+        os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
+        return self._created(parent, name)
+
+    def op_unlink(self, h: InHeader, b: memoryview) -> bytes:
+        (name,) = _cstrings(b, 1)
+        parent = self.inodes.get(h.nodeid)
+        os.unlink(_name(name), dir_fd=parent.fd)
+        self._changed(parent)
+        return b""
+
+    def op_rmdir(self, h: InHeader, b: memoryview) -> bytes:
+        (name,) = _cstrings(b, 1)
+        parent = self.inodes.get(h.nodeid)
+        os.rmdir(_name(name), dir_fd=parent.fd)
+        self._changed(parent)
+        return b""
+
+    def _rename(self, h: InHeader, newdir: int, flags: int, names: memoryview) -> bytes:
+        old, new = _cstrings(names, 2)
+        src = self.inodes.get(h.nodeid)
+        dst = self.inodes.get(newdir)
+        if flags:
+            sysc.renameat2(src.fd, _name(old), dst.fd, _name(new), flags)
+        else:
+            os.rename(_name(old), _name(new), src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        self._changed(src)
+        if dst is not src:
+            self._changed(dst)
+        return b""
+
+    def op_rename(self, h: InHeader, b: memoryview) -> bytes:
+        (newdir,) = struct.unpack_from("<Q", b, 0)
+        return self._rename(h, newdir, 0, b[8:])
+
+    def op_rename2(self, h: InHeader, b: memoryview) -> bytes:
+        newdir, flags, _ = struct.unpack_from("<QII", b, 0)
+        return self._rename(h, newdir, flags, b[16:])
+
+    def op_link(self, h: InHeader, b: memoryview) -> bytes:
+        (oldnode,) = struct.unpack_from("<Q", b, 0)
+        (name,) = _cstrings(b[8:], 1)
+        parent = self.inodes.get(h.nodeid)
+        src = self.inodes.get(oldnode)
+        if src.is_dir:
+            raise OSError(errno.EPERM, "hard link to a directory")
+        sysc.link_empty(src.fd, parent.fd, _name(name))
+        return self._created(parent, name)
+
+    # ---- files -----------------------------------------------------------------------------------
+    def op_open(self, h: InHeader, b: memoryview) -> bytes:
+        flags, _open_flags = struct.unpack_from("<II", b, 0)
+        ino = self.inodes.get(h.nodeid)
+        flags &= ~_OPEN_STRIP
+        if self.read_only and (flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC):
+            raise OSError(errno.EROFS, "read-only")
+        fd = self._reopen(ino, flags)
+        fh = self._new_handle(fd, ino)
+        if flags & os.O_TRUNC:
+            self._changed(ino)
+        return proto.OPEN_OUT.pack(fh, proto.FOPEN_KEEP_CACHE, 0)
+
+    def op_create(self, h: InHeader, b: memoryview) -> bytes:
+        flags, mode, _umask, _ = struct.unpack_from("<IIII", b, 0)
+        (name,) = _cstrings(b[16:], 1)
+        parent = self.inodes.get(h.nodeid)
+        self.creds.switch(h.uid, h.gid)
+        fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     stat.S_IMODE(mode), dir_fd=parent.fd)
+        try:
+            ino, st = self._adopt(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self._new_handle(fd, ino)
+        self._changed(parent)
+        return self._entry(ino, st) + proto.OPEN_OUT.pack(fh, proto.FOPEN_KEEP_CACHE, 0)
+
+    def op_tmpfile(self, h: InHeader, b: memoryview) -> bytes:
+        flags, mode, _umask, _ = struct.unpack_from("<IIII", b, 0)
+        parent = self.inodes.get(h.nodeid)
+        self.creds.switch(h.uid, h.gid)
+        flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY)) | os.O_TMPFILE | os.O_CLOEXEC
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            flags |= os.O_RDWR
+        fd = os.open(".", flags, stat.S_IMODE(mode), dir_fd=parent.fd)
+        try:
+            ino, st = self._adopt(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self._new_handle(fd, ino)
+        return self._entry(ino, st) + proto.OPEN_OUT.pack(fh, 0, 0)
+
+    def op_read(self, h: InHeader, b: memoryview) -> bytes:
+        fh, offset, size = struct.unpack_from("<QQI", b, 0)
+        return os.pread(self._handle(fh).fd, min(size, proto.MAX_WRITE), offset)
+
+    def op_write(self, h: InHeader, b: memoryview) -> bytes:
+        fh, offset, size, write_flags = struct.unpack_from("<QQII", b, 0)
+        data = b[40:40 + size]
+        if len(data) != size:
+            raise Malformed("short write payload")
+        handle = self._handle(fh)
+        n = os.pwrite(handle.fd, data, offset)
+        if write_flags & proto.WRITE_KILL_SUIDGID:
+            st = os.fstat(handle.fd)
+            kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
+            if st.st_mode & kill:
+                os.fchmod(handle.fd, stat.S_IMODE(st.st_mode) & ~kill)
+        return struct.pack("<II", n, 0)
+
+    def op_statfs(self, h: InHeader, b: memoryview) -> bytes:
+        s = os.fstatvfs(self.inodes.get(h.nodeid).fd)
+        return proto.KSTATFS.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize,
+                                  s.f_namemax, s.f_frsize, 0)
+
+    def op_release(self, h: InHeader, b: memoryview) -> bytes:
+        fh, _flags, _release_flags, lock_owner = struct.unpack_from("<QIIQ", b, 0)
+        with self.handles_lock:
+            handle = self.handles.pop(fh, None)
+        if handle is not None:
+            _close(handle.fd)
+            self._drop_lock_fd(handle.inode.nodeid, lock_owner)
+        return b""
+
+    def op_flush(self, h: InHeader, b: memoryview) -> bytes:
+        fh, _, _, lock_owner = struct.unpack_from("<QIIQ", b, 0)
+        handle = self._handle(fh)
+        # close(dup(fd)) reports delayed write errors (NFS-style), like close(2) on the host would;
+        # closing the owner's lock fd drops its POSIX locks, as close(2) does.
+        os.close(os.dup(handle.fd))
+        self._drop_lock_fd(handle.inode.nodeid, lock_owner)
+        return b""
+
+    def op_fsync(self, h: InHeader, b: memoryview) -> bytes:
+        fh, flags = struct.unpack_from("<QI", b, 0)
+        handle = self.handles.get(fh)
+        if handle is None:
+            fd = self._reopen(self.inodes.get(h.nodeid), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return b""
+        (os.fdatasync if flags & proto.FSYNC_FDATASYNC else os.fsync)(handle.fd)
+        return b""
+
+    def op_fsyncdir(self, h: InHeader, b: memoryview) -> bytes:
+        return self.op_fsync(h, b)
+
+    def op_syncfs(self, h: InHeader, b: memoryview) -> bytes:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.inodes.root.fd)
+        try:
+            os.fsync(fd)
+            os.sync()
+        finally:
+            os.close(fd)
+        return b""
+
+    def op_fallocate(self, h: InHeader, b: memoryview) -> bytes:
+        fh, offset, length, mode = struct.unpack_from("<QQQI", b, 0)
+        sysc.fallocate(self._handle(fh).fd, mode, offset, length)
+        self._changed(self.inodes.get(h.nodeid))
+        return b""
+
+    def op_lseek(self, h: InHeader, b: memoryview) -> bytes:
+        fh, offset, whence = struct.unpack_from("<QqI", b, 0)
+        return struct.pack("<q", os.lseek(self._handle(fh).fd, offset, whence))
+
+    def op_copy_file_range(self, h: InHeader, b: memoryview) -> bytes:
+        fh_in, off_in, _nodeid_out, fh_out, off_out, length, _flags = struct.unpack_from("<QQQQQQQ", b, 0)
+        n = os.copy_file_range(self._handle(fh_in).fd, self._handle(fh_out).fd, min(length, 1 << 30),
+                               off_in, off_out)
+        return struct.pack("<II", n, 0)
+
+    # ---- xattrs ----------------------------------------------------------------------------------
+    def _xattr_path(self, ino: Inode) -> str:
+        if ino.fmt == stat.S_IFLNK:
+            raise OSError(errno.EPERM, "xattrs on symlinks are not supported")
+        return self._proc(ino)
+
+    def op_setxattr(self, h: InHeader, b: memoryview) -> bytes:
+        size, flags = struct.unpack_from("<II", b, 0)
+        rest = bytes(b[8:])
+        nul = rest.find(b"\0")
+        if nul < 0 or len(rest) < nul + 1 + size:
+            raise Malformed("setxattr")
+        name, value = rest[:nul], rest[nul + 1:nul + 1 + size]
+        ino = self.inodes.get(h.nodeid)
+        if ino.fmt == stat.S_IFLNK:
+            raise OSError(errno.EPERM, "xattrs on symlinks are not supported")
+        os.setxattr(self._proc(ino), name, value, flags)
+        self._changed(ino)
+        return b""
+
+    def op_getxattr(self, h: InHeader, b: memoryview) -> bytes:
+        size, _ = struct.unpack_from("<II", b, 0)
+        (name,) = _cstrings(b[8:], 1)
+        ino = self.inodes.get(h.nodeid)
+        if ino.fmt == stat.S_IFLNK:
+            raise OSError(errno.ENODATA, "no xattrs on symlinks")
+        value = os.getxattr(self._proc(ino), name)
+        if size == 0:
+            return struct.pack("<II", len(value), 0)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return value
+
+    def op_listxattr(self, h: InHeader, b: memoryview) -> bytes:
+        size, _ = struct.unpack_from("<II", b, 0)
+        ino = self.inodes.get(h.nodeid)
+        names = [] if ino.fmt == stat.S_IFLNK else os.listxattr(self._proc(ino))
+        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        if size == 0:
+            return struct.pack("<II", len(data), 0)
+        if len(data) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return data
+
+    def op_removexattr(self, h: InHeader, b: memoryview) -> bytes:
+        (name,) = _cstrings(b, 1)
+        ino = self.inodes.get(h.nodeid)
+        os.removexattr(self._xattr_path(ino), name)
+        self._changed(ino)
+        return b""
+
+    # ---- directories -----------------------------------------------------------------------------
+    def op_opendir(self, h: InHeader, b: memoryview) -> bytes:
+        ino = self.inodes.get(h.nodeid)
+        if not ino.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        fd = self._reopen(ino, os.O_RDONLY)
+        return proto.OPEN_OUT.pack(self._new_handle(fd, ino, is_dir=True), 0, 0)
+
+    def op_releasedir(self, h: InHeader, b: memoryview) -> bytes:
+        (fh,) = struct.unpack_from("<Q", b, 0)
+        with self.handles_lock:
+            handle = self.handles.pop(fh, None)
+        if handle is not None:
+            _close(handle.fd)
+        return b""
+
+    def _snapshot(self, handle: Handle, offset: int) -> list[tuple[bytes, int, int]]:
+        if offset == 0 or handle.entries is None:
+            st = os.fstat(handle.fd)
+            entries: list[tuple[bytes, int, int]] = [(b".", st.st_ino, 4), (b"..", 0, 4)]
+            with os.scandir(handle.fd) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        dt = 4
+                    elif e.is_symlink():
+                        dt = 10
+                    elif e.is_file(follow_symlinks=False):
+                        dt = 8
+                    else:
+                        dt = 0
+                    entries.append((os.fsencode(e.name), e.inode(), dt))
+            handle.entries = entries
+        return handle.entries
+
+    def op_readdir(self, h: InHeader, b: memoryview) -> bytes:
+        fh, offset, size = struct.unpack_from("<QQI", b, 0)
+        handle = self._handle(fh)
+        out = bytearray()
+        with handle.lock:
+            entries = self._snapshot(handle, offset)
+            for i in range(offset, len(entries)):
+                name, ino, dt = entries[i]
+                rec = proto.DIRENT.pack(ino, i + 1, len(name), dt) + name
+                rec += b"\0" * (-len(rec) % 8)
+                if len(out) + len(rec) > size:
+                    break
+                out += rec
+        return bytes(out)
+
+    def op_readdirplus(self, h: InHeader, b: memoryview) -> bytes:
+        fh, offset, size = struct.unpack_from("<QQI", b, 0)
+        handle = self._handle(fh)
+        parent = handle.inode
+        out = bytearray()
+        with handle.lock:
+            entries = self._snapshot(handle, offset)
+            for i in range(offset, len(entries)):
+                name, ino_num, dt = entries[i]
+                reclen = proto.ENTRY_OUT.size + proto.DIRENT.size + len(name)
+                reclen += -reclen % 8
+                if len(out) + reclen > size:
+                    break
+                if name in (b".", b".."):
+                    entry = self._entry(None, None)
+                else:
+                    try:
+                        ino, st = self._lookup(parent, name)
+                    except OSError:
+                        continue  # vanished since the snapshot
+                    entry = self._entry(ino, st)
+                    ino_num = st.st_ino
+                    dt = _DT.get(stat.S_IFMT(st.st_mode), 0)
+                rec = entry + proto.DIRENT.pack(ino_num, i + 1, len(name), dt) + name
+                rec += b"\0" * (-len(rec) % 8)
+                out += rec
+        return bytes(out)
+
+    # ---- locks -----------------------------------------------------------------------------------
+    def _lock_fd(self, ino: Inode, owner: int, create: bool) -> int | None:
+        key = (ino.nodeid, owner)
+        with self.locks_lock:
+            fd = self.lock_fds.get(key)
+            if fd is not None or not create:
+                return fd
+        fd = None
+        for flags in (os.O_RDWR, os.O_RDONLY, os.O_WRONLY):
+            try:
+                fd = self._reopen(ino, flags)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+                    raise
+        if fd is None:
+            raise OSError(errno.EACCES, "cannot open file for locking")
+        with self.locks_lock:
+            old = self.lock_fds.get(key)
+            if old is not None:
+                os.close(fd)
+                return old
+            self.lock_fds[key] = fd
+            return fd
+
+    def _drop_lock_fd(self, nodeid: int, owner: int) -> None:
+        with self.locks_lock:
+            fd = self.lock_fds.pop((nodeid, owner), None)
+            self.lock_pids.pop((nodeid, owner), None)
+        if fd is not None:
+            _close(fd)
+
+    @staticmethod
+    def _flock_struct(start: int, end: int, typ: int) -> bytes:
+        length = 0 if end >= proto.OFFSET_MAX else end - start + 1
+        return _FLOCK.pack(typ, os.SEEK_SET, start, length, 0)
+
+    def op_getlk(self, h: InHeader, b: memoryview) -> bytes:
+        _fh, owner, start, end, typ, _pid, _lk_flags, _ = proto.LK_IN.unpack_from(b, 0)
+        ino = self.inodes.get(h.nodeid)
+        fd = self._lock_fd(ino, owner, create=True)
+        assert fd is not None
+        res = fcntl.fcntl(fd, F_OFD_GETLK, self._flock_struct(start, end, typ))
+        rtype, _, rstart, rlen, _ = _FLOCK.unpack(res)
+        if rtype == fcntl.F_UNLCK:
+            return proto.FILE_LOCK.pack(0, 0, fcntl.F_UNLCK, 0)
+        rend = proto.OFFSET_MAX if rlen == 0 else rstart + rlen - 1
+        pid = 0
+        with self.locks_lock:
+            others = [p for (n, o), p in self.lock_pids.items() if n == ino.nodeid and o != owner]
+        if len(others) == 1:
+            pid = others[0]
+        return proto.FILE_LOCK.pack(rstart, rend, rtype, pid)
+
+    def op_setlk(self, h: InHeader, b: memoryview) -> bytes:
+        return self._setlk(h, b, wait=False)
+
+    def op_setlkw(self, h: InHeader, b: memoryview) -> bytes:
+        return self._setlk(h, b, wait=True)
+
+    def _setlk(self, h: InHeader, b: memoryview, wait: bool) -> bytes:
+        fh, owner, start, end, typ, pid, lk_flags, _ = proto.LK_IN.unpack_from(b, 0)
+        ino = self.inodes.get(h.nodeid)
+        if lk_flags & proto.LK_FLOCK:
+            handle = self._handle(fh)
+            op = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX}.get(typ, fcntl.LOCK_UN)
+            if op == fcntl.LOCK_UN:
+                fcntl.flock(handle.fd, op)
+                return b""
+            self._retry(h.unique, wait, lambda: fcntl.flock(handle.fd, op | fcntl.LOCK_NB))
+            return b""
+        if typ == fcntl.F_UNLCK:
+            fd = self._lock_fd(ino, owner, create=False)
+            if fd is not None:
+                fcntl.fcntl(fd, F_OFD_SETLK, self._flock_struct(start, end, typ))
+            return b""
+        fd = self._lock_fd(ino, owner, create=True)
+        assert fd is not None
+        arg = self._flock_struct(start, end, typ)
+        self._retry(h.unique, wait, lambda: fcntl.fcntl(fd, F_OFD_SETLK, arg))
+        with self.locks_lock:
+            self.lock_pids[(ino.nodeid, owner)] = pid
+        return b""
+
+    def _retry(self, unique: int, wait: bool, attempt: Callable[[], object]) -> None:
+        """Non-blocking attempts with backoff: a waiting lock stays interruptible (FUSE_INTERRUPT)."""
+        delay = 0.0005
+        while True:
+            try:
+                attempt()
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK) or not wait:
+                    raise
+            if unique in self.interrupted:
+                raise OSError(errno.EINTR, "interrupted")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+def _s64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _raise(err: int) -> bytes:
+    raise OSError(err, os.strerror(err))
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

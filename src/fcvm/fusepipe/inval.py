@@ -1,0 +1,172 @@
+"""inotify-driven cache invalidation: host-side changes reach the guest kernel at once.
+
+Every directory the kernel knows (has a node id for) is watched. An event on a name becomes
+FUSE_NOTIFY_INVAL_ENTRY(parent, name) (expire-only where the kernel supports it, so dentries in use, or
+mounted on, are revalidated rather than dropped) and, for a known child inode, FUSE_NOTIFY_INVAL_INODE (data
+and attributes for writes, attributes only for metadata changes).
+
+Changes the server makes itself also produce events; they cost one revalidation LOOKUP in the guest and
+are otherwise harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import select
+import struct
+import threading
+from collections.abc import Callable
+
+from fcvm.core import log
+from fcvm.fusepipe.inodes import Inode, InodeTable
+from fcvm_wire.fusepipe import proto
+
+_log = log.get("fusepipe")
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+
+IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
+IN_CLOSE_WRITE = 0x8
+IN_MOVED_FROM = 0x40
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_EXCL_UNLINK = 0x04000000
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+_MASK = (IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR
+         | IN_EXCL_UNLINK)
+_ENTRY_EVENTS = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+_EVENT = struct.Struct("iIII")
+
+
+class Invalidator:
+    """Watches the directories in `table`; calls `send(notify_message)` for each invalidation."""
+
+    def __init__(self, table: InodeTable, send: Callable[[bytes], None], expire_only: Callable[[], bool]) -> None:
+        self.table = table
+        self.send = send
+        self.expire_only = expire_only
+        self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.by_wd: dict[int, Inode] = {}
+        self.lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._loop, name="fp-inotify", daemon=True)
+        self.warned = False
+        table.on_new_dir = self.watch
+        table.on_drop = self.unwatch
+        self.watch(table.root)
+        self.thread.start()
+
+    def watch(self, ino: Inode) -> None:
+        wd = _libc.inotify_add_watch(self.fd, f"/proc/self/fd/{ino.fd}".encode(), _MASK)
+        if wd < 0:
+            err = ctypes.get_errno()
+            if not self.warned and err == errno.ENOSPC:
+                self.warned = True
+                _log.warning("fuse-pipe: inotify watch limit reached (fs.inotify.max_user_watches); "
+                             "host-side changes in further directories show up after the cache timeout")
+            return
+        with self.lock:
+            ino.wd = wd
+            self.by_wd[wd] = ino
+
+    def unwatch(self, ino: Inode) -> None:
+        if ino.wd < 0:
+            return
+        with self.lock:
+            if self.by_wd.get(ino.wd) is ino:
+                del self.by_wd[ino.wd]
+                _libc.inotify_rm_watch(self.fd, ino.wd)
+            ino.wd = -1
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self.thread.join(5)
+        for fd in (self.fd, self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # ---- events ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = [fd for fd, _ in poller.poll()]
+            if self._stop_r in ready:
+                return
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+            try:
+                self._handle(data)
+            except Exception:
+                _log.exception("fuse-pipe: inotify event handling failed")
+
+    def _handle(self, data: bytes) -> None:
+        pos = 0
+        seen: set[tuple[int, int, bytes]] = set()
+        while pos + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+            name = data[pos + _EVENT.size:pos + _EVENT.size + length].rstrip(b"\0")
+            pos += _EVENT.size + length
+            if mask & IN_Q_OVERFLOW:
+                self._overflow()
+                continue
+            with self.lock:
+                parent = self.by_wd.get(wd)
+                if mask & IN_IGNORED and parent is not None:
+                    del self.by_wd[wd]
+                    parent.wd = -1
+                    continue
+            if parent is None:
+                continue
+            kind = 0 if mask & _ENTRY_EVENTS else (1 if mask & IN_MODIFY else 2)
+            key = (parent.nodeid, kind, name)
+            if key in seen:  # coalesce repeats within one read
+                continue
+            seen.add(key)
+            if mask & _ENTRY_EVENTS and name:
+                self._inval_entry(parent.nodeid, name)
+                self._inval_inode(parent.nodeid, -1)
+            if mask & (IN_MODIFY | IN_ATTRIB) or (mask & _ENTRY_EVENTS and name):
+                child = self._child(parent, name) if name else parent
+                if child is not None:
+                    self._inval_inode(child.nodeid, 0 if mask & IN_MODIFY else -1)
+
+    def _child(self, parent: Inode, name: bytes) -> Inode | None:
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return self.table.lookup_key((st.st_dev, st.st_ino))
+
+    def _overflow(self) -> None:
+        with self.table.lock:
+            nodeids = list(self.table.by_id)
+        for nodeid in nodeids:
+            self._inval_inode(nodeid, 0)
+
+    def _inval_entry(self, parent: int, name: bytes) -> None:
+        flags = proto.EXPIRE_ONLY if self.expire_only() else 0
+        self.send(proto.pack_notify(proto.NOTIFY_INVAL_ENTRY,
+                                    proto.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), flags) + name + b"\0"))
+
+    def _inval_inode(self, nodeid: int, offset: int) -> None:
+        self.send(proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, 0)))

@@ -1,0 +1,299 @@
+"""The fuse-pipe host server: sessions, streams, dispatch.
+
+A session is one guest mount: its inode table, open handles and reply cache. It outlives its stream, so a
+client that reconnects (channel reset, snapshot restore) with the same session id carries on; requests it
+re-sends are answered from the reply cache (already executed) or by the still-running request, never
+executed twice.
+
+Requests are executed inline on the stream's reader thread (no thread hand-off for the common, fast
+operations; replies to one read batch go out in one send) except those that can block for long (fsync,
+lock waits, fallocate, copy_file_range, syncfs), which run in a thread pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+from fcvm.core import log
+from fcvm.fusepipe.fs import Filesystem
+from fcvm.fusepipe.inval import Invalidator
+from fcvm_wire.fusepipe import proto
+
+_log = log.get("fusepipe")
+
+_POOLED = frozenset({proto.FSYNC, proto.FSYNCDIR, proto.FALLOCATE, proto.COPY_FILE_RANGE, proto.SYNCFS,
+                     proto.GETLK, proto.SETLK})
+_OWN_THREAD = frozenset({proto.SETLKW})  # may wait indefinitely: never tie up a pool worker
+_NOT_CACHED = frozenset({proto.READ, proto.GETATTR, proto.READLINK, proto.STATFS, proto.GETXATTR,
+                         proto.LISTXATTR, proto.LSEEK})
+_CACHE_ENTRIES = 4096
+_RECV = 1 << 20
+
+
+class Connection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.alive = True
+
+    def send(self, data: bytes) -> bool:
+        with self.lock:
+            if not self.alive:
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                self.alive = False
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                return False
+
+
+class Session:
+    def __init__(self, session_id: int, root: str, read_only: bool, pool: ThreadPoolExecutor,
+                 watch: bool = True, **timeouts: float) -> None:
+        self.id = session_id
+        self.fs = Filesystem(root, read_only=read_only, **timeouts)
+        self.pool = pool
+        self.conn: Connection | None = None
+        self.lock = threading.Lock()
+        self.pending: set[int] = set()
+        self.cache: OrderedDict[int, bytes] = OrderedDict()
+        self.detached_at: float | None = None
+        self.closed = False
+        self.invalidator = (Invalidator(self.fs.inodes, self.notify, lambda: self.fs.expire_only)
+                            if watch else None)
+
+    def attach(self, conn: Connection) -> None:
+        with self.lock:
+            self.conn = conn
+            self.detached_at = None
+
+    def detach(self, conn: Connection) -> None:
+        with self.lock:
+            if self.conn is conn:
+                self.conn = None
+                self.detached_at = time.monotonic()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        if self.invalidator is not None:
+            self.invalidator.close()
+        self.fs.close()
+
+    def send(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.send(data)
+
+    def notify(self, msg: bytes) -> None:
+        if self.fs.initialized:
+            self.send(msg)
+
+    def _remember(self, h: proto.InHeader, reply: bytes) -> None:
+        if h.opcode in _NOT_CACHED:
+            return
+        with self.lock:
+            self.cache[h.unique] = reply
+            if len(self.cache) > _CACHE_ENTRIES:
+                self.cache.popitem(last=False)
+
+    def process(self, msg: bytes, batch: list[bytes]) -> None:
+        """Handle one request; inline replies are appended to `batch`."""
+        try:
+            h = proto.parse_in_header(msg)
+        except proto.FrameError:
+            return
+        if h.opcode not in proto.NO_REPLY:
+            with self.lock:
+                if h.unique in self.pending:
+                    return  # re-sent while still running: its reply goes to the current stream
+                cached = self.cache.get(h.unique)
+                if cached is not None:
+                    batch.append(cached)
+                    return
+                self.pending.add(h.unique)
+        if h.opcode in _POOLED or h.opcode in _OWN_THREAD:
+            if h.opcode in _OWN_THREAD:
+                threading.Thread(target=self._run_async, args=(h, msg), daemon=True).start()
+            else:
+                self.pool.submit(self._run_async, h, msg)
+            return
+        reply = self.fs.dispatch(h, msg)
+        self._finish(h, reply)
+        if reply is not None:
+            batch.append(reply)
+        if h.opcode == proto.DESTROY:
+            self.fs.initialized = False
+
+    def _finish(self, h: proto.InHeader, reply: bytes | None) -> None:
+        if reply is not None:
+            self._remember(h, reply)
+        with self.lock:
+            self.pending.discard(h.unique)
+
+    def _run_async(self, h: proto.InHeader, msg: bytes) -> None:
+        reply = self.fs.dispatch(h, msg)
+        self._finish(h, reply)
+        if reply is not None:
+            self.send(reply)
+
+
+class Server:
+    """Serves one host directory to any number of sessions (guest mounts)."""
+
+    def __init__(self, root: str, *, read_only: bool = False, resume_grace: float = 300.0,
+                 watch: bool = True, workers: int = 32, **timeouts: float) -> None:
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(f"{root} is not a directory")
+        self.read_only = read_only
+        self.resume_grace = resume_grace
+        self.watch = watch
+        self.timeouts = timeouts
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fp-work")
+        self.sessions: dict[int, Session] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        os.umask(0)  # the guest kernel applies the caller's umask before sending modes
+
+    def _session(self, sid: int) -> tuple[Session, bool]:
+        with self.lock:
+            self._reap()
+            session = self.sessions.get(sid)
+            if session is not None and not session.closed:
+                return session, True
+            session = Session(sid, self.root, self.read_only, self.pool, self.watch, **self.timeouts)
+            self.sessions[sid] = session
+            return session, False
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for sid, s in list(self.sessions.items()):
+            if s.closed or (s.detached_at is not None and now - s.detached_at > self.resume_grace):
+                del self.sessions[sid]
+                s.close()
+
+    def serve_connection(self, sock: socket.socket, *, close_session_on_eof: bool = False) -> None:
+        """Serve one stream until it ends. Blocking."""
+        try:
+            hello = _recv_exact(sock, proto.HELLO.size)
+            magic, sid, flags, _ = proto.HELLO.unpack(hello)
+            if magic != proto.MAGIC:
+                _log.warning("fuse-pipe: client sent a bad HELLO; closing")
+                return
+            session, resumed = self._session(sid)
+            sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, 0, int(resumed)))
+        except (OSError, ConnectionError) as exc:
+            _log.debug("fuse-pipe: handshake failed: %s", exc)
+            sock.close()
+            return
+        _log.debug("fuse-pipe: session %x %s (flags %#x)", sid, "resumed" if resumed else "new", flags)
+        conn = Connection(sock)
+        session.attach(conn)
+        try:
+            self._read_loop(sock, session)
+        finally:
+            session.detach(conn)
+            conn.alive = False
+            sock.close()
+            if close_session_on_eof or session.closed or (not session.fs.initialized and resumed is False):
+                with self.lock:
+                    if self.sessions.get(sid) is session and session.conn is None:
+                        del self.sessions[sid]
+                        session.close()
+
+    def _read_loop(self, sock: socket.socket, session: Session) -> None:
+        buf = bytearray()
+        while True:
+            try:
+                data = sock.recv(_RECV)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            try:
+                msgs, used = proto.split_frames(buf, proto.MIN_REQUEST)
+            except proto.FrameError as exc:
+                _log.warning("fuse-pipe: malformed frame from client (%s); dropping the stream", exc)
+                _reply_bad_frame(sock, buf)
+                return
+            del buf[:used]
+            batch: list[bytes] = []
+            for msg in msgs:
+                session.process(msg, batch)
+            if batch:
+                session.send(b"".join(batch))
+
+    def serve_forever(self, listener: socket.socket) -> None:
+        """Accept streams on a listening socket, one thread each, until `stop()`."""
+        listener.settimeout(0.5)
+        while not self.stopping.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                with self.lock:
+                    self._reap()
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    break
+                raise
+            sock.settimeout(None)
+            threading.Thread(target=self.serve_connection, args=(sock,), name="fp-conn", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self.stop()
+        with self.lock:
+            sessions = list(self.sessions.values())
+            self.sessions.clear()
+        for s in sessions:
+            s.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("stream closed")
+        buf += chunk
+    return buf
+
+
+def _reply_bad_frame(sock: socket.socket, buf: bytearray) -> None:
+    """Answer the request whose frame is malformed (if its unique is readable) before dropping."""
+    import errno
+    import struct
+
+    if len(buf) >= 16:
+        (unique,) = struct.unpack_from("<Q", buf, 8)
+        with contextlib.suppress(OSError):
+            sock.sendall(proto.pack_reply(unique, -errno.EPROTO))
+
+
+def serve(root: str, sock: socket.socket, *, read_only: bool = False, **kwargs: float) -> None:
+    """Serve `root` on `sock`: a listening socket (accept loop) or one connected stream. Blocking."""
+    server = Server(root, read_only=read_only, **kwargs)  # type: ignore[arg-type]
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            server.serve_forever(sock)
+        else:
+            server.serve_connection(sock, close_session_on_eof=True)
+    finally:
+        server.close()

@@ -1,0 +1,285 @@
+"""What both network modes share: the fixed in-namespace addresses, names, the VmNetwork result and helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcvm.core import log
+from fcvm.core.errors import FcvmError
+from fcvm.core.proc import ProcessRef
+from fcvm.network.ports import PortMapping
+from fcvm.state.journal import Journal
+from fcvm.state.store import Store
+
+_log = log.get("network")
+
+# Inside its namespace every VM sees the same addresses, so a snapshot restored as a clone keeps working.
+GUEST_IP = "172.31.0.2"
+GATEWAY_IP = "172.31.0.1"
+GUEST_PREFIX = 30
+GUEST_NET = "172.31.0.0/30"
+GUEST_MAC = "06:00:ac:1f:00:02"  # locally administered, unicast
+TAP_NAME = "tap0"
+# The namespace end of the uplink: the veth peer (bridged) or slirp4netns' tap (rootless).
+UPLINK_NAME = "uplink0"
+IFNAMSIZ = 15  # usable characters
+
+MODES = ("bridged", "rootless")
+NETNS_DIR = Path("/run/netns")
+# Host-global runtime state (lock, shared chains/sysctl bookkeeping). /run is cleared on reboot, and so
+# are the iptables rules and sysctls it describes.
+RUN_DIR = Path(os.environ.get("FCVM_NET_RUN_DIR", "/run/fcvm"))
+
+
+def vm_key(vm_id: str) -> str:
+    """12 characters derived from the VM id, safe in interface names: the id itself when it is short hex."""
+    if re.fullmatch(r"[0-9a-f]{12}", vm_id):
+        return vm_id
+    return hashlib.sha256(vm_id.encode()).hexdigest()[:12]
+
+
+def netns_name(vm_id: str) -> str:
+    return f"fcvm-{vm_key(vm_id)}"
+
+
+def host_ifname(vm_id: str) -> str:
+    name = f"fc{vm_key(vm_id)}h"
+    assert len(name) <= IFNAMSIZ
+    return name
+
+
+def guest_cidr() -> str:
+    return f"{GUEST_IP}/{GUEST_PREFIX}"
+
+
+@dataclass
+class VmNetwork:
+    """A VM's network as set up; stored as JSON in the VM row's `network` column."""
+
+    mode: str
+    vm_id: str
+    tap: str = TAP_NAME
+    ports: list[PortMapping] = field(default_factory=list)
+    # bridged
+    netns: str = ""
+    host_if: str = ""
+    subnet: str = ""  # the veth /30; host end .1, namespace end .2
+    # rootless
+    holder_pid: int = 0
+    holder_start: int = 0
+    loopback: str = ""
+    api_socket: str = ""
+    dns: list[str] = field(default_factory=list)
+
+    # --- how to reach it ---------------------------------------------------------------------------
+
+    @property
+    def host_side_ip(self) -> str:
+        return str(ipaddress.IPv4Network(self.subnet)[1]) if self.subnet else ""
+
+    @property
+    def ns_side_ip(self) -> str:
+        """The namespace's uplink address; every port on it is forwarded to the guest."""
+        if self.mode == "bridged":
+            return str(ipaddress.IPv4Network(self.subnet)[2])
+        return SLIRP_NS_IP
+
+    def enter_argv(self) -> list[str]:
+        """argv prefix that runs a command inside the VM's namespaces (the VMM is launched with it)."""
+        if self.mode == "bridged":
+            return ["nsenter", f"--net={NETNS_DIR / self.netns}"]
+        proc = f"/proc/{self.holder_pid}/ns"
+        return ["nsenter", "--preserve-credentials", f"--user={proc}/user", f"--net={proc}/net"]
+
+    def published(self) -> list[tuple[str, int, PortMapping]]:
+        """(address, port, mapping): where a client on this host connects for each mapping."""
+        result = []
+        for m in self.ports:
+            if m.host_ip and m.host_ip != "0.0.0.0":
+                addr = m.host_ip
+            else:
+                addr = "127.0.0.1" if self.mode == "bridged" or m.host_ip else self.loopback
+            result.append((addr, m.host_port, m))
+        return result
+
+    def connect(self, guest_port: int, *, protocol: str = "tcp", timeout: float = 5.0) -> socket.socket:
+        """A socket connected to the guest's `guest_port` through its published host port."""
+        for addr, port, m in self.published():
+            if m.guest_port == guest_port and m.protocol == protocol:
+                kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+                sock = socket.socket(socket.AF_INET, kind)
+                sock.settimeout(timeout)
+                try:
+                    sock.connect((addr, port))
+                except BaseException:
+                    sock.close()
+                    raise
+                return sock
+        raise FcvmError(f"guest port {guest_port}/{protocol} is not published", hint=f"add -p HOSTPORT:{guest_port}")
+
+    def guest_spec(self) -> dict[str, Any]:
+        """The guest side, for the plan's NetworkSpec."""
+        return {"address": GUEST_IP, "prefix": GUEST_PREFIX, "gateway": GATEWAY_IP, "mac": GUEST_MAC,
+                "dns": list(self.dns)}
+
+    def holder(self) -> ProcessRef | None:
+        return ProcessRef(self.holder_pid, self.holder_start) if self.holder_pid else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "vm_id": self.vm_id, "tap": self.tap, "ports": [p.to_json() for p in self.ports],
+            "netns": self.netns, "host_if": self.host_if, "subnet": self.subnet,
+            "holder_pid": self.holder_pid, "holder_start": self.holder_start, "loopback": self.loopback,
+            "api_socket": self.api_socket, "dns": list(self.dns),
+            "guest": self.guest_spec(),
+            "published": [[a, p, str(m)] for a, p, m in self.published()],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmNetwork:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "ports"}
+        return cls(**known, ports=[PortMapping.from_json(p) for p in data.get("ports", [])])
+
+
+SLIRP_NS_IP = "10.0.2.100"  # slirp4netns --configure defaults
+SLIRP_GATEWAY = "10.0.2.2"
+SLIRP_DNS = "10.0.2.3"
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def host_dns() -> list[str]:
+    """Non-loopback nameservers from the host's resolv.conf (a guest cannot reach the host's 127.x)."""
+    servers = []
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/resolv.conf").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                try:
+                    addr = ipaddress.ip_address(parts[1])
+                except ValueError:
+                    continue
+                if addr.version == 4 and not addr.is_loopback:
+                    servers.append(str(addr))
+    return servers[:3]
+
+
+def check_bindable(addr: str, port: int, protocol: str) -> OSError | None:
+    """None if nothing on this host holds addr:port (a listening TCP socket or a bound UDP socket)."""
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        if protocol == "tcp":
+            # Ignore TIME_WAIT leftovers; a socket in LISTEN still conflicts.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((addr, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return exc
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return exc
+            raise
+    return None
+
+
+def port_in_use_error(m: PortMapping, detail: str) -> FcvmError:
+    return FcvmError(
+        f"host port {m.host_port}/{m.protocol} is already in use ({detail})",
+        hint=f"choose another host port, e.g. -p {m.host_port + 1}:{m.guest_port}"
+        + ("" if m.protocol == "tcp" else "/udp") + ", or stop whatever holds it",
+    )
+
+
+def claim_port(store: Store, vm_id: str, protocol: str, addr: str, port: int) -> str | None:
+    """Claim `protocol:addr:port` in the store ("*" = every address). Returns the holder's vm id on a clash.
+
+    A wildcard clashes with every address and vice versa, so the check and the insert share a transaction.
+    """
+    value = f"{protocol}:{addr}:{port}"
+    with store.transaction() as db:
+        rows = db.execute(
+            "SELECT value, vm_id FROM allocations WHERE kind = 'port' AND value LIKE ?",
+            (f"{protocol}:%:{port}",),
+        ).fetchall()
+        for other, owner in rows:
+            other_addr = other.split(":")[1]
+            if addr == "*" or other_addr == "*" or other_addr == addr:
+                return str(owner)
+        db.execute("INSERT INTO allocations (kind, value, vm_id) VALUES ('port', ?, ?)", (value, vm_id))
+    return None
+
+
+NETWORK_ALLOCATION_KINDS = ("port", "subnet", "loopback")
+
+
+def release_network_allocations(store: Store, vm_id: str) -> None:
+    marks = ",".join("?" * len(NETWORK_ALLOCATION_KINDS))
+    with store.transaction() as db:
+        db.execute(f"DELETE FROM allocations WHERE vm_id = ? AND kind IN ({marks})",
+                   (vm_id, *NETWORK_ALLOCATION_KINDS))
+
+
+def spawn_journaled(journal: Journal, argv: Sequence[str], *, what: str, pass_fds: Sequence[int] = (),
+                    stdout: int | None = None, stderr: int | None = None) -> ProcessRef:
+    """Start a long-lived helper and journal it (kind "process") with no window in which it could leak.
+
+    The helper first waits for a line on stdin: it only execs `argv` after its pid and start time are in the
+    journal, and exits by itself if we die before that (EOF).
+    """
+    shell = ["/bin/sh", "-c", 'read -r _ || exit 111; exec "$@"', "fcvm-" + what, *argv]
+    child = subprocess.Popen(
+        shell, stdin=subprocess.PIPE, stdout=stdout if stdout is not None else subprocess.DEVNULL,
+        stderr=stderr if stderr is not None else subprocess.DEVNULL, pass_fds=tuple(pass_fds),
+        start_new_session=True, close_fds=True,
+    )
+    assert child.stdin is not None
+    try:
+        ref = ProcessRef.of(child.pid)
+        journal.record("process", pid=ref.pid, start=ref.start, grace=2, layer="network", what=what)
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    child.stdin.write(b"go\n")
+    child.stdin.close()
+    # Reap it whenever it exits (the journal owns it; this only avoids a zombie in a long-lived parent).
+    threading.Thread(target=child.wait, name=f"reap-{what}", daemon=True).start()
+    return ref
+
+
+def wait_readable(fd: int, timeout: float, what: str) -> bytes:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        raise FcvmError(f"{what} did not become ready within {timeout:.0f} s")
+    return os.read(fd, 64)
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise FcvmError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def inside_argv(net: VmNetwork, config: dict[str, Any]) -> list[str]:
+    """argv that configures the VM's namespace from the inside (fcvm.network.inside)."""
+    import json
+
+    return [*net.enter_argv(), sys.executable, "-m", "fcvm.network.inside", json.dumps(config)]

@@ -1,0 +1,156 @@
+"""`--network bridged` (root): one netns per VM, joined to the host by a veth pair on a per-VM /30.
+
+    host: fc<key>h 172.30.N.1/30  <-veth->  netns fcvm-<key>: uplink0 172.30.N.2/30, tap0 172.31.0.1/30
+                                                               guest (behind tap0): 172.31.0.2/30
+
+Host iptables (FCVM-* chains): published ports are DNATed to 172.30.N.2 in PREROUTING (other hosts) and
+OUTPUT (this host, including 127.0.0.1: route_localnet on the veth plus a MASQUERADE so replies come back);
+the /30 is masqueraded on the way out. Inside the netns everything for 172.30.N.2 is DNATed to the guest and
+the guest's traffic is masqueraded as 172.30.N.2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import shutil
+from collections.abc import Iterator
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from fcvm.core import log, proc
+from fcvm.core.errors import FcvmError, UsageError
+from fcvm.network import base
+from fcvm.network import iptables as ipt
+from fcvm.network.ports import PortMapping
+from fcvm.state.journal import Journal
+from fcvm.state.store import Store
+
+_log = log.get("network")
+
+POOL_ENV = "FCVM_BRIDGED_POOL"
+DEFAULT_POOL = "172.30.0.0/16"
+
+
+def _pool() -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(os.environ.get(POOL_ENV, DEFAULT_POOL))
+
+
+def _host_networks() -> list[ipaddress.IPv4Network]:
+    """Networks already in use on the host (addresses and routes), so a /30 never shadows one."""
+    used = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=2):
+            used.append(ipaddress.IPv4Network(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}", strict=False))
+        for msg in ipr.get_routes(family=2, table=254):
+            dst = msg.get_attr("RTA_DST")
+            if dst and msg["dst_len"] > 0:
+                used.append(ipaddress.IPv4Network(f"{dst}/{msg['dst_len']}", strict=False))
+    return used
+
+
+def _subnet_candidates() -> Iterator[str]:
+    used = _host_networks()
+    for net in _pool().subnets(new_prefix=30):
+        if not any(net.overlaps(u) for u in used):
+            yield str(net)
+
+
+def _check_ports(store: Store, vm_id: str, ports: list[PortMapping]) -> None:
+    """Fail before creating anything if a host port is taken; claims the ports in the store."""
+    dnat = {p: ipt.published_ports(p) for p in ("tcp", "udp")}
+    for m in ports:
+        addr = m.host_ip if m.host_ip and m.host_ip != "0.0.0.0" else "*"
+        holder = base.claim_port(store, vm_id, m.protocol, addr, m.host_port)
+        if holder is not None:
+            raise base.port_in_use_error(m, f"VM {holder} publishes it")
+        if m.host_port in dnat[m.protocol]:
+            raise base.port_in_use_error(m, "another fcvm VM publishes it")
+        bind_addr = "0.0.0.0" if addr == "*" else addr
+        problem = base.check_bindable(bind_addr, m.host_port, m.protocol)
+        if problem is not None and problem.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"cannot publish on {addr}: it is not an address of this host", hint=f"fix -p {m}")
+        if problem is not None:
+            raise base.port_in_use_error(m, "a process on this host listens on it")
+
+
+def _host_rules(net: base.VmNetwork) -> list[tuple[str, str, list[str]]]:
+    tag = ipt.comment(net.vm_id)
+    rules: list[tuple[str, str, list[str]]] = []
+    ns_ip = net.ns_side_ip
+    for m in net.ports:
+        every_address = not m.host_ip or m.host_ip == "0.0.0.0"
+        match = ["-m", "addrtype", "--dst-type", "LOCAL"] if every_address else ["-d", m.host_ip]
+        dnat = [*match, "-p", m.protocol, "-m", m.protocol, "--dport", str(m.host_port), *tag,
+                "-j", "DNAT", "--to-destination", f"{ns_ip}:{m.guest_port}"]
+        if not ipaddress.IPv4Address(m.host_ip or "0.0.0.0").is_loopback:
+            rules.append(("nat", "FCVM-PREROUTING", dnat))
+        rules.append(("nat", "FCVM-OUTPUT", dnat))
+    rules += [
+        # Connections from this host's 127.0.0.1 to a published port: give them a source the netns can answer.
+        ("nat", "FCVM-POSTROUTING", ["-s", "127.0.0.0/8", "-o", net.host_if, *tag, "-j", "MASQUERADE"]),
+        # The VM's egress.
+        ("nat", "FCVM-POSTROUTING", ["-s", net.subnet, "!", "-o", net.host_if, *tag, "-j", "MASQUERADE"]),
+        ("filter", "FCVM-FORWARD", ["-i", net.host_if, *tag, "-j", "ACCEPT"]),
+        ("filter", "FCVM-FORWARD", ["-o", net.host_if, *tag, "-j", "ACCEPT"]),
+    ]
+    return rules
+
+
+def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping]) -> base.VmNetwork:
+    """Build it all, journaling each resource before creating it. On failure the caller undoes the journal."""
+    if os.geteuid() != 0:
+        raise UsageError("--network bridged needs root", hint="run as root, or use --network rootless")
+    for tool in ("iptables", "nsenter"):
+        if shutil.which(tool) is None:
+            raise FcvmError(f"{tool} is not installed", hint="bridged networking needs iptables and nsenter")
+    net = base.VmNetwork(mode="bridged", vm_id=vm_id, ports=list(ports), netns=base.netns_name(vm_id),
+                         host_if=base.host_ifname(vm_id), dns=base.host_dns())
+    with ipt.host_lock():
+        _check_ports(store, vm_id, ports)
+        net.subnet = store.allocate("subnet", vm_id, _subnet_candidates())
+        ipt.acquire_host(journal, vm_id)
+
+        journal.record("netns", name=net.netns)
+        pr_netns.create(net.netns)
+        journal.record("link", ifname=net.host_if)
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=net.host_if, kind="veth",
+                     peer={"ifname": base.UPLINK_NAME, "net_ns_fd": net.netns})
+            index = ipr.link_lookup(ifname=net.host_if)[0]
+            ipr.addr("add", index=index, address=net.host_side_ip, prefixlen=30)
+            ipt.write_sysctl(f"net.ipv4.conf.{net.host_if}.route_localnet", "1")
+            ipr.link("set", index=index, state="up")
+        for table, chain, rule in _host_rules(net):
+            ipt.add_rule(journal, table, chain, rule)
+
+    proc.run(base.inside_argv(net, {
+        "uplink": base.UPLINK_NAME, "uplink_addr": f"{net.ns_side_ip}/30", "uplink_ip": net.ns_side_ip,
+        "uplink_gateway": net.host_side_ip,
+    }), timeout=60)
+    return net
+
+
+# --- undo handlers ------------------------------------------------------------------------------------
+
+
+def undo_netns(data: dict[str, object]) -> None:
+    name = str(data["name"])
+    if name in pr_netns.listnetns():
+        with contextlib.suppress(FileNotFoundError):
+            pr_netns.remove(name)
+
+
+def undo_link(data: dict[str, object]) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=str(data["ifname"]))
+        if found:
+            try:
+                ipr.link("del", index=found[0])
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise

@@ -1,0 +1,239 @@
+"""iptables rules (through the `iptables` binary: no maintained Python binding exists) and the host-wide state
+that all bridged VMs share: fcvm's own chains, their hooks, ip_forward.
+
+Every per-VM rule lives in a dedicated FCVM-* chain and carries a `fcvm <key>` comment, so `iptables-save |
+grep -i fcvm` shows everything fcvm ever added. The shared part is reference counted in RUN_DIR (under a
+lock): the first bridged VM hooks the chains and enables forwarding, the last one restores what was there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from fcvm.core import log, proc
+from fcvm.core.errors import FcvmError
+from fcvm.network import base
+
+_log = log.get("network")
+
+# (table, built-in chain) -> fcvm chain; hooks are appended, except FORWARD where we go first so that a
+# restrictive FORWARD policy or a firewall's DROP rules don't swallow VM traffic.
+CHAINS: dict[tuple[str, str], str] = {
+    ("nat", "PREROUTING"): "FCVM-PREROUTING",
+    ("nat", "OUTPUT"): "FCVM-OUTPUT",
+    ("nat", "POSTROUTING"): "FCVM-POSTROUTING",
+    ("filter", "FORWARD"): "FCVM-FORWARD",
+}
+_STATE = "net-host.json"
+_LOCK = "net.lock"
+
+
+def iptables(
+    args: Sequence[str], *, prefix: Sequence[str] = (), check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    return proc.run([*prefix, "iptables", "-w", "10", *args], timeout=30, check=check)
+
+
+def comment(vm_id: str) -> list[str]:
+    return ["-m", "comment", "--comment", f"fcvm {base.vm_key(vm_id)}"]
+
+
+def exists(table: str, chain: str, rule: Sequence[str], *, prefix: Sequence[str] = ()) -> bool:
+    """True if the rule is present; False if it or its chain is gone."""
+    return iptables(["-t", table, "-C", chain, *rule], prefix=prefix, check=False).returncode == 0
+
+
+def add_rule(journal: Any, table: str, chain: str, rule: list[str]) -> None:
+    """Journal, then append one rule in the host's network namespace."""
+    journal.record("iptables", table=table, chain=chain, rule=rule)
+    iptables(["-t", table, "-A", chain, *rule])
+
+
+def delete_rule(table: str, chain: str, rule: Sequence[str]) -> None:
+    """Delete one copy of the rule; nothing to do if it (or its chain) is already gone."""
+    if not exists(table, chain, rule):
+        return
+    result = iptables(["-t", table, "-D", chain, *rule], check=False)
+    if result.returncode != 0 and exists(table, chain, rule):
+        raise FcvmError(f"could not delete iptables rule -t {table} {chain} {' '.join(rule)}: "
+                        + result.stderr.decode(errors="replace").strip())
+
+
+def chain_rules(table: str, chain: str) -> list[list[str]]:
+    """Rules of `chain` as `iptables -S` argument lists (without `-A CHAIN`); [] if the chain does not exist."""
+    result = iptables(["-t", table, "-S", chain], check=False)
+    if result.returncode != 0:
+        return []
+    rules = []
+    for line in result.stdout.decode().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[0] == "-A":
+            rules.append(parts[2:])
+    return rules
+
+
+def published_ports(protocol: str) -> set[int]:
+    """Host ports some fcvm VM (of any state store) already DNATs."""
+    ports: set[int] = set()
+    for chain in ("FCVM-PREROUTING", "FCVM-OUTPUT"):
+        for rule in chain_rules("nat", chain):
+            if "-p" in rule and rule[rule.index("-p") + 1] == protocol and "--dport" in rule:
+                ports.add(int(rule[rule.index("--dport") + 1]))
+    return ports
+
+
+# --- host-wide shared state -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def host_lock() -> Iterator[None]:
+    """Serializes every fcvm process on the host that touches the shared network state."""
+    base.RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd = os.open(base.RUN_DIR / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _state_path() -> Path:
+    return base.RUN_DIR / _STATE
+
+
+def _load() -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(_state_path().read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def _save(state: dict[str, Any]) -> None:
+    tmp = _state_path().with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(_state_path())
+
+
+def _sysctl_path(name: str) -> Path:
+    return Path("/proc/sys") / name.replace(".", "/")
+
+
+def read_sysctl(name: str) -> str:
+    return _sysctl_path(name).read_text().strip()
+
+
+def write_sysctl(name: str, value: str) -> None:
+    _sysctl_path(name).write_text(value + "\n")
+
+
+def _forwarding_sysctls() -> dict[str, str]:
+    """Everything writing ip_forward changes: the per-device forwarding flags and all.accept_redirects."""
+    values = {"net.ipv4.ip_forward": read_sysctl("net.ipv4.ip_forward")}
+    for conf in sorted(Path("/proc/sys/net/ipv4/conf").iterdir()):
+        if "." in conf.name:
+            continue
+        with contextlib.suppress(OSError):
+            values[f"net.ipv4.conf.{conf.name}.forwarding"] = (conf / "forwarding").read_text().strip()
+    values["net.ipv4.conf.all.accept_redirects"] = read_sysctl("net.ipv4.conf.all.accept_redirects")
+    return values
+
+
+def _nft_tables() -> list[str] | None:
+    """["ip nat", ...] when iptables is the nf_tables variant and `nft` is installed, else None."""
+    if shutil.which("nft") is None:
+        return None
+    version = iptables(["--version"], check=False).stdout.decode()
+    if "nf_tables" not in version:
+        return None
+    result = proc.run(["nft", "list", "tables"], check=False)
+    if result.returncode != 0:
+        return None
+    return [line[len("table "):].strip() for line in result.stdout.decode().splitlines() if line.startswith("table ")]
+
+
+def _ensure_chains() -> None:
+    for (table, builtin), chain in CHAINS.items():
+        if iptables(["-t", table, "-S", chain], check=False).returncode != 0:
+            iptables(["-t", table, "-N", chain])
+        hook = ["-j", chain]
+        if not exists(table, builtin, hook):
+            if builtin == "FORWARD":
+                iptables(["-t", table, "-I", builtin, "1", *hook])
+            else:
+                iptables(["-t", table, "-A", builtin, *hook])
+
+
+def _remove_chains() -> None:
+    for (table, builtin), chain in CHAINS.items():
+        leftovers = chain_rules(table, chain)
+        if leftovers:
+            _log.warning("leaving %s/%s in place: it still holds %d rule(s)", table, chain, len(leftovers))
+            continue
+        delete_rule(table, builtin, ["-j", chain])
+        iptables(["-t", table, "-X", chain], check=False)
+
+
+def _table_is_empty(family_table: str) -> bool:
+    family, table = family_table.split()
+    result = proc.run(["nft", "-j", "list", "table", family, table], check=False)
+    if result.returncode != 0:
+        return False
+    items = json.loads(result.stdout).get("nftables", [])
+    for item in items:
+        if "rule" in item or "set" in item or "map" in item:
+            return False
+        chain = item.get("chain")
+        if chain is not None and (chain.get("hook") is None or chain.get("policy", "accept") != "accept"):
+            return False
+    return True
+
+
+def acquire_host(journal: Any, vm_id: str) -> None:
+    """Make the shared chains and ip_forward ready for one more VM. Call with host_lock() held."""
+    journal.record("net_host", vm_id=vm_id)
+    state = _load()
+    if state is None:  # the first user: note what the host looked like (kept until the last user leaves)
+        state = {"users": [], "tables_before": _nft_tables(), "sysctls": _forwarding_sysctls()}
+        _save(state)
+    _ensure_chains()
+    if read_sysctl("net.ipv4.ip_forward") != "1":
+        write_sysctl("net.ipv4.ip_forward", "1")
+    if vm_id not in state["users"]:
+        state["users"].append(vm_id)
+    _save(state)
+
+
+def release_host(vm_id: str) -> None:
+    """Undo acquire_host for `vm_id`; the last user restores the host as it was before the first."""
+    with host_lock():
+        state = _load()
+        if state is None:
+            return
+        users = [u for u in state.get("users", []) if u != vm_id]
+        if users:
+            state["users"] = users
+            _save(state)
+            return
+        _remove_chains()
+        saved: dict[str, str] = state.get("sysctls", {})
+        # ip_forward first: writing it resets the per-device flags, which are then put back one by one.
+        if "net.ipv4.ip_forward" in saved and read_sysctl("net.ipv4.ip_forward") != saved["net.ipv4.ip_forward"]:
+            write_sysctl("net.ipv4.ip_forward", saved["net.ipv4.ip_forward"])
+        for name, value in saved.items():
+            with contextlib.suppress(FileNotFoundError):
+                if read_sysctl(name) != value:
+                    write_sysctl(name, value)
+        before = state.get("tables_before")
+        if before is not None:
+            for table in _nft_tables() or []:
+                if table not in before and table in ("ip nat", "ip filter") and _table_is_empty(table):
+                    proc.run(["nft", "delete", "table", *table.split()], check=False)
+        _state_path().unlink(missing_ok=True)

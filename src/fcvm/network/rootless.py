@@ -1,0 +1,133 @@
+"""`--network rootless`: a user+net namespace owned by a holder process, slirp4netns for egress and port
+forwarding, no privileges needed.
+
+    host: slirp4netns, listening on 127.X.Y.Z:HOSTPORT (a loopback address allocated per VM)
+      |   forwards to 10.0.2.100:GUESTPORT
+    user+net ns (holder: unshare ... sleep): uplink0 10.0.2.100/24 (slirp4netns' tap), tap0 172.31.0.1/30
+                                             guest (behind tap0): 172.31.0.2/30
+
+Inside the namespace everything for 10.0.2.100 is DNATed to the guest and the guest's traffic is masqueraded
+as 10.0.2.100, so slirp4netns carries it out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fcvm.core import log, paths, proc
+from fcvm.core.errors import FcvmError, UsageError
+from fcvm.network import base
+from fcvm.network.ports import PortMapping
+from fcvm.state.journal import Journal
+from fcvm.state.store import Store
+
+_log = log.get("network")
+
+TOOLS = ("unshare", "nsenter", "slirp4netns", "sleep")
+
+
+def loopback_candidates() -> Iterator[str]:
+    """127.A.B.C with A derived from the uid, so two users' fcvm state stores rarely pick the same address."""
+    first = 100 + os.getuid() % 100
+    for b in range(256):
+        for c in range(2, 255):
+            yield f"127.{first}.{b}.{c}"
+
+
+def _check_ports(store: Store, vm_id: str, loopback: str, ports: list[PortMapping]) -> None:
+    for m in ports:
+        addr = m.host_ip or loopback
+        holder = base.claim_port(store, vm_id, m.protocol, "*" if addr == "0.0.0.0" else addr, m.host_port)
+        if holder is not None:
+            raise base.port_in_use_error(m, f"VM {holder} publishes it")
+        problem = base.check_bindable(addr, m.host_port, m.protocol)
+        if problem is None:
+            continue
+        if problem.errno == 99:
+            raise UsageError(f"cannot publish on {addr}: it is not an address of this host", hint=f"fix -p {m}")
+        if problem.errno == 13:
+            raise FcvmError(
+                f"host port {m.host_port} is privileged and this user may not bind it",
+                hint="use a host port >= 1024 or lower net.ipv4.ip_unprivileged_port_start",
+            )
+        raise base.port_in_use_error(m, "a process on this host listens on it")
+
+
+def slirp_api(path: str, execute: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """One request on the slirp4netns API socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        sock.sendall(json.dumps({"execute": execute, "arguments": arguments}).encode())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    if "error" in reply:
+        raise FcvmError(f"slirp4netns {execute} failed: {reply['error'].get('desc', reply['error'])}")
+    return reply
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping]) -> base.VmNetwork:
+    for tool in TOOLS:
+        if shutil.which(tool) is None:
+            raise FcvmError(f"{tool} is not installed", hint="rootless networking needs util-linux and slirp4netns")
+    net = base.VmNetwork(mode="rootless", vm_id=vm_id, ports=list(ports), dns=[base.SLIRP_DNS])
+    net.loopback = store.allocate("loopback", vm_id, loopback_candidates())
+    _check_ports(store, vm_id, net.loopback, ports)
+
+    # The holder owns the namespaces; it lives until the journal's undo terminates it.
+    holder = base.spawn_journaled(
+        journal, ["unshare", "--user", "--map-root-user", "--net", "--", "sleep", "infinity"], what="netns"
+    )
+    net.holder_pid, net.holder_start = holder.pid, holder.start
+    base.wait_for(lambda: _comm(holder.pid) == "sleep" or not holder.alive(), 10, "the namespace holder")
+    if not holder.alive():
+        raise FcvmError("could not create a user and network namespace",
+                        hint="check that unprivileged user namespaces are enabled (sysctl user.max_user_namespaces)")
+
+    run = paths.ensure_dir(paths.vm_dir(vm_id))
+    net.api_socket = str(run / "slirp.sock")
+    journal.record("socket", path=net.api_socket, layer="network")
+    ready_r, ready_w = os.pipe()
+    try:
+        base.spawn_journaled(
+            journal,
+            ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+             f"--api-socket={net.api_socket}", f"--ready-fd={ready_w}", str(holder.pid), base.UPLINK_NAME],
+            what="slirp4netns", pass_fds=[ready_w],
+        )
+        os.close(ready_w)
+        ready_w = -1
+        if base.wait_readable(ready_r, 15, "slirp4netns") != b"1":
+            raise FcvmError("slirp4netns exited before the network was configured",
+                            hint="run `fcvm doctor`; /dev/net/tun must be usable by this user")
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+
+    proc.run(base.inside_argv(net, {"uplink": base.UPLINK_NAME, "uplink_ip": base.SLIRP_NS_IP}), timeout=60)
+    for m in ports:
+        try:
+            slirp_api(net.api_socket, "add_hostfwd", {
+                "proto": m.protocol, "host_addr": m.host_ip or net.loopback, "host_port": m.host_port,
+                "guest_addr": base.SLIRP_NS_IP, "guest_port": m.guest_port,
+            })
+        except FcvmError as exc:
+            raise base.port_in_use_error(m, str(exc)) from exc
+    return net

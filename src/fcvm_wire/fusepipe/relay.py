@@ -1,0 +1,391 @@
+"""The fuse-pipe client: a thin relay between /dev/fuse and a byte stream to the fuse-pipe server.
+
+Requests read from /dev/fuse are written to the stream unchanged; replies coming back are written to the
+/dev/fuse fd the request was read from (each cloned fd has its own processing queue). Notifications
+(unique 0) are written by a separate thread, because the kernel may block a notification on an inode lock
+held by a request that is itself waiting for its reply.
+
+If the stream breaks, the relay reconnects (calling `connect` again, with backoff) and re-sends every request
+that has not been answered; the kernel mount never notices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import queue
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from fcvm_wire.fusepipe import proto
+
+_log = logging.getLogger("fc_agent.fusepipe")
+
+FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
+MS_RDONLY = 1
+MS_NOSUID = 2
+MNT_DETACH = 2
+READ_BUFFER = proto.MAX_FRAME + 4096
+
+
+class RelayGiveUp(Exception):
+    """Raised by a `connect` callable to stop reconnecting: the relay aborts the mount and returns."""
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount_fuse(mountpoint: str, *, read_only: bool = False, fsname: str = "fusepipe") -> int:
+    """Open /dev/fuse and mount it at `mountpoint`; returns the /dev/fuse fd."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    st = os.stat(mountpoint)
+    rootmode = st.st_mode & 0o170000
+    opts = (f"fd={fd},rootmode={rootmode:o},user_id=0,group_id=0,default_permissions,allow_other")
+    flags = MS_NOSUID * 0 | (MS_RDONLY if read_only else 0)
+    libc = _libc()
+    res = libc.mount(fsname.encode(), mountpoint.encode(), b"fuse.fusepipe", ctypes.c_ulong(flags), opts.encode())
+    if res != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"mount fuse at {mountpoint}: {os.strerror(err)}")
+    return fd
+
+
+def clone_fd(fd: int) -> int:
+    new = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(new, FUSE_DEV_IOC_CLONE, struct.pack("I", fd))
+    except OSError:
+        os.close(new)
+        raise
+    return new
+
+
+def unmount(mountpoint: str, *, conn_id: int | None = None) -> None:
+    """Unmount; if busy, detach lazily and abort the FUSE connection so the relay's readers return."""
+    libc = _libc()
+    if libc.umount2(mountpoint.encode(), 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # not mounted (any more)
+        return
+    libc.umount2(mountpoint.encode(), MNT_DETACH)
+    if conn_id is not None:
+        with contextlib.suppress(OSError), open(f"/sys/fs/fuse/connections/{conn_id}/abort", "w") as f:
+            f.write("1")
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("server closed the stream during HELLO")
+        buf += chunk
+    return buf
+
+
+def handshake(sock: socket.socket, session_id: int, read_only: bool) -> bool:
+    """Send HELLO, wait for HELLO_OK; returns whether the server knew the session."""
+    flags = proto.HELLO_FLAG_READ_ONLY if read_only else 0
+    sock.sendall(proto.HELLO.pack(proto.MAGIC, session_id, flags, 0))
+    magic, status, resumed = proto.HELLO_OK.unpack(_recv_exact(sock, proto.HELLO_OK.size))
+    if magic != proto.MAGIC or status != 0:
+        raise ConnectionError(f"bad HELLO_OK from server (status {status})")
+    return bool(resumed)
+
+
+class Relay:
+    """One mount: the /dev/fuse fds, the stream and the threads moving messages between them."""
+
+    def __init__(self, connect: Callable[[], socket.socket], mountpoint: str, *, readers: int = 1,
+                 read_only: bool = False) -> None:
+        self.connect = connect
+        self.mountpoint = mountpoint
+        self.readers = max(1, readers)
+        self.read_only = read_only
+        self.session_id = random.getrandbits(63) | 1
+        self.fds: list[int] = []
+        self.conn_id: int | None = None
+        self.sock: socket.socket | None = None
+        self.send_lock = threading.Lock()
+        self.inflight: dict[int, tuple[int, bytes]] = {}
+        self.inflight_lock = threading.Lock()
+        self.notify_q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.mounted = threading.Event()
+        self.finished = threading.Event()
+        self.error: BaseException | None = None
+        self.reconnects = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Mount, relay until unmounted, clean up. Blocking."""
+        try:
+            self.sock = self._connect_once()
+            fd = mount_fuse(self.mountpoint, read_only=self.read_only)
+            self.fds = [fd]
+            self.conn_id = os.minor(os.stat(self.mountpoint).st_dev)
+            for _ in range(self.readers - 1):
+                self.fds.append(clone_fd(fd))
+            threads = [threading.Thread(target=self._fuse_reader, args=(f,), name=f"fp-dev{i}", daemon=True)
+                       for i, f in enumerate(self.fds)]
+            sock_thread = threading.Thread(target=self._stream_reader, name="fp-stream", daemon=True)
+            notify_thread = threading.Thread(target=self._notifier, name="fp-notify", daemon=True)
+            for t in (*threads, sock_thread, notify_thread):
+                t.start()
+            self.mounted.set()
+            for t in threads:
+                t.join()
+            self.stopping.set()
+            self.notify_q.put(None)
+            with contextlib.suppress(OSError):
+                if self.sock is not None:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+            sock_thread.join(5)
+            notify_thread.join(5)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.stopping.set()
+            if self.sock is not None:
+                self.sock.close()
+            for f in self.fds:
+                with contextlib.suppress(OSError):
+                    os.close(f)
+            self.mounted.set()
+            self.finished.set()
+
+    def stop(self) -> None:
+        """Unmount (lazily and aborting the connection if busy); `run` then returns."""
+        self.stopping.set()
+        if self.fds:
+            unmount(self.mountpoint, conn_id=self.conn_id)
+
+    # ---- stream ----------------------------------------------------------------------------------
+    def _connect_once(self) -> socket.socket:
+        sock = self.connect()
+        try:
+            handshake(sock, self.session_id, self.read_only)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _reconnect(self, broken: socket.socket) -> bool:
+        """Replace a broken stream and re-send unanswered requests. Returns False when giving up."""
+        with self.send_lock:
+            if self.sock is not broken:  # someone already reconnected
+                return True
+            with contextlib.suppress(OSError):
+                broken.close()
+            delay = 0.01
+            while not self.stopping.is_set():
+                try:
+                    sock = self._connect_once()
+                except RelayGiveUp as exc:
+                    _log.warning("fuse-pipe: stream lost and no reconnect possible (%s); aborting mount", exc)
+                    return False
+                except OSError as exc:
+                    _log.debug("fuse-pipe reconnect failed: %s", exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                self.sock = sock
+                self.reconnects += 1
+                with self.inflight_lock:
+                    pending = [msg for _, (_, msg) in sorted(self.inflight.items())]
+                _log.info("fuse-pipe: reconnected, re-sending %d requests", len(pending))
+                try:
+                    for msg in pending:
+                        sock.sendall(msg)
+                except OSError:
+                    broken = sock
+                    with contextlib.suppress(OSError):
+                        sock.close()
+                    continue
+                return True
+            return False
+
+    def _send(self, msg: bytes) -> None:
+        while not self.stopping.is_set():
+            sock = self.sock
+            assert sock is not None
+            with self.send_lock:
+                if sock is self.sock:
+                    try:
+                        sock.sendall(msg)
+                        return
+                    except OSError:
+                        pass
+                else:
+                    continue
+            # The stream is broken: the stream reader reconnects and re-sends everything in flight.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return
+
+    def _stream_reader(self) -> None:
+        buf = bytearray()
+        while not self.stopping.is_set():
+            sock = self.sock
+            assert sock is not None
+            try:
+                data = sock.recv(proto.MAX_FRAME + 65536)
+            except OSError:
+                data = b""
+            if not data:
+                if self.stopping.is_set() or not self._reconnect(sock):
+                    self._abort()
+                    return
+                buf.clear()
+                continue
+            buf += data
+            try:
+                msgs, used = proto.split_frames(buf, proto.MIN_REPLY)
+            except proto.FrameError as exc:
+                _log.error("fuse-pipe: malformed stream from server (%s); reconnecting", exc)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                buf.clear()
+                continue
+            del buf[:used]
+            for msg in msgs:
+                self._deliver(msg)
+
+    def _deliver(self, msg: bytes) -> None:
+        _, _error, unique = proto.OUT_HEADER.unpack_from(msg, 0)
+        if unique == 0:
+            self.notify_q.put(msg)
+            return
+        with self.inflight_lock:
+            entry = self.inflight.pop(unique, None)
+        if entry is None:  # duplicate answer after a re-send, or a request the kernel already dropped
+            return
+        try:
+            os.write(entry[0], msg)
+        except OSError as exc:
+            # ENOENT: the request was interrupted/aborted meanwhile. Anything else is the kernel
+            # rejecting the reply: log it, the kernel fails that one request.
+            if exc.errno != errno.ENOENT:
+                _log.warning("fuse-pipe: kernel rejected reply unique=%d: %s", unique, exc)
+
+    def _notifier(self) -> None:
+        while True:
+            msg = self.notify_q.get()
+            if msg is None or not self.fds:
+                return
+            try:
+                os.write(self.fds[0], msg)
+            except OSError:
+                pass  # e.g. ENOENT for an inode the kernel already forgot
+
+    def _abort(self) -> None:
+        self.stopping.set()
+        if self.conn_id is not None:
+            with contextlib.suppress(OSError), open(f"/sys/fs/fuse/connections/{self.conn_id}/abort", "w") as f:
+                f.write("1")
+        unmount(self.mountpoint, conn_id=self.conn_id)
+
+    # ---- /dev/fuse ---------------------------------------------------------------------------------
+    def _fuse_reader(self, fd: int) -> None:
+        buf = bytearray(READ_BUFFER)
+        view = memoryview(buf)
+        while True:
+            try:
+                n = os.readv(fd, [buf])
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                    continue
+                if exc.errno != errno.ENODEV:
+                    _log.warning("fuse-pipe: /dev/fuse read failed: %s", exc)
+                return
+            if n < proto.IN_HEADER.size:
+                continue
+            msg = bytes(view[:n])
+            opcode = struct.unpack_from("<I", msg, 4)[0]
+            if opcode not in proto.NO_REPLY:
+                unique = struct.unpack_from("<Q", msg, 8)[0]
+                with self.inflight_lock:
+                    self.inflight[unique] = (fd, msg)
+            self._send(msg)
+
+
+def relay(connect: Callable[[], socket.socket], mountpoint: str, *, readers: int = 1,
+          read_only: bool = False) -> None:
+    """Mount `mountpoint` and relay until it is unmounted. Blocking."""
+    Relay(connect, mountpoint, readers=readers, read_only=read_only).run()
+
+
+class RelayHandle:
+    """A relay running in a background thread: `wait_mounted()`, `unmount()`, `join()`."""
+
+    def __init__(self, relay_obj: Relay) -> None:
+        self.relay = relay_obj
+        self.thread = threading.Thread(target=self._run, name="fp-relay", daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.relay.run()
+
+    def wait_mounted(self, timeout: float | None = None) -> None:
+        if not self.relay.mounted.wait(timeout):
+            raise TimeoutError(f"fuse-pipe mount at {self.relay.mountpoint} not ready")
+        if self.relay.error is not None:
+            raise self.relay.error
+
+    def unmount(self, timeout: float = 10.0) -> None:
+        self.relay.stop()
+        self.thread.join(timeout)
+
+    def join(self, timeout: float | None = None) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    @property
+    def finished(self) -> bool:
+        return self.relay.finished.is_set()
+
+
+def start_relay(connect: Callable[[], socket.socket], mountpoint: str, *, readers: int = 1,
+                read_only: bool = False, timeout: float = 10.0) -> RelayHandle:
+    """Start a relay in a background thread and wait until the mount is live (raises if mounting failed)."""
+    handle = RelayHandle(Relay(connect, mountpoint, readers=readers, read_only=read_only))
+    handle.thread.start()
+    handle.wait_mounted(timeout)
+    return handle
+
+
+def vsock_connect(port: int, cid: int = 2) -> Callable[[], socket.socket]:
+    """A `connect` callable for the guest: AF_VSOCK to the host (CID 2) on `port`."""
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        try:
+            sock.connect((cid, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    return connect
+
+
+def unix_connect(path: str) -> Callable[[], socket.socket]:
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    return connect

@@ -61,7 +61,7 @@ class Plan:
     def from_json(cls, text: str | bytes) -> Plan:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"plan is not JSON: {exc}") from None
         return cls.from_dict(data)
 
@@ -87,7 +87,7 @@ class Plan:
             )
         except KeyError as exc:
             raise PlanError(f"plan is missing {exc.args[0]!r}") from None
-        except TypeError as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"plan has a bad field: {exc}") from None
         plan.validate()
         return plan

@@ -103,6 +103,7 @@ class VmSupervisor:
         self.network: Any = None
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._booted = False
         self._exit_code: int | None = None
         self._agent_failed: str | None = None
         self._container_log: Any = None
@@ -140,7 +141,6 @@ class VmSupervisor:
 
     def _create(self) -> None:
         request = self.request
-        kernel, initrd, rootfs = self._assets()
         self.vm = self.store.create_vm(
             request.name, kind="vm", image=request.image, hypervisor=request.hypervisor,
             process=ProcessRef.self(),
@@ -149,6 +149,7 @@ class VmSupervisor:
                     "health_url": request.health_url},
         )
         self.journal = Journal(self.store, self.vm.id)
+        kernel, initrd, rootfs = self._assets()
         self.journal.record("dir", path=str(self.workdir))
         paths.ensure_dir(self.workdir, 0o700)
         self._container_log = open(self.workdir / "container.log", "a", buffering=1)  # noqa: SIM115
@@ -232,6 +233,7 @@ class VmSupervisor:
     def _start_hypervisor(self) -> None:
         assert self.hypervisor is not None and self.journal is not None and self.vm is not None
         self.hypervisor.start()
+        self._booted = True
         vmm = self.hypervisor.process
         self.journal.record("process", pid=vmm.pid, start=vmm.start, grace=5)
         self.store.update_vm(self.vm.id, status="running", started=time.time(), health="starting",
@@ -376,7 +378,8 @@ class VmSupervisor:
         failures = cleanup.finish_vm(self.store, self.vm, exit_code=self._exit_code)
         for failure in failures:
             self._log.error("left behind (run `fcvm gc`): %s", failure)
-        if self.request.remove:
+        # A VM that never booted leaves no row behind, like a failed `podman run` that created nothing.
+        if self.request.remove or not self._booted:
             self.store.delete_vm(self.vm.id)
 
 

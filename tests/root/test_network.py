@@ -1,0 +1,476 @@
+"""VM networking, both modes, against the real kernel: published ports reach a guest, the guest reaches the
+outside, and teardown (or gc after a SIGKILL) leaves the host exactly as it was.
+
+The "guest" is a small process started through VmNetwork.enter_argv(), like a VMM: it attaches to the VM's
+TAP, makes a network namespace of its own with a second TAP holding GUEST_IP/GUEST_MAC, relays frames
+between the two, and serves TCP and UDP on GUEST_IP. "Outside" is a namespace the test makes, joined to the
+host by a veth; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fcvm import cleanup, network
+from fcvm.core.errors import FcvmError
+from fcvm.core.proc import ProcessRef
+from fcvm.network import VmNetwork, parse_publish, setup_network, teardown_network
+from fcvm.state.journal import Journal
+from fcvm.state.store import Store
+from tests.support import require, require_root, require_tool
+
+MODES = ["bridged", "rootless"]
+
+
+@pytest.fixture(autouse=True)
+def _prerequisites() -> None:
+    require_root()
+    require_tool("iptables", "nsenter", "unshare", "slirp4netns")
+    require(Path("/dev/net/tun").exists(), "needs /dev/net/tun")
+
+
+# --- host state -----------------------------------------------------------------------------------------
+
+
+def _run(argv: list[str]) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+def host_state() -> dict[str, Any]:
+    """Everything network setup could change on the host."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        links = sorted(
+            (link.get_attr("IFLA_IFNAME"), str((link.get_attr("IFLA_LINKINFO") or {}).get("attrs", "")))
+            for link in ipr.get_links()
+        )
+        addrs = sorted((names.get(a["index"]), a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr())
+        routes = sorted(
+            (r.get_attr("RTA_DST") or "default", r["dst_len"], r.get_attr("RTA_GATEWAY") or "",
+             names.get(r.get_attr("RTA_OIF")))
+            for r in ipr.get_routes(family=2, table=254)
+        )
+    sysctls = {"ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()}
+    for conf in Path("/proc/sys/net/ipv4/conf").iterdir():
+        for key in ("forwarding", "route_localnet", "accept_redirects"):
+            sysctls[f"{conf.name}.{key}"] = (conf / key).read_text().strip()
+    iptables = [
+        re.sub(r"\[\d+:\d+\]", "", line)
+        for line in _run(["iptables-save"]).splitlines()
+        if not line.startswith("#")
+    ]
+    nft_tables = _run(["nft", "list", "tables"]).splitlines() if _has("nft") else []
+    mounts = sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if "/run/netns/" in line.split()[4])
+    netns = sorted(os.listdir("/run/netns")) if Path("/run/netns").is_dir() else []
+    return {"links": links, "addrs": addrs, "routes": routes, "sysctls": sysctls, "iptables": iptables,
+            "nft_tables": nft_tables, "netns_mounts": mounts, "netns": netns,
+            "shared_state": Path("/run/fcvm/net-host.json").exists()}
+
+
+def _has(tool: str) -> bool:
+    import shutil
+
+    return shutil.which(tool) is not None
+
+
+def assert_host_restored(before: dict[str, Any]) -> None:
+    after = host_state()
+    for key in before:
+        assert after[key] == before[key], f"host {key} differs after teardown"
+
+
+def assert_nothing_held(store: Store, vm_id: str) -> None:
+    assert store.allocations(vm_id) == {}
+    assert store.journal_entries(vm_id) == []
+
+
+def journaled_processes(store: Store, vm_id: str) -> list[ProcessRef]:
+    return [ProcessRef(e.data["pid"], e.data["start"]) for e in store.journal_entries(vm_id) if e.kind == "process"]
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("0.0.0.0", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- the outside world: a namespace joined to the host by a veth -----------------------------------------
+
+_PEER_SERVER = r"""
+import socket, sys
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    conn, addr = srv.accept()
+    with conn:
+        conn.sendall(f"peer saw {addr[0]}\n".encode())
+"""
+
+
+@dataclass
+class Peer:
+    netns: str
+    host_ip: str
+    ip: str
+    port: int
+
+    def run(self, code: str, *args: str) -> str:
+        return _run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable, "-c", code, *args])
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pr_netns
+
+    tag = secrets.token_hex(3)
+    name, host_if = f"fcvt-{tag}", f"fcvt{tag}h"
+    octet = int(tag[:2], 16)
+    host_ip, peer_ip = f"198.18.{octet}.1", f"198.18.{octet}.2"
+    pr_netns.create(name)
+    server = None
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
+            index = ipr.link_lookup(ifname=host_if)[0]
+            ipr.addr("add", index=index, address=host_ip, prefixlen=30)
+            ipr.link("set", index=index, state="up")
+        with IPRoute(netns=name) as ipr:
+            for ifname in ("lo", "eth0"):
+                ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
+            ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=peer_ip, prefixlen=30)
+            ipr.route("add", dst="0.0.0.0/0", gateway=host_ip)
+        port = 7777
+        server = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{name}", sys.executable, "-c", _PEER_SERVER, str(port)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        yield Peer(name, host_ip, peer_ip, port)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+        with IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=host_if):
+                ipr.link("del", index=index)
+        pr_netns.remove(name)
+
+
+# --- the fake guest ------------------------------------------------------------------------------------
+
+_GUEST = r"""
+import ctypes, fcntl, json, os, socket, struct, sys, threading
+from pyroute2 import IPRoute
+
+cfg = json.loads(sys.argv[1])
+TUNSETIFF, IFF_TAP, IFF_NO_PI = 0x400454CA, 0x0002, 0x1000
+
+def tap(name):
+    fd = os.open("/dev/net/tun", os.O_RDWR)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    return fd
+
+vm_tap = tap(cfg["tap"])  # what the VMM would open, in the VM's namespace
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET: the guest's own network
+    raise OSError(ctypes.get_errno(), "unshare")
+guest_tap = tap("eth0")
+with IPRoute() as ipr:
+    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    eth0 = ipr.link_lookup(ifname="eth0")[0]
+    ipr.link("set", index=eth0, address=cfg["mac"])
+    ipr.addr("add", index=eth0, address=cfg["address"], prefixlen=cfg["prefix"])
+    ipr.link("set", index=eth0, state="up")
+    ipr.route("add", dst="0.0.0.0/0", gateway=cfg["gateway"])
+
+def relay(src, dst):
+    while True:
+        data = os.read(src, 65536)
+        try:
+            os.write(dst, data)
+        except OSError:
+            pass
+
+def tcp(port):
+    srv = socket.create_server((cfg["address"], port))
+    while True:
+        conn, addr = srv.accept()
+        with conn:
+            conn.sendall(f"guest tcp {port} from {addr[0]}\n".encode())
+
+def udp(port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((cfg["address"], port))
+    while True:
+        data, addr = sock.recvfrom(2048)
+        sock.sendto(b"guest udp %d: %s" % (port, data), addr)
+
+for target, args in [(relay, (vm_tap, guest_tap)), (relay, (guest_tap, vm_tap)), (tcp, (80,)), (udp, (5353,))]:
+    threading.Thread(target=target, args=args, daemon=True).start()
+print("ready", flush=True)
+for line in sys.stdin:
+    host, port = line.split()
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            print("ok", conn.makefile().readline().strip(), flush=True)
+    except OSError as exc:
+        print("error", exc, flush=True)
+"""
+
+
+class FakeGuest:
+    def __init__(self, net: VmNetwork) -> None:
+        config = {**net.guest_spec(), "tap": net.tap}
+        self.proc = subprocess.Popen([*net.enter_argv(), sys.executable, "-c", _GUEST, json.dumps(config)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
+
+    def connect(self, host: str, port: int) -> str:
+        """Connect from inside the guest; the first line the server sends."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{host} {port}\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _tcp_line(addr: str, port: int) -> str:
+    with socket.create_connection((addr, port), timeout=5) as conn:
+        return conn.makefile().readline().strip()
+
+
+def _udp_exchange(addr: str, port: int, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(payload, (addr, port))
+        return sock.recvfrom(2048)[0]
+
+
+# --- tests ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ports_reach_the_guest_egress_works_and_teardown_restores_the_host(mode: str, peer: Peer) -> None:
+    before = host_state()
+    store = Store()
+    vm_id = secrets.token_hex(6)
+    journal = Journal(store, vm_id)
+    tcp_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    net = setup_network(mode, store=store, journal=journal, vm_id=vm_id,
+                        ports=[parse_publish(f"{tcp_port}:80"), parse_publish(f"{udp_port}:5353/udp")])
+    # The row's `network` column takes it as is, and it comes back whole.
+    assert VmNetwork.from_json(json.loads(json.dumps(net.to_json()))) == net
+    processes = journaled_processes(store, vm_id)
+    guest = FakeGuest(net)
+    try:
+        (addr, port, _), (udp_addr, _, _) = net.published()
+        assert addr == ("127.0.0.1" if mode == "bridged" else net.loopback)
+        assert addr.startswith("127.")
+        assert _tcp_line(addr, tcp_port).startswith("guest tcp 80 from ")
+        assert _udp_exchange(udp_addr, udp_port, b"ping") == b"guest udp 5353: ping"
+        with net.connect(80) as conn:
+            assert conn.makefile().readline().startswith("guest tcp 80")
+        if mode == "bridged":
+            # podman users expect localhost to work, and other hosts (here: the peer namespace) too.
+            assert _tcp_line("localhost", tcp_port).startswith("guest tcp 80")
+            seen = peer.run("import socket,sys; c=socket.create_connection((sys.argv[1], int(sys.argv[2])), 5);"
+                            " print(c.makefile().readline().strip())", peer.host_ip, str(tcp_port))
+            assert seen.strip() == f"guest tcp 80 from {peer.ip}"
+        # Egress: the guest reaches the outside, masqueraded behind the host.
+        assert guest.connect(peer.ip, peer.port) == f"ok peer saw {peer.host_ip}"
+    finally:
+        guest.stop()
+    assert teardown_network(journal) == []
+    assert not any(p.alive() for p in processes)
+    assert_nothing_held(store, vm_id)
+    assert_host_restored(before)
+    with pytest.raises(OSError):
+        _tcp_line(addr, tcp_port)
+
+
+_CHILD = r"""
+import sys, time
+from fcvm import network
+from fcvm.core.proc import ProcessRef
+from fcvm.network import base
+from fcvm.state.journal import Journal
+from fcvm.state.store import Store
+
+mode, vm_id, stall = sys.argv[1], sys.argv[2], sys.argv[3] == "stall"
+store = Store()
+store.create_vm("vm-" + vm_id, vm_id=vm_id, process=ProcessRef.self())
+if stall:  # stop after the host-side resources exist, before the namespace is configured
+    def _stall(net, config):
+        print("stalled", flush=True)
+        time.sleep(3600)
+    base.inside_argv = _stall
+try:
+    net = network.setup_network(mode, store=store, journal=Journal(store, vm_id), vm_id=vm_id,
+                                ports=[network.parse_publish(p) for p in sys.argv[4:]])
+except Exception as exc:
+    print("error", type(exc).__name__, getattr(exc, "exit_code", 0), exc, flush=True)
+    sys.exit(1)
+print("ok", __import__("json").dumps(net.to_json()), flush=True)
+"""
+
+
+def _child(mode: str, vm_id: str, *ports: str, stall: bool = False) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", _CHILD, mode, vm_id, "stall" if stall else "run", *ports],
+                            stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sigkill_mid_setup_then_gc_leaves_nothing(mode: str) -> None:
+    before = host_state()
+    store = Store()
+    vm_id = secrets.token_hex(6)
+    child = _child(mode, vm_id, f"{free_port()}:80", stall=True)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "stalled"
+    kinds = {e.kind for e in store.journal_entries(vm_id)}
+    assert kinds >= ({"netns", "link", "iptables", "net_host"} if mode == "bridged" else {"process", "socket"})
+    processes = journaled_processes(store, vm_id)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert host_state() != before  # it really left things behind
+
+    reaped = cleanup.reap_stale(store)  # what `fcvm gc` does
+    assert [vm.id for vm in reaped] == [vm_id]
+    assert not any(p.alive() for p in processes)
+    assert_nothing_held(store, vm_id)
+    assert_host_restored(before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_setups_never_share_an_address_or_a_port(mode: str) -> None:
+    before = host_state()
+    store = Store()
+    ids = [secrets.token_hex(6) for _ in range(3)]
+    contested = free_port()
+    children = [_child(mode, vm_id, f"{contested}:80", f"{free_port()}:81") for vm_id in ids]
+    results = [c.communicate(timeout=60)[0].strip() for c in children]
+    try:
+        winners = [json.loads(r[3:]) for r in results if r.startswith("ok ")]
+        losers = [r for r in results if r.startswith("error ")]
+        assert len(winners) == 1 and len(losers) == 2, results
+        assert all(f"host port {contested}/tcp is already in use" in r for r in losers)
+        # Without the contested port, every one of them gets its own address.
+        others = [_child(mode, vm_id + "-b", f"{free_port()}:80") for vm_id in ids]
+        extra = [c.communicate(timeout=60)[0].strip() for c in others]
+        assert all(r.startswith("ok ") for r in extra), extra
+        nets = winners + [json.loads(r[3:]) for r in extra]
+        key = "subnet" if mode == "bridged" else "loopback"
+        assert len({n[key] for n in nets}) == len(nets)
+        if mode == "bridged":
+            assert len({n["host_if"] for n in nets}) == len(nets)
+            assert len({n["netns"] for n in nets}) == len(nets)
+    finally:
+        for vm_id in [*ids, *(i + "-b" for i in ids)]:
+            assert teardown_network(Journal(store, vm_id)) == []
+            assert_nothing_held(store, vm_id)
+    assert_host_restored(before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_port_in_use_fails_cleanly(mode: str) -> None:
+    store = Store()
+    with socket.create_server(("0.0.0.0", 0)) as busy:
+        port = busy.getsockname()[1]
+        before = host_state()
+        vm_id = secrets.token_hex(6)
+        with pytest.raises(FcvmError) as info:
+            setup_network(mode, store=store, journal=Journal(store, vm_id), vm_id=vm_id,
+                          ports=[parse_publish(f"{free_port()}:81"), parse_publish(f"{port}:80")])
+        message = str(info.value)
+        assert f"host port {port}/tcp is already in use" in message and "choose another host port" in message
+        assert "\n" not in message and info.value.exit_code != 0
+        assert_nothing_held(store, vm_id)
+        assert_host_restored(before)
+
+    # Held by another VM in the state store (nothing listens: bridged DNAT has no socket).
+    first, second = secrets.token_hex(6), secrets.token_hex(6)
+    port = free_port()
+    setup_network(mode, store=store, journal=Journal(store, first), vm_id=first, ports=[parse_publish(f"{port}:80")])
+    try:
+        before = host_state()
+        with pytest.raises(FcvmError, match=f"host port {port}/tcp is already in use"):
+            setup_network(mode, store=store, journal=Journal(store, second), vm_id=second,
+                          ports=[parse_publish(f"{port}:8080")])
+        assert_nothing_held(store, second)
+        assert_host_restored(before)
+    finally:
+        teardown_network(Journal(store, first))
+
+
+def test_bridged_port_published_from_another_state_store_is_detected(tmp_path: Path) -> None:
+    """Two fcvm installations (separate data dirs) share one host: the FCVM chains are the tie-breaker."""
+    store = Store()
+    other = Store(tmp_path / "other" / "state.db")
+    first, second = secrets.token_hex(6), secrets.token_hex(6)
+    port = free_port()
+    setup_network("bridged", store=other, journal=Journal(other, first), vm_id=first,
+                  ports=[parse_publish(f"{port}:80")])
+    try:
+        with pytest.raises(FcvmError, match="another fcvm VM publishes it"):
+            setup_network("bridged", store=store, journal=Journal(store, second), vm_id=second,
+                          ports=[parse_publish(f"{port}:80")])
+        assert_nothing_held(store, second)
+    finally:
+        teardown_network(Journal(other, first))
+
+
+def test_two_bridged_vms_share_the_hooks_and_the_last_one_restores_the_host() -> None:
+    before = host_state()
+    store = Store()
+    a, b = secrets.token_hex(6), secrets.token_hex(6)
+    setup_network("bridged", store=store, journal=Journal(store, a), vm_id=a, ports=[])
+    setup_network("bridged", store=store, journal=Journal(store, b), vm_id=b, ports=[])
+    teardown_network(Journal(store, a))
+    # b still needs forwarding and the hooks.
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+    assert "-A POSTROUTING -j FCVM-POSTROUTING" in _run(["iptables-save", "-t", "nat"])
+    teardown_network(Journal(store, b))
+    assert_host_restored(before)
+
+
+def test_unknown_mode_is_a_usage_error() -> None:
+    store = Store()
+    with pytest.raises(FcvmError, match="unknown network mode") as info:
+        setup_network("host", store=store, journal=Journal(store, "x"), vm_id="x", ports=[])
+    assert info.value.exit_code == 2
+
+
+def test_guest_side_is_identical_in_every_vm() -> None:
+    store = Store()
+    a, b = secrets.token_hex(6), secrets.token_hex(6)
+    nets = [setup_network(m, store=store, journal=Journal(store, i), vm_id=i, ports=[])
+            for m, i in (("bridged", a), ("rootless", b))]
+    try:
+        for net in nets:
+            assert net.guest_spec()["address"] == network.GUEST_IP
+            assert net.guest_spec()["mac"] == network.GUEST_MAC
+            out = _run([*net.enter_argv(), "ip", "-4", "-o", "addr", "show", "dev", network.TAP_NAME])
+            assert f"{network.GATEWAY_IP}/{network.GUEST_PREFIX}" in out
+    finally:
+        for i in (a, b):
+            teardown_network(Journal(store, i))

@@ -1,0 +1,113 @@
+"""The trunk, end to end: a container in a microVM, its published port, exec, logs, stop, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.hoststate import HostState
+
+NETWORKS = ["bridged", "rootless"]
+
+
+def fcvm(*args: str, timeout: float = 300, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "fcvm", *args], capture_output=True, text=True,
+                            timeout=timeout, check=False, **kwargs)  # type: ignore[call-overload]
+    if check and result.returncode != 0:
+        raise AssertionError(f"fcvm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def vm_row(name: str) -> dict[str, object]:
+    rows = json.loads(fcvm("ls", "-a", "--json").stdout)
+    return next(r for r in rows if r["name"] == name)
+
+
+def published_url(name: str, guest_port: int) -> str:
+    row = vm_row(name)
+    network = row["network"]
+    assert isinstance(network, dict)
+    for ip, port, mapping in network["published"]:
+        if mapping["guest_port"] == guest_port:
+            return f"http://{ip}:{port}/"
+    raise AssertionError(f"port {guest_port} is not published: {network}")
+
+
+def get(url: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_detached_httpd_serves_its_page_runs_exec_and_leaves_nothing(
+    guest_assets: None, host_port: int, network: str
+) -> None:
+    before = HostState.capture()
+    fcvm("podman", "run", "-d", "--name", "demo", "--network", network, "-p", f"{host_port}:80",
+         "localhost/fcvm-demo-httpd")
+    try:
+        row = vm_row("demo")
+        assert row["status"] == "running" and row["health"] == "healthy"
+        assert row["hypervisor"] == "qemu"
+        assert "fcvm demo page" in get(published_url("demo", 80))
+        if network == "bridged":
+            assert "fcvm demo page" in get(f"http://127.0.0.1:{host_port}/")
+        assert fcvm("exec", "demo", "--", "cat", "/etc/hostname").stdout.strip() == "demo"
+        exec_code = fcvm("exec", "demo", "--", "sh", "-c", "echo oops >&2; exit 7", check=False)
+        assert exec_code.returncode == 7 and exec_code.stderr.strip() == "oops"
+        assert "Linux" in fcvm("exec", "demo", "--vm", "--", "uname", "-s").stdout
+        assert "demo" in fcvm("ls").stdout
+    finally:
+        fcvm("stop", "demo")
+    assert vm_row("demo")["status"] == "exited"
+    assert HostState.capture().diff(before) == {}
+
+
+def test_foreground_run_streams_output_and_returns_the_container_exit_code(guest_assets: None) -> None:
+    result = fcvm("podman", "run", "--rm", "--name", "fg", "localhost/fcvm-busybox",
+                  "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3", check=False)
+    assert result.returncode == 3, result.stderr
+    assert "to-stdout" in result.stdout.splitlines()
+    assert "to-stderr" in result.stderr
+    assert all(r["name"] != "fg" for r in json.loads(fcvm("ls", "-a", "--json").stdout))
+
+
+def test_sigint_in_the_foreground_stops_the_vm_and_cleans_up(guest_assets: None, host_port: int) -> None:
+    before = HostState.capture()
+    child = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", "ctrlc",
+                              "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        get(f"http://127.0.0.1:{host_port}/", timeout=120)
+    finally:
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=60)
+    assert child.returncode == 130
+    assert vm_row("ctrlc")["status"] == "exited"
+    assert HostState.capture().diff(before) == {}
+
+
+def test_sigkill_of_the_owner_is_cleaned_up_by_the_next_ls(guest_assets: None, host_port: int) -> None:
+    before = HostState.capture()
+    fcvm("podman", "run", "-d", "--name", "doomed", "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd")
+    pid = vm_row("doomed")["pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert "doomed" not in fcvm("ls").stdout
+    assert vm_row("doomed")["status"] == "exited"
+    assert HostState.capture().diff(before) == {}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support import require, require_root, require_tool
 
 from fcvm import cleanup, network
 from fcvm.core.errors import FcvmError
@@ -30,16 +31,20 @@ from fcvm.core.proc import ProcessRef
 from fcvm.network import VmNetwork, parse_publish, setup_network, teardown_network
 from fcvm.state.journal import Journal
 from fcvm.state.store import Store
-from tests.support import require, require_root, require_tool
 
 MODES = ["bridged", "rootless"]
 
 
 @pytest.fixture(autouse=True)
-def _prerequisites() -> None:
+def _prerequisites() -> Iterator[None]:
     require_root()
     require_tool("iptables", "nsenter", "unshare", "slirp4netns")
     require(Path("/dev/net/tun").exists(), "needs /dev/net/tun")
+    yield
+    # A failed assertion must not strand namespaces, rules or helper processes on the host.
+    store = Store()
+    for owner in store.journal_owners():
+        teardown_network(Journal(store, owner))
 
 
 # --- host state -----------------------------------------------------------------------------------------
@@ -208,21 +213,22 @@ def relay(src, dst):
         except OSError:
             pass
 
-def tcp(port):
-    srv = socket.create_server((cfg["address"], port))
+def tcp(srv, port):
     while True:
         conn, addr = srv.accept()
         with conn:
             conn.sendall(f"guest tcp {port} from {addr[0]}\n".encode())
 
-def udp(port):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((cfg["address"], port))
+def udp(sock, port):
     while True:
         data, addr = sock.recvfrom(2048)
         sock.sendto(b"guest udp %d: %s" % (port, data), addr)
 
-for target, args in [(relay, (vm_tap, guest_tap)), (relay, (guest_tap, vm_tap)), (tcp, (80,)), (udp, (5353,))]:
+tcp_server = socket.create_server((cfg["address"], 80))  # bound before "ready"
+udp_server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp_server.bind((cfg["address"], 5353))
+for target, args in [(relay, (vm_tap, guest_tap)), (relay, (guest_tap, vm_tap)), (tcp, (tcp_server, 80)),
+                     (udp, (udp_server, 5353))]:
     threading.Thread(target=target, args=args, daemon=True).start()
 print("ready", flush=True)
 for line in sys.stdin:
@@ -284,6 +290,7 @@ def test_ports_reach_the_guest_egress_works_and_teardown_restores_the_host(mode:
     guest = FakeGuest(net)
     try:
         (addr, port, _), (udp_addr, _, _) = net.published()
+        assert port == tcp_port
         assert addr == ("127.0.0.1" if mode == "bridged" else net.loopback)
         assert addr.startswith("127.")
         assert _tcp_line(addr, tcp_port).startswith("guest tcp 80 from ")
@@ -298,6 +305,11 @@ def test_ports_reach_the_guest_egress_works_and_teardown_restores_the_host(mode:
             assert seen.strip() == f"guest tcp 80 from {peer.ip}"
         # Egress: the guest reaches the outside, masqueraded behind the host.
         assert guest.connect(peer.ip, peer.port) == f"ok peer saw {peer.host_ip}"
+        if mode == "rootless":
+            # ... but not services listening on the host's loopback (slirp4netns maps them to 10.0.2.2).
+            with socket.create_server(("127.0.0.1", 0)) as private:
+                reply = guest.connect(network.base.SLIRP_GATEWAY, private.getsockname()[1])
+                assert reply.startswith("error") and "refused" in reply
     finally:
         guest.stop()
     assert teardown_network(journal) == []
@@ -352,7 +364,11 @@ def test_sigkill_mid_setup_then_gc_leaves_nothing(mode: str) -> None:
     processes = journaled_processes(store, vm_id)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    assert host_state() != before  # it really left things behind
+    # It really left things behind: links and rules (bridged), the namespace holder and slirp4netns (rootless).
+    if mode == "bridged":
+        assert host_state() != before
+    else:
+        assert len(processes) == 2 and all(p.alive() for p in processes)
 
     reaped = cleanup.reap_stale(store)  # what `fcvm gc` does
     assert [vm.id for vm in reaped] == [vm_id]
@@ -367,7 +383,9 @@ def test_concurrent_setups_never_share_an_address_or_a_port(mode: str) -> None:
     store = Store()
     ids = [secrets.token_hex(6) for _ in range(3)]
     contested = free_port()
-    children = [_child(mode, vm_id, f"{contested}:80", f"{free_port()}:81") for vm_id in ids]
+    # Rootless VMs each publish on their own loopback address, so they only contend for an explicit one.
+    spec = f"{contested}:80" if mode == "bridged" else f"127.0.0.1:{contested}:80"
+    children = [_child(mode, vm_id, spec, f"{free_port()}:81") for vm_id in ids]
     results = [c.communicate(timeout=60)[0].strip() for c in children]
     try:
         winners = [json.loads(r[3:]) for r in results if r.startswith("ok ")]
@@ -407,15 +425,18 @@ def test_port_in_use_fails_cleanly(mode: str) -> None:
         assert_nothing_held(store, vm_id)
         assert_host_restored(before)
 
-    # Held by another VM in the state store (nothing listens: bridged DNAT has no socket).
+    # Held by another VM in the state store (nothing listens: bridged DNAT has no socket). Rootless VMs
+    # publish on their own loopback address by default, so they contend only for an explicit one.
     first, second = secrets.token_hex(6), secrets.token_hex(6)
     port = free_port()
-    setup_network(mode, store=store, journal=Journal(store, first), vm_id=first, ports=[parse_publish(f"{port}:80")])
+    host = "" if mode == "bridged" else "127.0.0.1:"
+    setup_network(mode, store=store, journal=Journal(store, first), vm_id=first,
+                  ports=[parse_publish(f"{host}{port}:80")])
     try:
         before = host_state()
         with pytest.raises(FcvmError, match=f"host port {port}/tcp is already in use"):
             setup_network(mode, store=store, journal=Journal(store, second), vm_id=second,
-                          ports=[parse_publish(f"{port}:8080")])
+                          ports=[parse_publish(f"{host}{port}:8080")])
         assert_nothing_held(store, second)
         assert_host_restored(before)
     finally:
@@ -474,3 +495,82 @@ def test_guest_side_is_identical_in_every_vm() -> None:
     finally:
         for i in (a, b):
             teardown_network(Journal(store, i))
+
+
+_UNPRIVILEGED = r"""
+import json, subprocess, sys
+from fcvm.network import default_mode, parse_publish, setup_network, teardown_network
+from fcvm.state.journal import Journal
+from fcvm.state.store import Store
+
+port, guest_code, vm_id = int(sys.argv[1]), sys.argv[2], "0123456789ab"
+store = Store()
+journal = Journal(store, vm_id)
+net = setup_network(default_mode(), store=store, journal=journal, vm_id=vm_id, ports=[parse_publish(f"{port}:80")])
+guest = subprocess.Popen([*net.enter_argv(), sys.executable, "-c", guest_code,
+                          json.dumps({**net.guest_spec(), "tap": net.tap})],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+try:
+    assert guest.stdout.readline().strip() == "ready"
+    with net.connect(80) as conn:
+        line = conn.makefile().readline().strip()
+finally:
+    guest.kill()
+    guest.wait()
+failures = teardown_network(journal)
+print(json.dumps({"mode": net.mode, "loopback": net.loopback, "line": line, "failures": failures,
+                  "allocations": store.allocations(vm_id), "journal": len(journal.entries())}))
+"""
+
+
+def test_rootless_works_for_an_unprivileged_user() -> None:
+    """The whole rootless path as uid 65534: namespace, slirp4netns, TAP, a published port, teardown."""
+    import shutil
+    import tempfile
+
+    import pyroute2
+
+    import fcvm
+
+    nobody = 65534
+    data = Path(tempfile.mkdtemp(prefix="fcvm-nobody-"))
+    os.chown(data, nobody, nobody)
+    # Where this interpreter is not usable by others (e.g. under a 0700 /root), point these at one that is.
+    python = os.environ.get("FCVM_TEST_NOBODY_PYTHON", sys.executable)
+    pythonpath = os.environ.get("FCVM_TEST_NOBODY_PYTHONPATH", "").split(os.pathsep)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(data), "FCVM_DATA_DIR": str(data),
+        "PYTHONPATH": os.pathsep.join([*filter(None, pythonpath),
+                                       *(str(Path(m.__file__).parent.parent) for m in (fcvm, pyroute2))]),
+    }
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(nobody)
+        os.setuid(nobody)
+
+    def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([python, *argv], env=env, preexec_fn=drop, capture_output=True, text=True,
+                              cwd=data, timeout=60)
+
+    try:
+        try:
+            preflight = as_nobody("-c", "import os, fcvm.network, pyroute2; os.open('/dev/net/tun', os.O_RDWR)")
+        except PermissionError as exc:
+            preflight = subprocess.CompletedProcess([python], 1, "", f"cannot run {python}: {exc}")
+        if preflight.returncode != 0:
+            reason = (preflight.stderr.strip().splitlines() or ["?"])[-1]
+            # e.g. /dev/net/tun is 0600 here, or the interpreter lives under a 0700 /root.
+            pytest.skip(f"uid {nobody} cannot run fcvm's rootless path on this machine: {reason}")
+        result = as_nobody("-c", _UNPRIVILEGED, str(free_port()), _GUEST)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["mode"] == "rootless"
+        assert report["line"] == "guest tcp 80 from 10.0.2.2"
+        assert report["failures"] == [] and report["allocations"] == {} and report["journal"] == 0
+    finally:
+        store = Store(data / "state.db")
+        for owner in store.journal_owners():
+            teardown_network(Journal(store, owner))
+        store.close()
+        shutil.rmtree(data, ignore_errors=True)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -184,7 +185,7 @@ class Steps:
 
     def step(self, description: str) -> None:
         """Finish the current step (if any) and start the next one."""
-        _log.info("%s: %s", self.title, description)
+        _log.log(logging.DEBUG if self._progress is not None else logging.INFO, "%s: %s", self.title, description)
         if self._progress is not None:
             if self._active:
                 self._progress.advance(self._task)

@@ -4,11 +4,12 @@ fcvm's cache so later builds work offline."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fcvm.core import log, paths, proc
@@ -57,7 +58,48 @@ def _apt_fields(package: str) -> dict[str, str] | None:
     return fields or None
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+
+
+def _lists_stamp() -> str:
+    """Changes whenever `apt-get update` replaces an index file."""
+    try:
+        st = APT_LISTS.stat()
+    except OSError:
+        return ""
+    return f"{st.st_mtime_ns}"
+
+
+def _remembered(key: str, resolve: Callable[[], Candidate | None]) -> Candidate | None:
+    """apt-cache takes about half a second per call here; remember answers until the apt lists change."""
+    memo = paths.cache_dir() / "apt-candidates.json"
+    stamp = _lists_stamp()
+    try:
+        data = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict) or data.get("stamp") != stamp:
+        data = {"stamp": stamp}
+    entry = data.get(key)
+    if isinstance(entry, dict):
+        with contextlib.suppress(TypeError):
+            return Candidate(**entry)
+    found = resolve()
+    if found is not None and stamp:
+        data[key] = asdict(found)
+        with contextlib.suppress(OSError):
+            paths.ensure_dir(memo.parent)
+            tmp = memo.with_name(f".{memo.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, memo)
+    return found
+
+
 def candidate(package: str) -> Candidate | None:
+    return _remembered(package, lambda: _candidate(package))
+
+
+def _candidate(package: str) -> Candidate | None:
     fields = _apt_fields(package)
     if not fields or "Version" not in fields:
         return None
@@ -71,13 +113,17 @@ def candidate(package: str) -> Candidate | None:
 
 def kernel_candidate() -> Candidate | None:
     """The versioned image package behind Debian's `linux-image-cloud-amd64` metapackage."""
+    return _remembered(KERNEL_META_PACKAGE, _kernel_candidate)
+
+
+def _kernel_candidate() -> Candidate | None:
     fields = _apt_fields(KERNEL_META_PACKAGE)
     if not fields:
         return None
     for alternative in fields.get("Depends", "").replace("|", ",").split(","):
         name = alternative.strip().split(" ", 1)[0]
         if name.startswith("linux-image-") and name != KERNEL_META_PACKAGE:
-            return candidate(name)
+            return _candidate(name)
     return None
 
 

@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,6 +163,14 @@ SLIRP_DNS = "10.0.2.3"
 
 
 # --- helpers ------------------------------------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    """Path of an external tool; also looks in the sbin directories a non-root user's PATH often lacks."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+    if found is None:
+        raise FcvmError(f"{name} is not installed", hint="run `fcvm doctor` to see what is missing")
+    return found
 
 
 def host_dns() -> list[str]:

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import shutil
 from collections.abc import Iterator
 
 from pyroute2 import IPRoute
@@ -23,7 +22,7 @@ from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from fcvm.core import log, proc
-from fcvm.core.errors import FcvmError, UsageError
+from fcvm.core.errors import UsageError
 from fcvm.network import base
 from fcvm.network import iptables as ipt
 from fcvm.network.ports import PortMapping
@@ -106,8 +105,7 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     if os.geteuid() != 0:
         raise UsageError("--network bridged needs root", hint="run as root, or use --network rootless")
     for tool in ("iptables", "nsenter"):
-        if shutil.which(tool) is None:
-            raise FcvmError(f"{tool} is not installed", hint="bridged networking needs iptables and nsenter")
+        base.tool(tool)
     net = base.VmNetwork(mode="bridged", vm_id=vm_id, ports=list(ports), netns=base.netns_name(vm_id),
                          host_if=base.host_ifname(vm_id), dns=base.host_dns())
     with ipt.host_lock():

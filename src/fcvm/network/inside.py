@@ -47,8 +47,13 @@ def configure(config: dict[str, Any]) -> None:
          "-j", "DNAT", "--to-destination", base.GUEST_IP],
         ["-t", "nat", "-A", "POSTROUTING", "-s", base.GUEST_NET, "-o", uplink, "-j", "MASQUERADE"],
     ]
+    if config.get("block_new_to"):
+        # The guest may answer connections from there (published ports) but not open any (host loopback).
+        rules.append(["-t", "filter", "-A", "FORWARD", "-i", base.TAP_NAME, "-d", config["block_new_to"],
+                      "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"])
+    iptables = base.tool("iptables")
     for rule in rules:
-        proc.run(["iptables", "-w", "10", *rule], timeout=30)
+        proc.run([iptables, "-w", "10", *rule], timeout=30)
 
 
 def main() -> None:

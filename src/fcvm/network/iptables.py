@@ -39,7 +39,7 @@ _LOCK = "net.lock"
 def iptables(
     args: Sequence[str], *, prefix: Sequence[str] = (), check: bool = True
 ) -> subprocess.CompletedProcess[bytes]:
-    return proc.run([*prefix, "iptables", "-w", "10", *args], timeout=30, check=check)
+    return proc.run([*prefix, base.tool("iptables"), "-w", "10", *args], timeout=30, check=check)
 
 
 def comment(vm_id: str) -> list[str]:

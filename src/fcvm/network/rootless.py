@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,8 +83,7 @@ def _comm(pid: int) -> str:
 
 def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping]) -> base.VmNetwork:
     for tool in TOOLS:
-        if shutil.which(tool) is None:
-            raise FcvmError(f"{tool} is not installed", hint="rootless networking needs util-linux and slirp4netns")
+        base.tool(tool)
     net = base.VmNetwork(mode="rootless", vm_id=vm_id, ports=list(ports), dns=[base.SLIRP_DNS])
     net.loopback = store.allocate("loopback", vm_id, loopback_candidates())
     _check_ports(store, vm_id, net.loopback, ports)
@@ -107,7 +105,9 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     try:
         base.spawn_journaled(
             journal,
-            ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
+            # Not --disable-host-loopback: with it, UDP replies to host clients on 127.x are dropped (podman
+            # #4586). The namespace blocks new guest connections to the host's loopback instead.
+            ["slirp4netns", "--configure", "--mtu=65520",
              f"--api-socket={net.api_socket}", f"--ready-fd={ready_w}", str(holder.pid), base.UPLINK_NAME],
             what="slirp4netns", pass_fds=[ready_w],
         )
@@ -121,7 +121,9 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
         if ready_w >= 0:
             os.close(ready_w)
 
-    proc.run(base.inside_argv(net, {"uplink": base.UPLINK_NAME, "uplink_ip": base.SLIRP_NS_IP}), timeout=60)
+    proc.run(base.inside_argv(net, {
+        "uplink": base.UPLINK_NAME, "uplink_ip": base.SLIRP_NS_IP, "block_new_to": base.SLIRP_GATEWAY,
+    }), timeout=60)
     for m in ports:
         try:
             slirp_api(net.api_socket, "add_hostfwd", {

@@ -7,6 +7,7 @@ raises HandshakeError with a message fit for the log.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -146,11 +147,11 @@ def parse_regions(payload: bytes, mem_size: int) -> list[Region]:
             )
         regions.append(Region(base, size, offset, page))
     by_base = sorted(regions)
-    for a, b in zip(by_base, by_base[1:], strict=False):
+    for a, b in itertools.pairwise(by_base):
         if b.base < a.end:
             raise HandshakeError(f"regions at {a.base:#x} and {b.base:#x} overlap in the VM's address space")
     by_offset = sorted(regions, key=lambda r: r.offset)
-    for a, b in zip(by_offset, by_offset[1:], strict=False):
+    for a, b in itertools.pairwise(by_offset):
         if b.offset < a.offset + a.size:
             raise HandshakeError(f"regions at file offsets {a.offset} and {b.offset} overlap")
     total = sum(r.size for r in regions)

@@ -55,11 +55,14 @@ class Options:
     verify: bool = True
     latency: bool = True
     remove: list[tuple[int, int]] = field(default_factory=list)  # file ranges to madvise(DONTNEED)
+    touch_range: list[tuple[int, int]] = field(default_factory=list)  # file ranges touched first
     remove_when: str = "after"  # before | during | after
     delay: float = 0.0  # sleep after the handshake before touching (lets a prefetch run)
     hold: float = 0.0  # after the report, keep the memory mapped this long (-1: until a signal)
     sigterm_touch: int = 0  # on SIGTERM, touch and verify this many untouched pages first
     stall_timeout: float = 30.0
+    pieces: int = 1  # send the handshake JSON in this many pieces (robustness tests)
+    touch: str = "read"  # read | write (writes each page's own first byte back: a write fault, same content)
 
 
 def layout(mem_size: int, count: int, split: int | None) -> list[tuple[int, int]]:
@@ -123,17 +126,31 @@ def handshake_json(regions: list[Region]) -> bytes:
     ]).encode()
 
 
-def send_handshake(path: Path | str, payload: bytes, fds: list[int]) -> socket.socket:
-    """Connect and send the JSON plus fds in one sendmsg; the socket stays open (returned)."""
+def send_handshake(path: Path | str, payload: bytes, fds: list[int], *, pieces: int = 1) -> socket.socket:
+    """Connect and send the JSON plus fds in one sendmsg (as Firecracker does); the socket stays open.
+
+    `pieces` > 1 splits the JSON over several sends (fds with the first) to prove that the server
+    frames the JSON itself instead of relying on one read or on EOF.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.connect(str(path))
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([payload], ancillary)
+    step = -(-len(payload) // max(1, pieces)) if payload else 0
+    chunks = [payload[i : i + step] for i in range(0, len(payload), step)] if step else [b""]
+    for k, chunk in enumerate(chunks):
+        if k:
+            time.sleep(0.05)
+        sock.sendmsg([chunk], ancillary if k == 0 else [])
     return sock
 
 
 def pages_for(opts: Options, mem_size: int) -> list[int]:
-    """File page indices to touch, in order."""
+    """File page indices to touch, in order: --touch-range pages first, then the pattern's."""
+    first = [p for off, n in opts.touch_range for p in range(off // PAGE, -(-(off + n) // PAGE))]
+    return first + _pattern_pages(opts, mem_size)
+
+
+def _pattern_pages(opts: Options, mem_size: int) -> list[int]:
     total = mem_size // PAGE
     if opts.pattern == "none":
         return []
@@ -166,11 +183,16 @@ def percentiles(values: array.array, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -
 
 class Toucher:
     """Reads one byte of each page through ctypes.memmove: C speed, GIL released during the access,
-    so a fault blocks only its own thread (as a vCPU thread would block)."""
+    so a fault blocks only its own thread (as a vCPU thread would block).
 
-    def __init__(self, threads: int, latency: bool) -> None:
+    With `values` (one byte per address), it writes that byte instead: the first access is a write
+    fault (copy-on-write for the File backend), and the content stays what the memory file holds.
+    """
+
+    def __init__(self, threads: int, latency: bool, values: bytes | None = None) -> None:
         self.threads = max(1, threads)
         self.latency = latency
+        self.values = values
         self.progress = [0] * self.threads
         self.latencies: list[array.array] = [array.array("Q") for _ in range(self.threads)]
 
@@ -178,7 +200,12 @@ class Toucher:
         """Touch every address; returns the wall time in seconds."""
         chunk = -(-len(addrs) // self.threads) if len(addrs) else 0
         workers = [
-            threading.Thread(target=self._work, args=(i, addrs[i * chunk : (i + 1) * chunk]), daemon=True)
+            threading.Thread(
+                target=self._work,
+                args=(i, addrs[i * chunk : (i + 1) * chunk],
+                      self.values[i * chunk : (i + 1) * chunk] if self.values is not None else None),
+                daemon=True,
+            )
             for i in range(self.threads)
         ]
         t0 = time.perf_counter()
@@ -188,12 +215,22 @@ class Toucher:
             w.join()
         return time.perf_counter() - t0
 
-    def _work(self, index: int, addrs: array.array) -> None:
+    def _work(self, index: int, addrs: array.array, values: bytes | None) -> None:
         move = ctypes.memmove
         sink = ctypes.create_string_buffer(8)
         dst = ctypes.addressof(sink)
         progress = self.progress
-        if self.latency:
+        if values is not None:
+            fill = ctypes.memset
+            clock = time.perf_counter_ns
+            lat = self.latencies[index]
+            for k, addr in enumerate(addrs):
+                t0 = clock()
+                fill(addr, values[k], 1)
+                lat.append(clock() - t0)
+                if not k & 63:
+                    progress[index] = k
+        elif self.latency:
             clock = time.perf_counter_ns
             lat = self.latencies[index]
             append = lat.append
@@ -243,19 +280,26 @@ class Harness:
         ioctls.api(self.uffd, ioctls.UFFD_FEATURE_EVENT_REMOVE)
         for r in self.mem.regions:
             ioctls.register(self.uffd, r.base, r.size, ioctls.UFFDIO_REGISTER_MODE_MISSING)
-        self.sock = send_handshake(self.opts.socket, handshake_json(self.mem.regions), [self.uffd])
+        self.sock = send_handshake(
+            self.opts.socket, handshake_json(self.mem.regions), [self.uffd], pieces=self.opts.pieces
+        )
         self.report["handshake_ms"] = round((time.perf_counter() - t0) * 1000, 3)
 
     # --- touching ---------------------------------------------------------------------------------
 
     def touch(self, pages: list[int]) -> None:
         addrs = array.array("Q", (self.mem.addr_of(p * PAGE) for p in pages))
+        if self.opts.touch == "write":
+            with open(self.opts.mem_file, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as data:
+                first = data[::PAGE]  # the first byte of every page
+            self.toucher.values = bytes(first[p] for p in pages)
         remover: threading.Thread | None = None
         if self.opts.remove and self.opts.remove_when == "during":
             remover = threading.Thread(target=self._remove_after_progress, daemon=True)
             remover.start()
         watchdog = threading.Thread(target=self._watchdog, daemon=True)
         watchdog.start()
+        started = time.time()
         seconds = self.toucher.run(addrs)
         self._stall_stop.set()
         if remover is not None:
@@ -268,6 +312,8 @@ class Harness:
             "pages_touched": len(pages),
             "bytes_touched": len(pages) * PAGE,
             "touch_seconds": round(seconds, 6),
+            "touch_start": started,
+            "touch_end": started + seconds,
             "mb_s": round(len(pages) * PAGE / seconds / 1e6, 1) if seconds > 0 else None,
             "touch_latency": percentiles(lat),
         })
@@ -457,12 +503,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", dest="latency", action="store_false")
     p.add_argument("--remove", action="append", type=_range, default=[], metavar="OFFSET:LENGTH",
                    help="madvise(DONTNEED) this file range (e.g. 64M:8M); repeatable")
+    p.add_argument("--touch-range", action="append", type=_range, default=[], metavar="OFFSET:LENGTH",
+                   help="touch this file range first (e.g. around a region boundary); repeatable")
     p.add_argument("--remove-when", choices=["before", "during", "after"], default="after")
     p.add_argument("--delay", type=float, default=0.0, help="seconds between handshake and touching")
     p.add_argument("--hold", type=float, default=0.0, help="keep running this long after the report (-1: forever)")
     p.add_argument("--sigterm-touch", type=int, default=0, metavar="N",
                    help="on SIGTERM, touch and verify N untouched pages before exiting")
-    p.add_argument("--stall-timeout", type=float, default=30.0)
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="report a stall and exit 3 when no page was touched for this long")
+    p.add_argument("--pieces", type=int, default=1, help="send the handshake JSON in N pieces")
+    p.add_argument("--touch", choices=["read", "write"], default="read",
+                   help="read a byte of each page, or write its own first byte back (a write fault)")
     return p
 
 

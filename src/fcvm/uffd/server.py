@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import errno
+import functools
 import os
 import re
 import select
@@ -163,10 +165,8 @@ class Server:
     def request_stop(self, reason: str = "requested") -> None:
         """Thread- and signal-safe: ask the loop to stop its clones and exit."""
         self._stop_reason = self._stop_reason or reason
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"s")
-        except BlockingIOError:
-            pass
 
     def live_clients(self) -> list[Client]:
         return list(self._clients.values())
@@ -195,11 +195,11 @@ class Server:
 
     def serve_forever(self, *, install_signals: bool = True) -> None:
         """Listen and serve until stopped (SIGTERM/SIGINT or request_stop())."""
-        old_handlers: dict[int, Any] = {}
+        old_handlers: dict[signal.Signals, Any] = {}
         old_wakeup = -1
         if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old_handlers[sig] = signal.signal(sig, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[signum] = signal.signal(signum, self._on_signal)
             old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         try:
             self._listen()
@@ -227,10 +227,8 @@ class Server:
 
     def _listen(self) -> None:
         path = self.config.socket
-        try:
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        except FileNotFoundError:
-            pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         sock.bind(str(path))
         sock.listen(128)
@@ -250,10 +248,8 @@ class Server:
 
     def _unwatch(self, fd: int) -> None:
         if self._fd_handlers.pop(fd, None) is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -300,10 +296,8 @@ class Server:
             self._unwatch(self._listener.fileno())
             self._listener.close()
             self._listener = None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.config.socket.unlink()
-            except FileNotFoundError:
-                pass
         for fd in list(self._pending):
             self._reject(self._pending.pop(fd), "server is shutting down")
         thread = threading.Thread(target=self._stop_clones, name="uffd-stop-clones", daemon=True)
@@ -353,10 +347,8 @@ class Server:
         self._quarantine.clear()
         if self._listener is not None:
             self._listener.close()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self.config.socket.unlink()
-            except FileNotFoundError:
-                pass
         self.note("exit")
         for thread in self._threads:
             if thread.name != "uffd-stop-clones":
@@ -365,10 +357,8 @@ class Server:
         self._ep.close()
         _close(self._wake_r)
         _close(self._wake_w)
-        try:
+        with contextlib.suppress(OSError):
             memory.unmap(self.src_base, self.mem_size)
-        except OSError:
-            pass
 
     # --- handshakes -------------------------------------------------------------------------------
 
@@ -389,9 +379,9 @@ class Server:
                 cred = (0, -1, -1)
             pending = _Pending(conn, cred, time.monotonic() + self.config.handshake_timeout)
             self._pending[conn.fileno()] = pending
-            self._watch(conn.fileno(), lambda mask, fd=conn.fileno(): self._on_handshake_data(fd))
+            self._watch(conn.fileno(), functools.partial(self._on_handshake_data, conn.fileno()))
 
-    def _on_handshake_data(self, fd: int) -> None:
+    def _on_handshake_data(self, fd: int, _mask: int) -> None:
         pending = self._pending.get(fd)
         if pending is None:
             return
@@ -457,9 +447,9 @@ class Server:
                 _close(fd)
             return
         self._quarantine[pidfd] = uffds
-        self._watch(pidfd, lambda mask, p=pidfd: self._release_quarantine(p))
+        self._watch(pidfd, functools.partial(self._release_quarantine, pidfd))
 
-    def _release_quarantine(self, pidfd: int) -> None:
+    def _release_quarantine(self, pidfd: int, _mask: int) -> None:
         self._unwatch(pidfd)
         for fd in self._quarantine.pop(pidfd, []):
             _close(fd)
@@ -481,10 +471,10 @@ class Server:
         metrics.memory_bytes = sum(r.size for r in regions)
         client = Client(key, pending.conn, uffd, pidfd, regions, metrics)
         self._clients[key] = client
-        self._watch(uffd, lambda mask, c=client: self._on_uffd(c, mask))
-        self._watch(pending.conn.fileno(), lambda mask, c=client: self._on_conn(c))
+        self._watch(uffd, functools.partial(self._on_uffd, client))
+        self._watch(pending.conn.fileno(), functools.partial(self._on_conn, client))
         if pidfd is not None:
-            self._watch(pidfd, lambda mask, c=client: self._end_client(c, "process exited"))
+            self._watch(pidfd, functools.partial(self._on_exit, client))
         self.note("client", client=key, pid=pid)
         _log.info(
             "client %s (pid %d, uid %d): %d region(s), %d MiB",
@@ -495,7 +485,10 @@ class Server:
 
     # --- per-client events ------------------------------------------------------------------------
 
-    def _on_conn(self, client: Client) -> None:
+    def _on_exit(self, client: Client, _mask: int) -> None:
+        self._end_client(client, "process exited")
+
+    def _on_conn(self, client: Client, _mask: int) -> None:
         assert client.conn is not None
         try:
             data = client.conn.recv(4096)
@@ -603,7 +596,7 @@ class Server:
         ps = region.page_size
         idx = (addr - region.base) // ps
         state = states[idx]
-        if state == MISSING or state == REMOVED:
+        if state in (MISSING, REMOVED):
             window = max(1, self.config.fault_around // ps)
             ws = idx - idx % window
             we = min(ws + window, len(states))
@@ -729,8 +722,8 @@ class Server:
             self._prefetch_jobs.append(job)
             self._prefetch_cv.notify()
 
-    def _save_recording(self) -> None:
-        client = self._recording
+    def _save_recording(self, client: Client | None = None) -> None:
+        client = client or self._recording
         if client is None or client.recorder is None or not client.recorder.dirty:
             return
         client.recorder.dirty = False
@@ -745,7 +738,7 @@ class Server:
         self._recording = None
         if client is None or client.recorder is None:
             return
-        self._save_recording()
+        self._save_recording(client)
         runs = client.recorder.snapshot()
         if runs:
             self._ws = runs
@@ -891,10 +884,8 @@ def _pidfd(pid: int) -> int | None:
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 def parse_size(text: str) -> int:

@@ -79,7 +79,7 @@ def load(path: Path, mem_file: Path) -> list[Run] | None:
 def parse(data: bytes, mem_size: int, mem_mtime_ns: int | None = None) -> list[Run]:
     if len(data) < _HEADER.size:
         raise ValueError("too short")
-    magic, page, size, mtime, count = _HEADER.unpack_from(data)
+    magic, _page, size, mtime, count = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ValueError("not a working-set file")
     if size != mem_size or (mem_mtime_ns is not None and mtime != mem_mtime_ns):

@@ -20,7 +20,7 @@ on the new stream, so the kernel mount never breaks. Raise `OSError` from `conne
 Needs root (mount(2)) and /dev/fuse. See `proto` for the frame format.
 """
 
-from fcvm_wire.fusepipe.relay import (
+from fcvm_wire.fusepipe.client import (
     Relay,
     RelayGiveUp,
     RelayHandle,

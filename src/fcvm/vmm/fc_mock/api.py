@@ -117,6 +117,7 @@ class FcMock:
         guest_mmds: Callable[[str, str, Callable[[], Any], str], Any] | None = None,
         tap_exists: Callable[[str], bool] | None = None,
         on_logger: Callable[[dict[str, Any]], None] | None = None,
+        enable_pci: bool = False,
     ) -> None:
         self.spec = spec
         self.instance_id = instance_id
@@ -128,6 +129,7 @@ class FcMock:
         self.guest_mmds_factory = guest_mmds
         self.tap_exists = tap_exists or (lambda name: Path("/sys/class/net", name).exists())
         self.on_logger = on_logger
+        self.enable_pci = enable_pci
         self.state = NOT_STARTED
         self.config = Config()
         self.mmds: Any = None  # None until the first PUT /mmds
@@ -149,7 +151,7 @@ class FcMock:
                 return Response.fault(str(fault), fault.status)
 
     def _handle(self, method: str, path: str, raw: bytes) -> Response:
-        route, params, path_known = self.spec.match(method, path)
+        route, params, _path_known = self.spec.match(method, path)
         if route is None:
             raise Fault(f"Invalid request method and/or path: {method} {path}.")
         if len(raw) > self.max_payload:
@@ -166,7 +168,7 @@ class FcMock:
                 except ValueError as exc:
                     raise Fault("An error occurred when deserializing the json body of a request: "
                                 f"{exc}.") from None
-                problems = self.spec.errors(route.body, body)
+                problems = self.spec.errors(route.body, body, partial=route.partial)
                 if problems:
                     raise Fault("An error occurred when deserializing the json body of a request: "
                                 + "; ".join(problems) + ".")
@@ -484,7 +486,8 @@ class FcMock:
             mode = "ro" if root.get("is_read_only") else "rw"
             device = f"PARTUUID={root['partuuid']}" if root.get("partuuid") else "/dev/vda"
             boot_args += f" root={device} {mode}"
-        boot_args += " pci=off"
+        if not self.enable_pci:
+            boot_args += " pci=off"
         iface = next(iter(c.ifaces.values()), None)
         return MachineSpec(
             name=self.instance_id,

@@ -72,6 +72,7 @@ class Route:
     body: str | None  # definition name of the body, if the operation takes one
     body_required: bool
     operation: str
+    partial: bool = False  # a PATCH taking the PUT's definition: every field optional (machine-config)
 
 
 class Spec:
@@ -87,28 +88,30 @@ class Spec:
         for template, ops in self.doc["paths"].items():
             regex = "^" + re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$"
             for method, op in ops.items():
-                body, required = None, False
-                for param in op.get("parameters", []):
-                    if param.get("in") == "body":
-                        ref = param["schema"].get("$ref", "")
-                        body = ref.rsplit("/", 1)[-1] or None
-                        required = bool(param.get("required"))
+                body = _body_of(op)
+                required = any(p.get("in") == "body" and p.get("required") for p in op.get("parameters", []))
+                put_body = _body_of(ops.get("put", {}))
+                partial = method == "patch" and body is not None and body == put_body
                 self.routes.append(Route(method.upper(), template, re.compile(regex), body, required,
-                                         op.get("operationId", "")))
+                                         op.get("operationId", ""), partial))
 
-    def validator(self, definition: str) -> jsonschema.protocols.Validator:
-        if definition not in self._validators:
+    def validator(self, definition: str, *, partial: bool = False) -> jsonschema.protocols.Validator:
+        key = f"{definition}{'~partial' if partial else ''}"
+        if key not in self._validators:
             if definition not in self.definitions:
                 raise KeyError(f"no definition {definition!r} in {self.path}")
             schema = dict(self.definitions[definition])
+            if partial:
+                schema.pop("required", None)
             schema["definitions"] = self.definitions
-            self._validators[definition] = jsonschema.Draft4Validator(schema)
-        return self._validators[definition]
+            self._validators[key] = jsonschema.Draft4Validator(schema)
+        return self._validators[key]
 
-    def errors(self, definition: str, body: Any) -> list[str]:
+    def errors(self, definition: str, body: Any, *, partial: bool = False) -> list[str]:
         """Human-readable violations, empty when `body` is valid."""
         messages = []
-        for error in sorted(self.validator(definition).iter_errors(body), key=lambda e: list(e.path)):
+        validator = self.validator(definition, partial=partial)
+        for error in sorted(validator.iter_errors(body), key=lambda e: list(e.path)):
             messages.append(_describe(error))
         return messages
 
@@ -122,6 +125,14 @@ class Spec:
                 if route.method == method:
                     return route, found.groupdict(), True
         return None, {}, path_known
+
+
+def _body_of(op: dict[str, Any]) -> str | None:
+    for param in op.get("parameters", []):
+        if param.get("in") == "body":
+            ref = str(param["schema"].get("$ref", ""))
+            return ref.rsplit("/", 1)[-1] or None
+    return None
 
 
 def _describe(error: jsonschema.ValidationError) -> str:

@@ -1,6 +1,12 @@
 """Firecracker: typed API client (models, client), binary selection, and the `FirecrackerVm` hypervisor."""
 
-from fcvm.vmm.firecracker.binary import BinaryInfo, find_firecracker, firecracker_version, identify
+from fcvm.vmm.firecracker.binary import (
+    BinaryInfo,
+    describe_binary,
+    find_firecracker,
+    firecracker_version,
+    identify,
+)
 from fcvm.vmm.firecracker.client import (
     MOCK_HEADER,
     Client,
@@ -18,6 +24,7 @@ __all__ = [
     "FirecrackerConnectionError",
     "FirecrackerError",
     "FirecrackerVm",
+    "describe_binary",
     "find_firecracker",
     "firecracker_version",
     "identify",

@@ -1,6 +1,7 @@
 """Which Firecracker binary to run, and what it says it is.
 
-Order: `--firecracker-bin`, then `FCVM_FIRECRACKER_BIN`, then `firecracker` on PATH. An explicit
+Order: `--firecracker-bin`, then `FCVM_FIRECRACKER_BIN`, then the one `fcvm setup firecracker`
+installed (`<data dir>/bin/firecracker`), then `firecracker` on PATH. An explicit
 choice that does not exist is an error (not a silent fall-through). fc-mock is never picked
 implicitly: it is named `fcvm-fc-mock` and must be chosen explicitly.
 """
@@ -37,6 +38,11 @@ def find_firecracker(explicit: str | None = None) -> Path | None:
     env = os.environ.get(BIN_ENV)
     if env:
         return _resolve(env, BIN_ENV)
+    from fcvm.vmm.firecracker_release import installed_binary
+
+    installed = installed_binary()
+    if installed is not None:
+        return installed.resolve()
     found = shutil.which("firecracker")
     return Path(found).resolve() if found else None
 
@@ -65,3 +71,12 @@ def identify(binary: Path) -> BinaryInfo:
 def firecracker_version(binary: Path) -> str:
     """"1.16.1" for a binary printing "Firecracker v1.16.1"."""
     return identify(binary).version
+
+
+def describe_binary(binary: Path) -> str:
+    """One line for `fcvm doctor`: "firecracker (fc-mock) 1.16.1 at /usr/local/bin/fcvm-fc-mock"."""
+    try:
+        info = identify(binary)
+    except FcvmError as exc:
+        return f"{binary}: not a working Firecracker ({exc})"
+    return f"{info.display_name} {info.version} at {binary}"

@@ -285,10 +285,8 @@ class Relay:
             msg = self.notify_q.get()
             if msg is None or not self.fds:
                 return
-            try:
+            with contextlib.suppress(OSError):  # e.g. ENOENT for an inode the kernel already forgot
                 os.write(self.fds[0], msg)
-            except OSError:
-                pass  # e.g. ENOENT for an inode the kernel already forgot
 
     def _abort(self) -> None:
         self.stopping.set()

@@ -1,0 +1,80 @@
+"""Host -> guest connections through a vsock Unix socket (Firecracker's, or the QEMU bridge's)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+from fcvm.core.errors import FcvmError
+
+MAX_LINE = 32
+
+
+class VsockConnectError(FcvmError):
+    """The connection to a guest port failed. `refused` means the VM answered but nothing listens on
+    the port (yet); otherwise the VM's vsock socket is missing, dead or too slow."""
+
+    def __init__(self, message: str, *, port: int, refused: bool = False, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.port = port
+        self.refused = refused
+
+
+def connect_vsock(uds_path: Path, port: int, timeout: float = 5.0) -> socket.socket:
+    """Connect to guest `port`: `CONNECT <port>\\n`, then expect `OK <hostport>\\n`.
+
+    Returns a blocking socket carrying the raw stream (the timeout covers only the handshake).
+    Raises VsockConnectError with a one-line reason otherwise."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(uds_path))
+        except FileNotFoundError:
+            raise VsockConnectError(
+                f"vsock socket {uds_path} does not exist", port=port, hint="is the VM running?"
+            ) from None
+        except ConnectionRefusedError:
+            raise VsockConnectError(
+                f"nothing listens on vsock socket {uds_path}", port=port, hint="is the VM running?"
+            ) from None
+        sock.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            byte = sock.recv(1)  # one at a time: the guest's bytes follow the newline directly
+            if not byte:
+                raise VsockConnectError(
+                    f"vsock port {port}: the VM closed the connection without OK",
+                    port=port,
+                    refused=True,
+                    hint=f"nothing listens on port {port} in the guest (yet)",
+                )
+            line += byte
+            if len(line) > MAX_LINE:
+                break
+        words = line.split()
+        if len(words) != 2 or words[0] != b"OK" or not words[1].isdigit():
+            raise VsockConnectError(f"vsock port {port}: unexpected answer {line[:MAX_LINE]!r}", port=port)
+        sock.settimeout(None)
+        return sock
+    except TimeoutError:
+        sock.close()
+        raise VsockConnectError(
+            f"vsock port {port}: no answer from the VM within {timeout:g} s", port=port
+        ) from None
+    except ConnectionResetError:
+        sock.close()
+        raise VsockConnectError(
+            f"vsock port {port}: connection reset by the VM", port=port, refused=True
+        ) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.close()
+        raise

@@ -7,7 +7,6 @@ Everything it creates on the host is journaled first, so a SIGKILL at any point 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import secrets
@@ -79,18 +78,6 @@ class RunRequest:
     initrd: Path | None = None
     remove: bool = False
     echo_output: bool = True  # foreground: container stdout/stderr go to ours
-
-
-def host_dns() -> list[str]:
-    servers = []
-    with contextlib.suppress(OSError):
-        for line in Path("/etc/resolv.conf").read_text().splitlines():
-            words = line.split()
-            if len(words) >= 2 and words[0] == "nameserver":
-                with contextlib.suppress(ValueError):
-                    if not ipaddress.ip_address(words[1]).is_loopback:
-                        servers.append(words[1])
-    return servers
 
 
 class VmSupervisor:
@@ -168,14 +155,14 @@ class VmSupervisor:
         self.network = setup_network(request.network, store=self.store, journal=self.journal,
                                      vm_id=self.vm.id, ports=request.publish)
         self.store.update_vm(self.vm.id, network=self.network.to_json(),
-                             ports=[_mapping_json(m) for m in request.publish])
+                             ports=[m.to_json() for m in request.publish])
 
         vsock_uds = self.workdir / "v.sock"
         plan = Plan(
             name=request.name,
             image=ImageSpec(ref=request.image, disk="/dev/vdb" if image_disk else "",
                             archive_size=image_disk.archive_size if image_disk else 0),
-            network=NetworkSpec(dns=host_dns(), **_guest_network(self.network)),
+            network=NetworkSpec(**self.network.guest_spec()),
             cmd=request.cmd, env=request.env, user=request.user, workdir=request.workdir,
             volumes=[VolumeSpec(m.guest_path, wire_ports.HOST_VOLUME_BASE + i, m.read_only)
                      for i, m in enumerate(request.maps)],
@@ -188,7 +175,7 @@ class VmSupervisor:
         spec = MachineSpec(
             name=request.name, workdir=self.workdir, kernel=kernel, initrd=initrd,
             boot_args="", vcpus=request.cpus, mem_mib=request.mem_mib, drives=drives,
-            tap=self.network.tap, guest_mac=_guest_network(self.network)["mac"], vsock_uds=vsock_uds,
+            tap=self.network.tap, guest_mac=self.network.guest_spec()["mac"], vsock_uds=vsock_uds,
             guest_cid=wire_ports.GUEST_CID, enter_argv=self.network.enter_argv(),
         )
         self.hypervisor = self._hypervisor(spec, plan)
@@ -381,16 +368,6 @@ class VmSupervisor:
         # A VM that never booted leaves no row behind, like a failed `podman run` that created nothing.
         if self.request.remove or not self._booted:
             self.store.delete_vm(self.vm.id)
-
-
-def _guest_network(network: Any) -> dict[str, Any]:
-    spec = network.guest_spec()
-    return {key: spec[key] for key in ("address", "prefix", "gateway", "mac")}
-
-
-def _mapping_json(mapping: Any) -> dict[str, Any]:
-    return {"host_ip": mapping.host_ip, "host_port": mapping.host_port, "guest_port": mapping.guest_port,
-            "protocol": mapping.protocol}
 
 
 def generate_name() -> str:

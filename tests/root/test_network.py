@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support import require, require_root, require_tool
 
 from fcvm import cleanup, network
 from fcvm.core.errors import FcvmError
@@ -31,6 +30,7 @@ from fcvm.core.proc import ProcessRef
 from fcvm.network import VmNetwork, parse_publish, setup_network, teardown_network
 from fcvm.state.journal import Journal
 from fcvm.state.store import Store
+from tests.support import require, require_root, require_tool
 
 MODES = ["bridged", "rootless"]
 

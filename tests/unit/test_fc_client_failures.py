@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.support import require
 
 from fcvm.core.errors import FcvmError, NotBuiltError
 from fcvm.vmm.base import Drive, MachineSpec
 from fcvm.vmm.firecracker import FirecrackerApiError, FirecrackerError, FirecrackerVm, find_firecracker
+from tests.support import require
 
 SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.support import require
 
 from fcvm.core.proc import ProcessRef
 from fcvm.vmm.base import MachineSpec
@@ -31,6 +30,7 @@ from fcvm.vmm.fc_mock.mmds import TOKEN_HEADER, TOKEN_TTL_HEADER, MmdsServer, me
 from fcvm.vmm.fc_mock.server import ApiServer
 from fcvm.vmm.fc_mock.spec import Spec
 from fcvm.vmm.firecracker.binary import describe_binary, identify
+from tests.support import require
 
 SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"
 

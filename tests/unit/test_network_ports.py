@@ -53,7 +53,7 @@ def test_parses(spec: str, expected: PortMapping) -> None:
         ("8000-8010:80", "port ranges are not supported"),
         ("1.2.3.4:5:6:7", "too many ':'"),
         (":8080:80", "the host address before the first ':' is empty"),
-        ("８０:80", "not a number"),
+        ("\uff18\uff10:80", "not a number"),  # fullwidth digits
     ],
 )
 def test_bad_specs_say_what_is_wrong(spec: str, why: str) -> None:

@@ -12,10 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
-from tests.support import require
-
 from fcvm.vmm.base import Drive, MachineSpec
 from fcvm.vmm.firecracker import FirecrackerVm
+from tests.support import require
 
 SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"
 

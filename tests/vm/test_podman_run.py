@@ -34,8 +34,8 @@ def published_url(name: str, guest_port: int) -> str:
     row = vm_row(name)
     network = row["network"]
     assert isinstance(network, dict)
-    for ip, port, mapping in network["published"]:
-        if mapping["guest_port"] == guest_port:
+    for ip, port, mapping in network["published"]:  # mapping is the -p text, e.g. "8080:80"
+        if mapping.split(":")[-1].split("/")[0] == str(guest_port):
             return f"http://{ip}:{port}/"
     raise AssertionError(f"port {guest_port} is not published: {network}")
 

@@ -19,7 +19,7 @@ def format_ports(vm: VmRecord) -> str:
 
 def format_network(vm: VmRecord) -> str:
     mode = vm.network.get("mode", "")
-    where = vm.network.get("loopback_ip") or vm.network.get("host_ip") or ""
+    where = vm.network.get("loopback") or ""
     return f"{mode} {where}".strip()
 
 

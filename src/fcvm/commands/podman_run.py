@@ -24,7 +24,7 @@ def _check_image(image: str) -> None:
 
 def build_request(args: argparse.Namespace) -> RunRequest:
     from fcvm.network import default_mode
-    from fcvm.network.ports import parse_publish
+    from fcvm.network.ports import parse_publish_all
 
     _check_image(args.image)
     mode = args.network or default_mode()
@@ -37,7 +37,7 @@ def build_request(args: argparse.Namespace) -> RunRequest:
         name=args.name or generate_name(),
         cmd=command,
         env=env_pairs(args.env),
-        publish=[parse_publish(spec) for spec in args.publish],
+        publish=parse_publish_all(args.publish),
         maps=[VolumeMap.parse(spec) for spec in args.map],
         network=mode,
         hypervisor=hypervisor,

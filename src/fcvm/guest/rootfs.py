@@ -9,6 +9,7 @@ mirror is unreachable the build runs from that cache as a local repository.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shlex
 import shutil
@@ -141,7 +142,13 @@ def _local_repo(cache: Path) -> list[str]:
         )
     packages = proc.run(["dpkg-scanpackages", "--multiversion", "."], cwd=cache, timeout=600).stdout
     (cache / "Packages").write_bytes(packages)
-    return [f"deb [trusted=yes] copy://{cache} ./"]
+    # mmdebstrap picks the essential set by suite, so the flat repository needs a Release naming it.
+    release = (
+        f"Suite: {SUITE}\nCodename: {SUITE}\nArchitectures: amd64 all\nComponents: main\n"
+        f"SHA256:\n {hashlib.sha256(packages).hexdigest()} {len(packages)} Packages\n"
+    )
+    (cache / "Release").write_text(release)
+    return [f"deb [trusted=yes] copy://{cache.resolve()} ./"]
 
 
 def _mmdebstrap_argv(root: Path, status: Path, cache: Path, sources: list[str]) -> list[str]:

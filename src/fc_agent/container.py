@@ -22,9 +22,8 @@ def load_image(plan: Plan) -> None:
     """Stream `archive_size` bytes of the image disk into `podman load`."""
     if not plan.image.disk:
         return
-    loader = system.spawn(
-        ["podman", "load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    # podman's output is a few lines; stderr is read after the archive is written, so it cannot fill up.
+    loader = system.spawn(["podman", "load"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert loader.stdin is not None
     remaining = plan.image.archive_size
     try:
@@ -36,7 +35,9 @@ def load_image(plan: Plan) -> None:
                 loader.stdin.write(chunk)
                 remaining -= len(chunk)
         loader.stdin.close()
-        _stdout, stderr = loader.communicate()
+        assert loader.stderr is not None
+        stderr = loader.stderr.read()
+        loader.wait()
     finally:
         system.forget(loader)
     if loader.returncode != 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fc_agent import container, exec_server, mmds, network, system
 from fcvm_wire import ports
-from fcvm_wire.control import ControlError, ControlStream
+from fcvm_wire.control import ControlStream
 from fcvm_wire.plan import Plan, PlanError
 
 AGENT_VERSION = "1"
@@ -125,11 +125,12 @@ def run_plan(channel: object, control: ControlStream) -> int:
     container.load_image(plan)
     container.start(plan, mounts)
     control.send({"type": "status", "state": "running"})
-    container.stream_logs(lambda stream, line: control.send({"type": "log", "stream": stream, "line": line}))
+    logs = container.stream_logs(lambda stream, line: control.send({"type": "log", "stream": stream, "line": line}))
     stop = threading.Event()
     threading.Thread(target=_report_health, args=(control, stop), daemon=True).start()
     code = container.wait()
     stop.set()
+    logs.join(timeout=10)  # `podman logs -f` ends with the container; every line must reach the host first
     control.send({"type": "status", "state": "exited", "exit_code": code})
     return code
 
@@ -148,8 +149,8 @@ def main() -> int:
     control.send({"type": "hello", "agent": AGENT_VERSION, "epoch": 0})
     try:
         code = run_plan(channel, control)
-    except (PlanError, ControlError, container.ContainerError, RuntimeError, OSError) as exc:
-        _log.error("failed: %s", exc)
+    except Exception as exc:  # PID 1 must never die with a traceback: that panics the guest
+        _log.error("failed: %s", exc, exc_info=not isinstance(exc, (PlanError, container.ContainerError)))
         with contextlib.suppress(OSError):
             control.send({"type": "status", "state": "failed", "detail": str(exc)})
         code = 125

@@ -128,6 +128,7 @@ class VmSupervisor:
 
     def _create(self) -> None:
         request = self.request
+        cleanup.reap_stale(self.store)  # a dead owner's row must not hold the name
         self.vm = self.store.create_vm(
             request.name, kind="vm", image=request.image, hypervisor=request.hypervisor,
             process=ProcessRef.self(),
@@ -182,10 +183,10 @@ class VmSupervisor:
         self._start_hypervisor()
 
     def _assets(self) -> tuple[Path, Path | None, Path]:
-        from fcvm.guest import find_kernel, find_rootfs
+        from fcvm.guest import find_rootfs, kernel_for_run
 
         request = self.request
-        built = find_kernel()
+        built = kernel_for_run()
         rootfs = find_rootfs()
         if rootfs is None:
             raise FcvmError("the guest rootfs is not built", hint="run `fcvm setup rootfs`")
@@ -353,7 +354,7 @@ class VmSupervisor:
         if self.hypervisor is not None:
             try:
                 self.hypervisor.stop(timeout=5)
-            except FcvmError as exc:
+            except Exception as exc:  # teardown goes on: the journal still stops the VMM process
                 self._log.warning("stopping the hypervisor: %s", exc)
         for listener in self._listeners:
             with contextlib.suppress(OSError):

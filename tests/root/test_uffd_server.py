@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.support import require, require_root
 
 from fcvm.core.proc import ProcessRef
 from fcvm.state.store import Store
 from fcvm.uffd import ioctls
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, parse_regions
+from tests.support import require, require_root
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -430,7 +430,7 @@ def test_working_set_recorded_then_prefetched(serve: Any, tmp_path: Path) -> Non
     assert second["pages_touched"] >= first["pages_touched"]  # windows around each fault are in the set
     metrics = served.stop()
     recorder, prefetched = metrics["clients"]
-    assert recorder["prefetch"] == "done" and recorder["pid"] == first["pid"]
+    assert recorder["prefetch"] == "recorded" and recorder["pid"] == first["pid"]
     assert prefetched["prefetch"] == "done"
     assert prefetched["prefetch_bytes"] == metrics["server"]["working_set_bytes"] == recorder["bytes_copied"]
     assert prefetched["faults"] == 0  # everything was there before the first touch

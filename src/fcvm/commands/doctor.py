@@ -125,7 +125,7 @@ def checks() -> list[Check]:
         _device("fuse", "/dev/fuse", "modprobe fuse", essential=True),
         _device("tun", "/dev/net/tun", "modprobe tun", essential=True),
         _tool("iptables", ("iptables",), "apt-get install iptables (bridged networking)"),
-        _tool("slirp4netns/pasta", ("pasta", "slirp4netns"), "apt-get install passt or slirp4netns (rootless)"),
+        _tool("slirp4netns", ("slirp4netns",), "apt-get install slirp4netns (rootless networking)"),
         *_assets(),
     ]
     # A VM needs some hypervisor that can boot a guest.

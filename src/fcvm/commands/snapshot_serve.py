@@ -42,7 +42,7 @@ def _resolve(args: argparse.Namespace, store: Store) -> tuple[str, Path, Path, P
         raise UsageError("give a SNAPSHOT, or both --mem-file and --socket")
     sock = Path(args.socket).absolute()
     digest = hashlib.sha1(str(sock).encode()).hexdigest()[:6]
-    return f"serve-{sock.stem}-{digest}", Path(args.mem_file), sock, None, None
+    return f"serve-{sock.stem}-{digest}", Path(args.mem_file).absolute(), sock, None, None
 
 
 def _create_row(store: Store, name: str, config: dict[str, Any]) -> VmRecord:

@@ -95,7 +95,7 @@ class ClientMetrics:
     removed_bytes: int = 0
     errors: int = 0
     last_error: str = ""
-    prefetch: str = "off"  # off | recording | running | done | cancelled
+    prefetch: str = "off"  # off | recording | recorded | running | done | cancelled
     prefetch_bytes: int = 0
     prefetch_batches: int = 0
     prefetch_seconds: float = 0.0

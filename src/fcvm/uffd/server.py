@@ -742,7 +742,7 @@ class Server:
         runs = client.recorder.snapshot()
         if runs:
             self._ws = runs
-            client.metrics.prefetch = "done"
+            client.metrics.prefetch = "recorded"
             _log.info("working set recorded: %d MiB in %d runs", workingset.total(runs) >> 20, len(runs))
 
     # --- prefetch ---------------------------------------------------------------------------------

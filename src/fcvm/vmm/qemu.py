@@ -7,6 +7,7 @@ vsock Unix-socket semantics at `spec.vsock_uds`, so nothing above the channel kn
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ class QemuVm:
         )
         self._process = ProcessRef.of(self._popen.pid)
         assert self._popen.stdout is not None
-        log.relog_in_thread(self._popen.stdout, self._log, level=log.logging.DEBUG, sink=self._console)
+        log.relog_in_thread(self._popen.stdout, self._log, level=logging.DEBUG, sink=self._console)
         if spec.vsock_uds:
             self._start_bridge()
 
@@ -118,13 +119,14 @@ class QemuVm:
         self._bridge.start()
 
     def _qmp(self, command: str, **arguments: Any) -> Any:
+        from qemu.qmp import QMPError
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         monitor = QEMUMonitorProtocol(str(self.spec.workdir / "qmp.sock"))
         try:
             monitor.connect()
             return monitor.cmd(command, **arguments) if arguments else monitor.cmd(command)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, QMPError) as exc:
             raise QemuError(f"QMP {command} failed: {exc}") from exc
         finally:
             monitor.close()

@@ -100,6 +100,11 @@ def wait() -> int:
     return int(result.stdout.decode().strip().splitlines()[-1])
 
 
+def stop(timeout: int) -> None:
+    system.run(["podman", "stop", "--time", str(timeout), CONTAINER], stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL)
+
+
 def has_healthcheck() -> bool:
     result = system.run(
         ["podman", "inspect", "--format", "{{json .Config.Healthcheck}}", CONTAINER],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fc_agent import container, exec_server, mmds, network, system
 from fcvm_wire import ports
-from fcvm_wire.control import ControlStream
+from fcvm_wire.control import ControlError, ControlStream
 from fcvm_wire.plan import Plan, PlanError
 
 AGENT_VERSION = "1"
@@ -111,6 +111,18 @@ def _report_health(control: ControlStream, stop: threading.Event) -> None:
             last = health
 
 
+def _follow_host(control: ControlStream) -> None:
+    """Requests from the host after the plan: `shutdown` stops the container like `podman stop`."""
+    try:
+        for message in control:
+            if message["type"] == "shutdown":
+                timeout = int(message.get("timeout", 10))
+                _log.info("host asked to stop the container (timeout %d s)", timeout)
+                container.stop(timeout)
+    except (ControlError, OSError) as exc:
+        _log.warning("control stream: %s", exc)
+
+
 def run_plan(channel: object, control: ControlStream) -> int:
     plan = _read_plan(control)
     _log.info("plan for %s: image %s", plan.name, plan.image.ref)
@@ -128,6 +140,7 @@ def run_plan(channel: object, control: ControlStream) -> int:
     logs = container.stream_logs(lambda stream, line: control.send({"type": "log", "stream": stream, "line": line}))
     stop = threading.Event()
     threading.Thread(target=_report_health, args=(control, stop), daemon=True).start()
+    threading.Thread(target=_follow_host, args=(control,), daemon=True, name="control").start()
     code = container.wait()
     stop.set()
     logs.join(timeout=10)  # `podman logs -f` ends with the container; every line must reach the host first

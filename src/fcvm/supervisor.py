@@ -91,6 +91,8 @@ class VmSupervisor:
         self._stop = threading.Event()
         self._stop_reason = ""
         self._booted = False
+        self._control: ControlStream | None = None
+        self._container_done = threading.Event()
         self._exit_code: int | None = None
         self._agent_failed: str | None = None
         self._container_log: Any = None
@@ -260,6 +262,7 @@ class VmSupervisor:
 
     def _control_session(self, control: ControlStream, plan: Plan) -> None:
         assert self.vm is not None
+        self._control = control
         try:
             for message in control:
                 kind = message["type"]
@@ -296,9 +299,11 @@ class VmSupervisor:
         elif state == "exited":
             self._exit_code = int(message.get("exit_code", 1))
             self._log.info("container exited with code %d", self._exit_code)
+            self._container_done.set()
             self._stop.set()
         elif state == "failed":
             self._agent_failed = str(message.get("detail", "the guest agent failed"))
+            self._container_done.set()
             self._stop.set()
 
     # --- volumes ---------------------------------------------------------------------------------
@@ -348,6 +353,21 @@ class VmSupervisor:
                 if self._exit_code is None and not self._agent_failed:
                     self._agent_failed = f"the VM exited unexpectedly (hypervisor exit code {code})"
                 return
+        if self._stop_reason and not self._container_done.is_set():
+            self._stop_container()
+
+    def _stop_container(self, grace: float = 10.0) -> None:
+        """Like `podman stop`: the agent sends the container SIGTERM, then SIGKILL after its timeout; we wait
+        for its exit code so the row records it."""
+        control = self._control
+        if control is None:
+            return
+        self._log.info("stopping the container (%s)", self._stop_reason)
+        try:
+            control.send({"type": "shutdown", "timeout": int(grace)})
+        except OSError:
+            return
+        self._container_done.wait(grace + 5)
 
     def _teardown(self) -> None:
         self._stop.set()

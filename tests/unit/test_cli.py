@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.cli.main import _load
+from fcvm.cli.main import _exec_options_after_name, _load, build_parser
 from fcvm.core.errors import NotBuiltError
 
 
@@ -84,3 +84,20 @@ def test_inspect_and_rm_of_unknown_vm_fail_clearly() -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == "Error: no VM named 'ghost' (see `fcvm ls -a`)"
     assert fcvm("rm", "ghost").returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "vm", "interactive", "tty", "command"),
+    [
+        (["exec", "web", "--", "ls", "-l"], False, False, False, ["ls", "-l"]),
+        (["exec", "--vm", "-i", "web", "--", "sh"], True, True, False, ["sh"]),
+        (["exec", "web", "--vm", "-it", "--", "sh", "-c", "echo --vm"], True, True, True, ["sh", "-c", "echo --vm"]),
+        (["exec", "web", "cat", "-t"], False, False, False, ["cat", "-t"]),
+    ],
+)
+def test_exec_flags_may_come_before_or_after_the_name(
+    argv: list[str], vm: bool, interactive: bool, tty: bool, command: list[str]
+) -> None:
+    args = build_parser().parse_args(argv)
+    _exec_options_after_name(args)
+    assert (args.vm, args.interactive, args.tty, args.command) == (vm, interactive, tty, command)

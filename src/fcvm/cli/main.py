@@ -169,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_EXEC_FLAGS = {"--vm": ("vm",), "-i": ("interactive",), "--interactive": ("interactive",), "-t": ("tty",),
+               "--tty": ("tty",), "-it": ("interactive", "tty"), "-ti": ("interactive", "tty")}
+
+
+def _exec_options_after_name(args: argparse.Namespace) -> None:
+    """`fcvm exec NAME --vm -it -- CMD`: flags may also sit between the name and `--`."""
+    command = list(args.command)
+    while command and command[0] in _EXEC_FLAGS:
+        for flag in _EXEC_FLAGS[command.pop(0)]:
+            setattr(args, flag, True)
+    if command[:1] == ["--"]:
+        command.pop(0)
+    args.command = command
+
+
 def _load(module_name: str, function_name: str, command: str) -> Callable[[argparse.Namespace], int | None]:
     qualified = f"fcvm.commands.{module_name}"
     try:
@@ -184,6 +199,8 @@ def _load(module_name: str, function_name: str, command: str) -> Callable[[argpa
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) == "exec_:run":
+        _exec_options_after_name(args)
     try:
         log.setup(args.log_level)
     except ValueError as exc:

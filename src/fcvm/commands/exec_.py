@@ -45,7 +45,7 @@ def _open(uds: str, request: ep.ExecRequest) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     if not command:
         raise UsageError("fcvm exec needs a command: fcvm exec NAME -- CMD [ARGS...]")
     store = Store()

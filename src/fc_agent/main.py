@@ -73,6 +73,8 @@ def _connect_control(channel: object, timeout: float = 60.0) -> ControlStream:
 def _read_plan(control: ControlStream) -> Plan:
     if boot_param("plan") == "mmds":
         network.link_up()
+        if boot_param("net"):
+            network.configure_early(boot_param("net"))
         network.route_mmds(mmds.MMDS_ADDRESS)
         return Plan.from_dict(mmds.fetch("/"))
     for message in control:

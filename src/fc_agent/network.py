@@ -36,6 +36,14 @@ def route_mmds(address: str) -> None:
     _ip("route", "replace", address, "dev", INTERFACE)
 
 
+def configure_early(word: str) -> None:
+    """`fcvm_net=ADDRESS/PREFIX,GATEWAY` from the kernel command line."""
+    cidr, _, gateway = word.partition(",")
+    _ip("addr", "replace", cidr, "dev", INTERFACE)
+    if gateway:
+        _ip("route", "replace", "default", "via", gateway, "dev", INTERFACE)
+
+
 def configure(spec: NetworkSpec) -> None:
     _ip("addr", "replace", f"{spec.address}/{spec.prefix}", "dev", INTERFACE)
     _ip("route", "replace", "default", "via", spec.gateway, "dev", INTERFACE)

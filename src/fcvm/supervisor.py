@@ -212,7 +212,10 @@ class VmSupervisor:
             from fcvm.vmm.firecracker import FirecrackerVm
 
             assert self.request.firecracker_bin is not None
-            spec.boot_args = f"{qemu_boot_args()} fcvm_plan=mmds"
+            guest = self.network.guest_spec()
+            # MMDS needs a source address before the plan (which carries the address) can be read.
+            spec.boot_args = (f"{qemu_boot_args()} fcvm_plan=mmds "
+                              f"fcvm_net={guest['address']}/{guest['prefix']},{guest['gateway']}")
             return FirecrackerVm(spec, binary=self.request.firecracker_bin,
                                  mmds=json.loads(plan.to_json()), jailer=self.request.jailer)
         from fcvm.vmm.qemu import QemuVm

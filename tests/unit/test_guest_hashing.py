@@ -91,7 +91,8 @@ def fake_busybox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def _read_cpio(path: Path) -> dict[str, tuple[int, int, int, bytes]]:
     """name -> (mode, rdev major, rdev minor, data) of a gzipped newc archive."""
     data = gzip.decompress(path.read_bytes())
-    entries, pos = {}, 0
+    entries: dict[str, tuple[int, int, int, bytes]] = {}
+    pos = 0
     while True:
         assert data[pos : pos + 6] == b"070701"
         fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
@@ -148,6 +149,12 @@ def test_agent_change_rebuilds_only_the_initramfs(fake_deb: Path, agent_tree: Pa
     assert second.vmlinux.stat().st_ino == kernel_inode
     assert elapsed < 2.0, f"an agent-only change took {elapsed:.1f} s"
     assert kernel.find_kernel() == second
+    # The run path may ask find_kernel to refresh a stale initramfs itself (local, no download).
+    (agent_tree / "fcvm_wire" / "__init__.py").write_text('"""wire v2"""\n')
+    assert kernel.find_kernel() is None
+    third = kernel.find_kernel(refresh_initramfs=True)
+    assert third is not None and third.initramfs not in (first.initramfs, second.initramfs)
+    assert third.vmlinux == first.vmlinux and kernel.find_kernel() == third
     # The rootfs is named by the kernel package and the recipe, never by the agent.
     deb_sha = assets.sha256_file(fake_deb)
     assert rootfs.rootfs_name(deb_sha) == rootfs.rootfs_name(deb_sha)

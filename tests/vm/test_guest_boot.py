@@ -70,8 +70,8 @@ def loaded_modules(console: str) -> list[str]:
 
 def test_guest_boots_into_the_rootfs_and_runs_podman(built: tuple[KernelAssets, Path], scratch: Path) -> None:
     kernel, _ = built
-    console = boot(kernel, scratch,
-                   extra_args='fcvm_init="podman --version; echo marker=$fcvm_marker; poweroff -f" fcvm_marker=42')  # fmt: skip
+    hook = 'fcvm_init="podman --version; echo marker=$fcvm_marker; poweroff -f" fcvm_marker=42'
+    console = boot(kernel, scratch, extra_args=hook)
     modules = loaded_modules(console)
     for name in REQUIRED_MODULES:
         assert name in modules

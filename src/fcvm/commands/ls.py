@@ -11,8 +11,11 @@ from fcvm.state import Store, VmRecord
 
 
 def format_ports(vm: VmRecord) -> str:
+    """Where each port is reachable: the VM's own loopback address in rootless mode, all addresses otherwise."""
+    bound = {int(port): ip for ip, port, _ in vm.network.get("published", [])}
     return ", ".join(
-        f"{p.get('host_ip') or '0.0.0.0'}:{p['host_port']}->{p['guest_port']}/{p.get('protocol', 'tcp')}"
+        f"{p.get('host_ip') or (bound.get(p['host_port']) if vm.network.get('loopback') else '') or '0.0.0.0'}"
+        f":{p['host_port']}->{p['guest_port']}/{p.get('protocol', 'tcp')}"
         for p in vm.ports
     )
 

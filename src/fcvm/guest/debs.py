@@ -174,7 +174,10 @@ def fetch(
 ) -> Path:
     """A .deb in fcvm's cache: `wanted` if cached (or in the host's apt archive), else downloaded;
     if that fails (offline) or apt knows no candidate, the newest cached file matching `fallback_glob`."""
+    from fcvm.guest.assets import sweep_stale
+
     cache = deb_cache()
+    sweep_stale(cache)
     if wanted is not None:
         target = cache / wanted.filename
         if target.exists():

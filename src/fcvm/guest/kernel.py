@@ -199,18 +199,22 @@ def ensure_kernel(kernel_deb: Path | str | None = None, *, progress: bool = True
     return result
 
 
-def find_kernel() -> KernelAssets | None:
+def find_kernel(*, refresh_initramfs: bool = False) -> KernelAssets | None:
     """The most recently ensured kernel, if its initramfs for the current agent sources exists.
-    No download and no build (None means: run ensure_kernel / `fcvm setup kernel`)."""
+    No download and no build: None means run ensure_kernel / `fcvm setup kernel`. With
+    `refresh_initramfs`, a stale initramfs (the agent changed) is rebuilt locally instead (~0.2 s)."""
     dirs = kernel_dirs()
     if not dirs:
         return None
     try:
-        initramfs = paths.assets_dir() / initramfs_name(dirs[0].name)
+        sources = agent_sources()
     except FcvmError:
         return None
+    initramfs = paths.assets_dir() / initramfs_name(dirs[0].name, sources)
     if not initramfs.is_file():
-        return None
+        if not refresh_initramfs:
+            return None
+        initramfs = _ensure_initramfs(dirs[0], sources)
     return _assets(dirs[0], initramfs)
 
 

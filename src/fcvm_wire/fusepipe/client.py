@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import random
+import select
 import socket
 import struct
 import threading
@@ -126,6 +127,7 @@ class Relay:
         self.finished = threading.Event()
         self.error: BaseException | None = None
         self.reconnects = 0
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def run(self) -> None:
@@ -134,7 +136,6 @@ class Relay:
             self.sock = self._connect_once()
             fd = mount_fuse(self.mountpoint, read_only=self.read_only)
             self.fds = [fd]
-            self.conn_id = os.minor(os.stat(self.mountpoint).st_dev)
             for _ in range(self.readers - 1):
                 self.fds.append(clone_fd(fd))
             threads = [threading.Thread(target=self._fuse_reader, args=(f,), name=f"fp-dev{i}", daemon=True)
@@ -143,6 +144,8 @@ class Relay:
             notify_thread = threading.Thread(target=self._notifier, name="fp-notify", daemon=True)
             for t in (*threads, sock_thread, notify_thread):
                 t.start()
+            # Only now: stat() on the mount point waits for FUSE_INIT, which the readers relay.
+            self.conn_id = os.minor(os.stat(self.mountpoint).st_dev)
             self.mounted.set()
             for t in threads:
                 t.join()
@@ -160,17 +163,20 @@ class Relay:
             self.stopping.set()
             if self.sock is not None:
                 self.sock.close()
-            for f in self.fds:
+            for f in (*self.fds, self._stop_r, self._stop_w):
                 with contextlib.suppress(OSError):
                     os.close(f)
             self.mounted.set()
             self.finished.set()
 
     def stop(self) -> None:
-        """Unmount (lazily and aborting the connection if busy); `run` then returns."""
+        """Unmount (lazily if busy) and stop the readers; closing the last /dev/fuse fd aborts the
+        connection, so `run` returns even while files on the mount are still open."""
         self.stopping.set()
         if self.fds:
             unmount(self.mountpoint, conn_id=self.conn_id)
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
 
     # ---- stream ----------------------------------------------------------------------------------
     def _connect_once(self) -> socket.socket:
@@ -289,21 +295,25 @@ class Relay:
                 os.write(self.fds[0], msg)
 
     def _abort(self) -> None:
-        self.stopping.set()
-        if self.conn_id is not None:
-            with contextlib.suppress(OSError), open(f"/sys/fs/fuse/connections/{self.conn_id}/abort", "w") as f:
-                f.write("1")
-        unmount(self.mountpoint, conn_id=self.conn_id)
+        self.stop()
 
     # ---- /dev/fuse ---------------------------------------------------------------------------------
     def _fuse_reader(self, fd: int) -> None:
         buf = bytearray(READ_BUFFER)
         view = memoryview(buf)
+        os.set_blocking(fd, False)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
         while True:
             try:
                 n = os.readv(fd, [buf])
+            except BlockingIOError:
+                if any(f == self._stop_r for f, _ in poller.poll()):
+                    return
+                continue
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                if exc.errno in (errno.ENOENT, errno.EINTR):
                     continue
                 if exc.errno != errno.ENODEV:
                     _log.warning("fuse-pipe: /dev/fuse read failed: %s", exc)

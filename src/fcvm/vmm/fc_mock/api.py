@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ class FcMock:
         self.mmds_size_limit = mmds_size_limit or max_payload
         self.on_exit = on_exit
         self.guest_mmds_factory = guest_mmds
-        self.tap_exists = tap_exists or (lambda name: Path("/sys/class/net", name).exists())
+        self.tap_exists = tap_exists or _interface_exists
         self.on_logger = on_logger
         self.enable_pci = enable_pci
         self.state = NOT_STARTED
@@ -568,3 +569,13 @@ class FcMock:
             self.guest_mmds.close()
         if self.on_exit is not None:
             self.on_exit(code)
+
+
+def _interface_exists(name: str) -> bool:
+    """In *this* network namespace: /sys/class/net would show the namespace that mounted /sys, which is the
+    host's when we were started with `nsenter --net`."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True

@@ -185,10 +185,10 @@ class VmSupervisor:
         self._start_hypervisor()
 
     def _assets(self) -> tuple[Path, Path | None, Path]:
-        from fcvm.guest import find_rootfs, kernel_for_run
+        from fcvm.guest import find_kernel, find_rootfs
 
         request = self.request
-        built = kernel_for_run()
+        built = find_kernel(refresh_initramfs=True)
         rootfs = find_rootfs()
         if rootfs is None:
             raise FcvmError("the guest rootfs is not built", hint="run `fcvm setup rootfs`")

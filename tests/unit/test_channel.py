@@ -21,6 +21,7 @@ import pytest
 from fc_agent.channel import SerialChannel
 from fcvm.channel import HOST_PORT_BASE, SerialVsockBridge, VsockConnectError, connect_vsock
 from fcvm.channel.loopback import LoopbackQemu
+from fcvm_wire import mux
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,8 +39,10 @@ class Rig:
     def uds(self) -> Path:
         return self.bridge.uds_path
 
-    def restart_guest(self) -> SerialChannel:
+    def restart_guest(self, *, leave_half_a_frame: bool = False) -> SerialChannel:
         self.guest.close()
+        if leave_half_a_frame:  # what a guest killed in the middle of a write leaves in the pipe
+            self.qemu.inject(mux.encode(mux.Kind.DATA, 2, b"h" * 60000)[:1000], to_host=True)
         self.guest = SerialChannel(self.qemu.guest_fd())
         return self.guest
 
@@ -277,9 +280,15 @@ def test_half_close_guest_to_host(rig: Rig) -> None:
         guest_sock.sendall(b"request")
         guest_sock.shutdown(socket.SHUT_WR)
         assert recv_all(conn) == b"request"
-        conn.sendall(b"x" * 1_000_000)
-        conn.close()
+
+        def reply() -> None:
+            with conn:
+                conn.sendall(b"x" * 1_000_000)
+
+        replier = threading.Thread(target=reply)
+        replier.start()
         assert recv_all(guest_sock) == b"x" * 1_000_000
+        replier.join()
     server.close()
 
 
@@ -322,18 +331,24 @@ def test_guest_closing_mid_transfer_closes_the_host_connection(rig: Rig) -> None
     wait_for(lambda: not rig.bridge.engine.streams and not rig.guest.engine.streams)
 
 
-def test_guest_restart_resets_old_streams_and_new_ones_work(rig: Rig) -> None:
+def flood(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while True:
+            sock.sendall(b"w" * 65536)
+
+
+@pytest.mark.parametrize("half_frame", [False, True])
+def test_guest_restart_resets_old_streams_and_new_ones_work(rig: Rig, half_frame: bool) -> None:
     serve(rig.guest.listen(ECHO), echo)
     old = connect_vsock(rig.uds, ECHO, 5)
     old.sendall(b"before")
     assert recv_exactly(old, 6) == b"before"
-    # A transfer in flight while the guest dies leaves half a frame in the pipe.
-    busy = connect_vsock(rig.uds, ECHO, 5)
-    pump = threading.Thread(target=lambda: contextlib.suppress(OSError) and busy.sendall(b"w" * (8 << 20)))
+    busy = connect_vsock(rig.uds, ECHO, 5)  # a transfer in flight while the guest dies
+    pump = threading.Thread(target=flood, args=(busy,))
     pump.start()
     time.sleep(0.05)
     sessions = rig.bridge.engine.sessions
-    guest = rig.restart_guest()
+    guest = rig.restart_guest(leave_half_a_frame=half_frame)
     assert guest.wait_ready(10)
     wait_for(lambda: rig.bridge.engine.sessions > sessions)
     old.settimeout(5)
@@ -412,12 +427,7 @@ def test_garbage_in_the_pipe_resets_the_session_not_the_process(rig: Rig) -> Non
     re-established, and new streams work."""
     serve(rig.guest.listen(ECHO), echo)
     sessions = rig.guest.engine.sessions
-    host = rig.qemu._host
-    assert host is not None
-    with rig.qemu._lock:  # the relay thread also writes to the guest port
-        guest_port = rig.qemu._guest
-        assert guest_port is not None
-        guest_port.sendall(bytes([200]) + os.urandom(64))
+    rig.qemu.inject(bytes([200]) + os.urandom(64), to_host=False)
     wait_for(lambda: rig.guest.engine.sessions > sessions)
     wait_for(lambda: rig.bridge.ready and rig.guest.ready)
     with connect_vsock(rig.uds, ECHO, 5) as fresh:

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from tests.hoststate import HostState
+from tests.support import require
 
 NETWORKS = ["bridged", "rootless"]
+HYPERVISORS = ["qemu", "firecracker"]
+SPEC = Path(__file__).resolve().parents[3] / "shared" / "firecracker" / "firecracker-v1.16.1.yaml"
+
+
+def hypervisor_env(hypervisor: str) -> dict[str, str]:
+    """Firecracker here is fc-mock: the official API, validated against the official spec, booting via QEMU."""
+    if hypervisor == "qemu":
+        return dict(os.environ)
+    require(SPEC.is_file(), f"the Firecracker API spec is missing at {SPEC}")
+    mock = shutil.which("fcvm-fc-mock")
+    require(mock is not None, "fcvm-fc-mock is not installed (pip install -e .)")
+    return {**os.environ, "FCVM_FIRECRACKER_BIN": str(mock), "FCVM_FC_SPEC": str(SPEC)}
 
 
 def fcvm(*args: str, timeout: float = 300, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -52,17 +67,19 @@ def get(url: str, timeout: float = 60) -> str:
             time.sleep(0.5)
 
 
+@pytest.mark.parametrize("hypervisor", HYPERVISORS)
 @pytest.mark.parametrize("network", NETWORKS)
 def test_detached_httpd_serves_its_page_runs_exec_and_leaves_nothing(
-    guest_assets: None, host_port: int, network: str
+    guest_assets: None, host_port: int, network: str, hypervisor: str
 ) -> None:
+    env = hypervisor_env(hypervisor)
     before = HostState.capture()
-    fcvm("podman", "run", "-d", "--name", "demo", "--network", network, "-p", f"{host_port}:80",
-         "localhost/fcvm-demo-httpd")
+    fcvm("podman", "run", "-d", "--name", "demo", "--network", network, "--hypervisor", hypervisor,
+         "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd", env=env)
     try:
         row = vm_row("demo")
         assert row["status"] == "running" and row["health"] == "healthy"
-        assert row["hypervisor"] == "qemu"
+        assert row["hypervisor"] == ("qemu" if hypervisor == "qemu" else "firecracker (fc-mock)")
         assert "fcvm demo page" in get(published_url("demo", 80))
         if network == "bridged":
             assert "fcvm demo page" in get(f"http://127.0.0.1:{host_port}/")
@@ -71,19 +88,30 @@ def test_detached_httpd_serves_its_page_runs_exec_and_leaves_nothing(
         assert exec_code.returncode == 7 and exec_code.stderr.strip() == "oops"
         assert "Linux" in fcvm("exec", "demo", "--vm", "--", "uname", "-s").stdout
         assert "demo" in fcvm("ls").stdout
+        assert "fc-agent" in fcvm("logs", "--console", "demo").stdout
     finally:
         fcvm("stop", "demo")
-    assert vm_row("demo")["status"] == "exited"
+    row = vm_row("demo")
+    assert row["status"] == "exited" and row["exit_code"] == 137  # busybox httpd as PID 1 ignores SIGTERM
     assert HostState.capture().diff(before) == {}
 
 
 def test_foreground_run_streams_output_and_returns_the_container_exit_code(guest_assets: None) -> None:
-    result = fcvm("podman", "run", "--rm", "--name", "fg", "localhost/fcvm-busybox",
-                  "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3", check=False)
+    result = fcvm("podman", "run", "--name", "fg", "-e", "GREETING=hi there", "localhost/fcvm-busybox",
+                  "sh", "-c", "echo $GREETING; echo to-stderr >&2; exit 3", check=False)
     assert result.returncode == 3, result.stderr
-    assert "to-stdout" in result.stdout.splitlines()
+    assert "hi there" in result.stdout.splitlines()
     assert "to-stderr" in result.stderr
+    assert vm_row("fg")["exit_code"] == 3
+    assert "hi there" in fcvm("logs", "fg").stdout
+    assert "hi there" not in json.dumps(vm_row("fg")), "environment values (secrets) must not be stored"
+    fcvm("rm", "fg")
     assert all(r["name"] != "fg" for r in json.loads(fcvm("ls", "-a", "--json").stdout))
+
+
+def test_rm_flag_removes_the_record_on_exit(guest_assets: None) -> None:
+    assert fcvm("podman", "run", "--rm", "--name", "gone", "localhost/fcvm-busybox", "true").returncode == 0
+    assert all(r["name"] != "gone" for r in json.loads(fcvm("ls", "-a", "--json").stdout))
 
 
 def test_sigint_in_the_foreground_stops_the_vm_and_cleans_up(guest_assets: None, host_port: int) -> None:

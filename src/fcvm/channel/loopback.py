@@ -40,6 +40,14 @@ class LoopbackQemu:
         self._wake()
         return theirs.detach()
 
+    def inject(self, data: bytes, *, to_host: bool) -> None:
+        """Write raw bytes into the pipe (tests: corruption, half frames left by a dying guest)."""
+        with self._lock:
+            dest = self._host if to_host else self._guest
+            if dest is None:
+                raise OSError("no connection on that side")
+            dest.sendall(data)
+
     def drop_host(self) -> None:
         with self._lock:
             old, self._host = self._host, None
@@ -103,5 +111,5 @@ class LoopbackQemu:
             return
         if dest is None:
             return  # nobody on the other side: dropped, as QEMU would
-        with contextlib.suppress(OSError):
+        with self._lock, contextlib.suppress(OSError):
             dest.sendall(data)

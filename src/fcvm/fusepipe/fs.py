@@ -288,6 +288,11 @@ class Filesystem:
         ino = self.inodes.get(h.nodeid)
         hfd = self.handles[fh].fd if valid & proto.FATTR_FH and fh in self.handles else None
         is_link = ino.fmt == stat.S_IFLNK
+        effective = (proto.FATTR_UID | proto.FATTR_GID | proto.FATTR_SIZE | proto.FATTR_MODE | proto.FATTR_ATIME
+                     | proto.FATTR_MTIME | proto.FATTR_KILL_SUIDGID)
+        if not valid & effective:
+            # chown(f, -1, -1) and friends: nothing to change but the ctime, as on the host.
+            sysc.fchown_empty(ino.fd, -1, -1)
         if valid & (proto.FATTR_UID | proto.FATTR_GID):
             u = uid if valid & proto.FATTR_UID else -1
             g = gid if valid & proto.FATTR_GID else -1
@@ -608,7 +613,10 @@ class Filesystem:
     def _snapshot(self, handle: Handle, offset: int) -> list[tuple[bytes, int, int]]:
         if offset == 0 or handle.entries is None:
             st = os.fstat(handle.fd)
-            entries: list[tuple[bytes, int, int]] = [(b".", st.st_ino, 4), (b"..", 0, 4)]
+            parent_ino = st.st_ino
+            if handle.inode is not self.inodes.root:
+                parent_ino = os.stat("..", dir_fd=handle.fd).st_ino
+            entries: list[tuple[bytes, int, int]] = [(b".", st.st_ino, 4), (b"..", parent_ino, 4)]
             with os.scandir(handle.fd) as it:
                 for e in it:
                     if e.is_dir(follow_symlinks=False):

@@ -7,7 +7,6 @@ from fcvm.guest.kernel import (
     ensure_kernel,
     find_kernel,
     host_tsc_khz,
-    kernel_for_run,
     qemu_boot_args,
 )
 from fcvm.guest.rootfs import ensure_rootfs, find_rootfs
@@ -20,6 +19,5 @@ __all__ = [
     "find_kernel",
     "find_rootfs",
     "host_tsc_khz",
-    "kernel_for_run",
     "qemu_boot_args",
 ]

@@ -234,12 +234,3 @@ def host_tsc_khz() -> int:
 def qemu_boot_args() -> str:
     """Kernel command line for the guest under QEMU microvm."""
     return f"console=ttyS0 tsc=reliable tsc_early_khz={host_tsc_khz()} panic=-1 quiet"
-
-
-def kernel_for_run() -> KernelAssets | None:
-    """The most recently built kernel with an initramfs for the current agent sources, building that
-    initramfs now if only the agent changed (local, about a second). None when no kernel is built."""
-    dirs = kernel_dirs()
-    if not dirs:
-        return None
-    return _assets(dirs[0], _ensure_initramfs(dirs[0], agent_sources()))

@@ -93,6 +93,8 @@ class VmSupervisor:
         self._booted = False
         self._control: ControlStream | None = None
         self._container_done = threading.Event()
+        self._t0 = time.monotonic()
+        self._timings: dict[str, float] = {}
         self._exit_code: int | None = None
         self._agent_failed: str | None = None
         self._container_log: Any = None
@@ -223,9 +225,20 @@ class VmSupervisor:
         spec.boot_args = f"{qemu_boot_args()} fcvm_plan=channel"
         return QemuVm(spec)
 
+    def _mark(self, stage: str) -> None:
+        """Seconds since `fcvm podman run` began, per stage, kept in the row for `fcvm inspect` and bench/."""
+        if stage in self._timings or self.vm is None:
+            return
+        self._timings[stage] = round(time.monotonic() - self._t0, 3)
+        current = self.store.get_vm(self.vm.id)
+        if current is not None:
+            self.store.update_vm(self.vm.id, config={**current.config, "timings": self._timings})
+
     def _start_hypervisor(self) -> None:
         assert self.hypervisor is not None and self.journal is not None and self.vm is not None
-        self.hypervisor.start()
+        self._mark("vmm_starting")
+        self.hypervisor.start()  # for Firecracker this returns once InstanceStart was sent
+        self._mark("vmm_started")
         self._booted = True
         vmm = self.hypervisor.process
         self.journal.record("process", pid=vmm.pid, start=vmm.start, grace=5)
@@ -270,6 +283,7 @@ class VmSupervisor:
             for message in control:
                 kind = message["type"]
                 if kind == "hello":
+                    self._mark("agent_connected")
                     if self.request.hypervisor != "firecracker":
                         control.send({"type": "plan", "plan": json.loads(plan.to_json())})
                 elif kind == "log":
@@ -277,7 +291,7 @@ class VmSupervisor:
                 elif kind == "status":
                     self._on_status(message)
                 elif kind == "health" and not self.request.health_url:
-                    self.store.update_vm(self.vm.id, health=str(message.get("health")))
+                    self._set_health(str(message.get("health")))
         except (ControlError, OSError) as exc:
             self._log.warning("agent control stream: %s", exc)
         finally:
@@ -293,10 +307,18 @@ class VmSupervisor:
         if self.request.echo_output:
             print(line, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
 
+    def _set_health(self, health: str) -> None:
+        assert self.vm is not None
+        if health == "healthy":
+            self._mark("healthy")
+        self.store.update_vm(self.vm.id, health=health)
+
     def _on_status(self, message: dict[str, Any]) -> None:
         assert self.vm is not None
         state = message.get("state")
         self._log.debug("agent status %s", message)
+        if state == "running":
+            self._mark("container_running")
         if state == "running" and self.request.health_url:
             self._spawn(self._poll_health)
         elif state == "exited":
@@ -341,7 +363,7 @@ class VmSupervisor:
             except OSError:
                 health = "starting" if last in (None, "starting") else "unhealthy"
             if health != last:
-                self.store.update_vm(self.vm.id, health=health)
+                self._set_health(health)
                 self._log.info("health: %s", health)
                 last = health
             self._stop.wait(1.0)

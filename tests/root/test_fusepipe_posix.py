@@ -165,11 +165,13 @@ def _fresh(*dirs: Path) -> None:
 def test_random_operations_match_plain_directory(mount: MountLocal, dirs: tuple[Path, Path, Path], uid: int) -> None:
     _, mnt, ref = dirs
     a, b = mnt / "x", ref / "x"
+    runs: list[int] = []
 
-    @settings(max_examples=40 if uid == 0 else 15, deadline=None, derandomize=True,
+    @settings(max_examples=100 if uid == 0 else 30, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(st.lists(_op, min_size=1, max_size=30))
+    @given(st.lists(_op, min_size=4, max_size=40))
     def check(ops: list[list[object]]) -> None:
+        runs.append(len(ops))
         _fresh(a, b)
         if uid == 0:
             diff = scenario.run_ops(str(a), str(b), ops)
@@ -178,6 +180,8 @@ def test_random_operations_match_plain_directory(mount: MountLocal, dirs: tuple[
         assert diff == [], f"divergence: {diff}"
 
     check()
+    assert len(runs) >= 10 and sum(runs) > 100, runs
+    print(f"{len(runs)} sequences, {sum(runs)} operations")
 
 
 def test_host_changes_show_up_at_once(mount: MountLocal, dirs: tuple[Path, Path, Path]) -> None:

@@ -17,7 +17,7 @@ def _handler(parser: argparse.ArgumentParser, target: str) -> None:
     parser.set_defaults(handler=target, command_name=parser.prog.removeprefix("fcvm "))
 
 
-def _group(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+def _group(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
     parser = sub.add_parser(name, help=help_text, description=help_text)
     parser.set_defaults(handler=None, group_parser=parser)
     return parser.add_subparsers(title="commands", metavar="COMMAND")

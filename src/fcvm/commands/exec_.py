@@ -14,6 +14,7 @@ import termios
 import threading
 import tty
 import uuid
+from pathlib import Path
 
 from fcvm.core import paths
 from fcvm.core.errors import FcvmError, UsageError
@@ -24,7 +25,7 @@ from fcvm_wire import ports
 _ATTEMPTS = 3
 
 
-def _open(uds: str, request: ep.ExecRequest) -> socket.socket:
+def _open(uds: Path, request: ep.ExecRequest) -> socket.socket:
     """Connect and get the agent's ack; retry only while no ack came (the id makes retries safe)."""
     from fcvm.channel import connect_vsock
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     rows, cols = shutil.get_terminal_size()
     request = ep.ExecRequest(id=uuid.uuid4().hex, argv=command, target="vm" if args.vm else "container",
                              tty=use_tty, interactive=args.interactive, rows=rows, cols=cols)
-    sock = _open(str(paths.vm_dir(vm.id) / "v.sock"), request)
+    sock = _open(paths.vm_dir(vm.id) / "v.sock", request)
     saved = termios.tcgetattr(sys.stdin) if use_tty else None
     try:
         if saved is not None:

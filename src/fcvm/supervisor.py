@@ -100,6 +100,7 @@ class VmSupervisor:
         self._container_log: Any = None
         self._threads: list[threading.Thread] = []
         self._listeners: list[socket.socket] = []
+        self._volume_servers: list[Any] = []
         self._log = log.get(f"vm.{request.name}")
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -334,13 +335,17 @@ class VmSupervisor:
     # --- volumes ---------------------------------------------------------------------------------
 
     def _serve_volumes(self, vsock_uds: Path) -> None:
+        """One fuse-pipe server per --map on `<vsock uds>_<5000+i>`; the guest relay reconnects to the same
+        server (and session) after a channel reset."""
         if not self.request.maps:
             return
-        from fcvm.fusepipe import serve_listener
+        from fcvm.fusepipe import Server
 
         for index, volume in enumerate(self.request.maps):
             listener = self._listen(Path(f"{vsock_uds}_{wire_ports.HOST_VOLUME_BASE + index}"))
-            self._spawn(serve_listener, volume.host_dir, listener, volume.read_only, self._stop)
+            server = Server(str(volume.host_dir), read_only=volume.read_only)
+            self._volume_servers.append(server)
+            self._spawn(server.serve_forever, listener)
 
     # --- health ----------------------------------------------------------------------------------
 
@@ -401,6 +406,8 @@ class VmSupervisor:
                 self.hypervisor.stop(timeout=5)
             except Exception as exc:  # teardown goes on: the journal still stops the VMM process
                 self._log.warning("stopping the hypervisor: %s", exc)
+        for server in self._volume_servers:
+            server.close()
         for listener in self._listeners:
             with contextlib.suppress(OSError):
                 listener.close()

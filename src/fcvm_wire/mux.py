@@ -161,6 +161,11 @@ class FrameDecoder:
     def __init__(self, *, synced: bool = False) -> None:
         self.synced = synced
         self._buf = b""
+        # Input arriving in small reads (the guest's virtio-serial port returns a few KiB per read) is
+        # collected here and joined once the pending frame is complete, not re-copied per read.
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = 0
 
     def resync(self) -> None:
         """Drop everything up to the next HELLO (after a session reset)."""
@@ -168,11 +173,20 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + self._have
 
     def feed(self, data: bytes) -> list[Frame | ProtocolError]:
+        if self._buf and self._have + len(data) + len(self._buf) < self._need:
+            self._parts.append(bytes(data))
+            self._have += len(data)
+            return []
+        if self._parts:
+            buf = b"".join([self._buf, *self._parts, data])
+            self._parts.clear()
+            self._have = 0
+        else:
+            buf = self._buf + data if self._buf else bytes(data)
         out: list[Frame | ProtocolError] = []
-        buf = self._buf + data if self._buf else bytes(data)
         end = len(buf)
         pos = 0
         header_size = HEADER.size
@@ -212,6 +226,11 @@ class FrameDecoder:
             out.append(Frame(kind, stream, payload))
             pos = start + length
         self._buf = buf[pos:]
+        self._need = 0
+        if self.synced and len(self._buf) >= header_size and self._buf[0] != 0:
+            kind, stream, length = unpack(self._buf, 0)
+            if self._check(kind, stream, length) is None:
+                self._need = header_size + length
         return out
 
     @staticmethod
@@ -497,7 +516,9 @@ class MuxEngine:
     def _on_transport(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush_tx()
-        if mask & selectors.EVENT_READ and self._tfd >= 0:
+        # The virtio-serial port returns one small buffer per read: read a batch before parsing.
+        budget = 1 << 20
+        while mask & selectors.EVENT_READ and self._tfd >= 0 and budget > 0:
             try:
                 data = os.read(self._tfd, 1 << 18)
             except (BlockingIOError, InterruptedError):
@@ -508,6 +529,7 @@ class MuxEngine:
             if not data:
                 self._transport_lost("closed by the other side")
                 return
+            budget -= len(data)
             for item in self._decoder.feed(data):
                 if isinstance(item, ProtocolError):
                     self._session_error(str(item))

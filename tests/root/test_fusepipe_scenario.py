@@ -46,8 +46,7 @@ def tree(base: str) -> dict[str, Any]:
             if stat.S_ISLNK(st.st_mode):
                 entry.append(os.readlink(path))
             elif stat.S_ISREG(st.st_mode):
-                with open(path, "rb") as f:
-                    entry.append(f.read().hex())
+                entry.append(_call(lambda path=path: _read(path).hex()))
             out[rel] = entry
     return out
 

@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,8 +58,6 @@ class Rig:
 def rig(tmp_path: Path) -> Iterator[Rig]:
     # Unix socket paths are limited to 108 bytes; pytest's tmp_path can get long.
     base = Path(os.environ.get("TMPDIR", "/tmp"))
-    import tempfile
-
     short = Path(tempfile.mkdtemp(prefix="ch", dir=base))
     qemu = LoopbackQemu(short / "serial")
     bridge = SerialVsockBridge(short / "serial", short / "v.sock")
@@ -174,10 +173,8 @@ def test_bad_connect_lines_are_closed(rig: Rig) -> None:
             raw.settimeout(5)
             raw.connect(str(rig.uds))
             raw.sendall(request)
-            try:
+            with contextlib.suppress(ConnectionResetError):  # over-long line: closed with bytes unread
                 assert raw.recv(100) == b""
-            except ConnectionResetError:
-                pass  # closed with part of the over-long line unread
 
 
 def test_guest_connect_to_a_host_port_without_listener_is_reset(rig: Rig) -> None:
@@ -380,9 +377,7 @@ def test_bridge_reconnects_when_the_chardev_connection_drops(rig: Rig) -> None:
         assert recv_exactly(fresh, 5) == b"again"
 
 
-def test_connection_limit(tmp_path: Path) -> None:
-    import tempfile
-
+def test_connection_limit() -> None:
     short = Path(tempfile.mkdtemp(prefix="cl", dir="/tmp"))
     try:
         with LoopbackQemu(short / "serial") as qemu, SerialVsockBridge(
@@ -433,3 +428,36 @@ def test_garbage_in_the_pipe_resets_the_session_not_the_process(rig: Rig) -> Non
     with connect_vsock(rig.uds, ECHO, 5) as fresh:
         fresh.sendall(b"recovered")
         assert recv_exactly(fresh, 9) == b"recovered"
+
+
+def test_find_serial_port_by_name(tmp_path: Path) -> None:
+    from fc_agent.channel import find_serial_port
+
+    sys_dir, dev_dir = tmp_path / "virtio-ports", tmp_path / "dev"
+    for name, port in (("vport1p1", "org.qemu.guest_agent.0"), ("vport1p2", "org.fcvm.agent")):
+        (sys_dir / name).mkdir(parents=True)
+        (sys_dir / name / "name").write_text(port + "\n")
+        (sys_dir / name / "dev").write_text("252:2\n")
+    dev_dir.mkdir()
+    (dev_dir / "vport1p2").touch()  # as devtmpfs would have made it
+    assert find_serial_port(sys_dir=sys_dir, dev_dir=dev_dir) == dev_dir / "vport1p2"
+    assert find_serial_port("org.other", sys_dir=sys_dir, dev_dir=dev_dir) is None
+    assert find_serial_port(sys_dir=tmp_path / "absent", dev_dir=dev_dir) is None
+
+
+def test_serial_listener_fileno_is_readable_while_a_connection_waits(rig: Rig) -> None:
+    import select
+
+    listener = rig.guest.listen(7000)
+    assert select.select([listener], [], [], 0)[0] == []
+    client = connect_vsock(rig.uds, 7000, 5)
+    assert select.select([listener], [], [], 5)[0] == [listener]
+    conn = listener.accept(timeout=1)
+    assert select.select([listener], [], [], 0)[0] == []
+    with pytest.raises(TimeoutError):
+        listener.accept(timeout=0.05)
+    with pytest.raises(OSError, match="already listened"):
+        rig.guest.listen(7000)
+    listener.close()
+    conn.close()
+    client.close()

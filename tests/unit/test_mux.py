@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from fcvm_wire import mux
 from fcvm_wire.mux import Frame, FrameDecoder, Kind, ProtocolError
 
-
 _HELLO_LEN = len(mux.encode_hello(1, 1, 1)) - mux.HEADER.size
 
 

@@ -69,10 +69,13 @@ def connect_vsock(uds_path: Path, port: int, timeout: float = 5.0) -> socket.soc
         raise VsockConnectError(
             f"vsock port {port}: no answer from the VM within {timeout:g} s", port=port
         ) from None
-    except ConnectionResetError:
+    except (ConnectionResetError, BrokenPipeError):
         sock.close()
         raise VsockConnectError(
-            f"vsock port {port}: connection reset by the VM", port=port, refused=True
+            f"vsock port {port}: connection closed by the VM before OK",
+            port=port,
+            refused=True,
+            hint="nothing listens on the port in the guest, or too many connections",
         ) from None
     except BaseException:
         with contextlib.suppress(OSError):

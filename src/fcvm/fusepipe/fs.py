@@ -50,6 +50,7 @@ class Handle:
     is_dir: bool = False
     entries: list[tuple[bytes, int, int]] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    lock_owners: set[int] = field(default_factory=set)  # POSIX lock owners that locked through this handle
 
 
 def _name(raw: bytes) -> bytes:
@@ -427,7 +428,12 @@ class Filesystem:
         fh = self._new_handle(fd, ino)
         if flags & os.O_TRUNC:
             self._changed(ino)
-        return proto.OPEN_OUT.pack(fh, proto.FOPEN_KEEP_CACHE, 0)
+        # A read-only open has nothing to flush: skip the FLUSH round trip on close. POSIX locks taken
+        # through it are dropped at RELEASE instead (see op_release).
+        open_flags = proto.FOPEN_KEEP_CACHE
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            open_flags |= proto.FOPEN_NOFLUSH
+        return proto.OPEN_OUT.pack(fh, open_flags, 0)
 
     def op_create(self, h: InHeader, b: memoryview) -> bytes:
         flags, mode, _umask, _ = struct.unpack_from("<IIII", b, 0)
@@ -490,7 +496,8 @@ class Filesystem:
             handle = self.handles.pop(fh, None)
         if handle is not None:
             _close(handle.fd)
-            self._drop_lock_fd(handle.inode.nodeid, lock_owner)
+            for owner in {lock_owner, *handle.lock_owners}:
+                self._drop_lock_fd(handle.inode.nodeid, owner)
         return b""
 
     def op_flush(self, h: InHeader, b: memoryview) -> bytes:
@@ -752,6 +759,9 @@ class Filesystem:
             return b""
         fd = self._lock_fd(ino, owner, create=True)
         assert fd is not None
+        via = self.handles.get(fh)
+        if via is not None:
+            via.lock_owners.add(owner)
         arg = self._flock_struct(start, end, typ)
         self._retry(h.unique, wait, lambda: fcntl.fcntl(fd, F_OFD_SETLK, arg))
         with self.locks_lock:

@@ -160,6 +160,11 @@ class Server:
         self.read_only = read_only
         self.resume_grace = resume_grace
         self.watch = watch
+        # FCVM_FUSEPIPE_TIMEOUT=<seconds> overrides the entry/attr cache timeouts (0: no caching; bench).
+        env = os.environ.get("FCVM_FUSEPIPE_TIMEOUT")
+        if env is not None and not timeouts:
+            t = float(env)
+            timeouts = {"entry_timeout": t, "attr_timeout": t, "negative_timeout": t}
         self.timeouts = timeouts
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fp-work")
         self.sessions: dict[int, Session] = {}

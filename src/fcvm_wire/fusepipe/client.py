@@ -32,7 +32,6 @@ _log = logging.getLogger("fc_agent.fusepipe")
 
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 MS_RDONLY = 1
-MS_NOSUID = 2
 MNT_DETACH = 2
 READ_BUFFER = proto.MAX_FRAME + 4096
 
@@ -51,7 +50,7 @@ def mount_fuse(mountpoint: str, *, read_only: bool = False, fsname: str = "fusep
     st = os.stat(mountpoint)
     rootmode = st.st_mode & 0o170000
     opts = (f"fd={fd},rootmode={rootmode:o},user_id=0,group_id=0,default_permissions,allow_other")
-    flags = MS_NOSUID * 0 | (MS_RDONLY if read_only else 0)
+    flags = MS_RDONLY if read_only else 0  # no nosuid/nodev: the container sees a plain bind-like mount
     libc = _libc()
     res = libc.mount(fsname.encode(), mountpoint.encode(), b"fuse.fusepipe", ctypes.c_ulong(flags), opts.encode())
     if res != 0:

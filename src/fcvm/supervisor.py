@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -117,7 +118,7 @@ class VmSupervisor:
                 signal.signal(sig, handler)
         if self._agent_failed:
             raise FcvmError(f"VM {self.request.name}: {self._agent_failed}",
-                            hint=f"see `fcvm logs {self.request.name}` and {self.workdir / 'console.log'}")
+                            hint=f"the guest console is in {self.log_dir / 'console.log'}")
         if self._exit_code is not None:
             return self._exit_code
         return {"SIGINT": 130, "SIGTERM": 143}.get(self._stop_reason, 1)
@@ -130,6 +131,11 @@ class VmSupervisor:
     def workdir(self) -> Path:
         assert self.vm is not None
         return paths.vm_dir(self.vm.id)
+
+    @property
+    def log_dir(self) -> Path:
+        assert self.vm is not None
+        return paths.vm_logs_dir(self.vm.id)
 
     def _create(self) -> None:
         request = self.request
@@ -145,7 +151,8 @@ class VmSupervisor:
         kernel, initrd, rootfs = self._assets()
         self.journal.record("dir", path=str(self.workdir))
         paths.ensure_dir(self.workdir, 0o700)
-        self._container_log = open(self.workdir / "container.log", "a", buffering=1)  # noqa: SIM115
+        paths.ensure_dir(self.log_dir, 0o700)
+        self._container_log = open(self.log_dir / "container.log", "a", buffering=1)  # noqa: SIM115
 
         from fcvm.storage.disks import make_vm_disk
         from fcvm.storage.images import export_image
@@ -182,7 +189,7 @@ class VmSupervisor:
             name=request.name, workdir=self.workdir, kernel=kernel, initrd=initrd,
             boot_args="", vcpus=request.cpus, mem_mib=request.mem_mib, drives=drives,
             tap=self.network.tap, guest_mac=self.network.guest_spec()["mac"], vsock_uds=vsock_uds,
-            guest_cid=wire_ports.GUEST_CID, enter_argv=self.network.enter_argv(),
+            guest_cid=wire_ports.GUEST_CID, enter_argv=self.network.enter_argv(), log_dir=self.log_dir,
         )
         self.hypervisor = self._hypervisor(spec, plan)
         self._start_hypervisor()
@@ -421,6 +428,8 @@ class VmSupervisor:
         # A VM that never booted leaves no row behind, like a failed `podman run` that created nothing.
         if self.request.remove or not self._booted:
             self.store.delete_vm(self.vm.id)
+            if not self._agent_failed:  # keep the console of a failed boot for the error message's hint
+                shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def generate_name() -> str:

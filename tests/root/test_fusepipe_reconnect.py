@@ -144,3 +144,20 @@ def test_mount_survives_repeated_stream_resets(setup: tuple[Path, Path, Resettin
     assert _mounted(mnt)
     assert sorted(os.listdir(mnt)) == sorted(os.listdir(src))
     assert not [p for p in os.listdir(src) if p.startswith("d")]
+
+
+def test_serving_leaves_the_process_umask_alone(tmp_path: Path) -> None:
+    """The server needs umask 0 for exact guest modes, but only in its own worker threads: the VM supervisor
+    runs it in-process and must keep creating its own files with the normal umask."""
+    code = (
+        "import os, socket, threading, sys\n"
+        "from fcvm.fusepipe import Server\n"
+        "from fcvm.fusepipe.sysc import Credentials\n"
+        "os.umask(0o022)\n"
+        "Server(sys.argv[1])\n"
+        "t = threading.Thread(target=lambda: Credentials().switch(0, 0)); t.start(); t.join()\n"
+        "print(oct(os.umask(0o022)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                            env={**os.environ})
+    assert result.stdout.strip() == "0o22"

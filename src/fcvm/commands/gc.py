@@ -26,9 +26,11 @@ def collect(store: Store) -> dict[str, int]:
     for owner in store.allocation_owners() - live:
         store.release_allocations(owner)
     dirs = 0
-    if paths.vms_dir().is_dir():
-        for directory in paths.vms_dir().iterdir():
-            if directory.name not in known:
+    for parent in (paths.vms_dir(), paths.data_dir() / "logs"):
+        if not parent.is_dir():
+            continue
+        for directory in parent.iterdir():
+            if directory.is_dir() and directory.name not in known:
                 shutil.rmtree(directory, ignore_errors=True)
                 dirs += 1
     return {"reaped": len(reaped), "journals": orphans, "dirs": dirs}

@@ -13,7 +13,7 @@ from fcvm.state import Store
 def run(args: argparse.Namespace) -> int:
     store = Store()
     vm = store.require_vm(args.name)
-    path = paths.vm_dir(vm.id) / ("console.log" if args.console else "container.log")
+    path = paths.vm_logs_dir(vm.id) / ("console.log" if args.console else "container.log")
     if not path.exists():
         return 0
     with open(path, "rb") as source:

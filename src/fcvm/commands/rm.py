@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 
 from fcvm.cleanup import reap_stale
-from fcvm.commands.stop import stop_vm
+from fcvm.commands.stop import each_vm, stop_vm
 from fcvm.core import paths
 from fcvm.core.errors import FcvmError
 from fcvm.state import Store
@@ -20,18 +19,11 @@ def remove_vm(store: Store, name: str, force: bool) -> None:
             raise FcvmError(f"VM {name!r} is {vm.status}", hint=f"stop it first, or use `fcvm rm -f {name}`")
         stop_vm(store, name, grace=10)
     shutil.rmtree(paths.vm_dir(vm.id), ignore_errors=True)
+    shutil.rmtree(paths.vm_logs_dir(vm.id), ignore_errors=True)
     store.delete_vm(vm.id)
 
 
 def run(args: argparse.Namespace) -> int:
     store = Store()
     reap_stale(store)
-    failed = False
-    for name in args.names:
-        try:
-            remove_vm(store, name, args.force)
-            print(name)
-        except FcvmError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            failed = True
-    return 1 if failed else 0
+    return each_vm(args.names, lambda name: remove_vm(store, name, args.force))

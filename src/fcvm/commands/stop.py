@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from fcvm.cleanup import reap_stale
 from fcvm.core.errors import FcvmError
@@ -30,14 +31,19 @@ def stop_vm(store: Store, name: str, grace: float) -> None:
     reap_stale(store)
 
 
-def run(args: argparse.Namespace) -> int:
-    store = Store()
+def each_vm(names: list[str], action: Callable[[str], None]) -> int:
+    """Apply `action` to every named VM like podman does: print each name done, report each failure, go on."""
     failed = False
-    for name in args.names:
+    for name in names:
         try:
-            stop_vm(store, name, args.time)
+            action(name)
             print(name)
         except FcvmError as exc:
             print(f"Error: {exc}", file=sys.stderr)
             failed = True
     return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    store = Store()
+    return each_vm(args.names, lambda name: stop_vm(store, name, args.time))

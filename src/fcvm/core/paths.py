@@ -46,6 +46,11 @@ def vm_dir(vm_id: str) -> Path:
     return vms_dir() / vm_id
 
 
+def vm_logs_dir(vm_id: str) -> Path:
+    """Console and container output; outlives the VM (and its disk) until `fcvm rm`."""
+    return data_dir() / "logs" / vm_id
+
+
 def snapshots_dir() -> Path:
     return data_dir() / "snapshots"
 

@@ -170,7 +170,6 @@ class Server:
         self.sessions: dict[int, Session] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        os.umask(0)  # the guest kernel applies the caller's umask before sending modes
 
     def _session(self, sid: int) -> tuple[Session, bool]:
         with self.lock:

@@ -95,6 +95,17 @@ def _raise_effective_caps() -> None:
     _check(_libc.syscall(_SYSCALLS["capset"], ctypes.byref(hdr), data), "capset")
 
 
+_CLONE_FS = 0x200
+
+
+def _clear_thread_umask() -> None:
+    """The guest kernel already applied the caller's umask to the modes it sends, so the host must not apply
+    its own. umask is per process; unshare(CLONE_FS) gives this thread a private one, leaving the rest of the
+    process (the VM supervisor, a test run) untouched."""
+    _check(_libc.unshare(_CLONE_FS), "unshare(CLONE_FS)")
+    os.umask(0)
+
+
 class Credentials:
     """Thread-local filesystem uid/gid. setfsuid/setfsgid act on the calling thread only (glibc does not
     broadcast them, unlike setuid/setgroups), so each worker thread carries the caller of its request."""
@@ -104,6 +115,9 @@ class Credentials:
         self._local = threading.local()
 
     def switch(self, uid: int, gid: int) -> None:
+        if not getattr(self._local, "umask_cleared", False):
+            _clear_thread_umask()
+            self._local.umask_cleared = True
         if not self.enabled:
             return
         cur = getattr(self._local, "ids", (0, 0))

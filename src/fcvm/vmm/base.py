@@ -34,10 +34,11 @@ class MachineSpec:
     vsock_uds: Path | None = None  # host side of the agent channel, with Firecracker vsock semantics
     guest_cid: int = 3
     enter_argv: list[str] = field(default_factory=list)  # runs the VMM inside the VM's namespaces
+    log_dir: Path | None = None  # where console.log goes, if it must outlive `workdir`
 
     @property
     def console_log(self) -> Path:
-        return self.workdir / "console.log"
+        return (self.log_dir or self.workdir) / "console.log"
 
 
 class Hypervisor(Protocol):

@@ -146,18 +146,24 @@ def test_mount_survives_repeated_stream_resets(setup: tuple[Path, Path, Resettin
     assert not [p for p in os.listdir(src) if p.startswith("d")]
 
 
-def test_serving_leaves_the_process_umask_alone(tmp_path: Path) -> None:
-    """The server needs umask 0 for exact guest modes, but only in its own worker threads: the VM supervisor
-    runs it in-process and must keep creating its own files with the normal umask."""
+def test_exact_guest_modes_never_leak_a_zero_umask(tmp_path: Path) -> None:
+    """Files get exactly the guest's mode, yet the process (the VM supervisor runs the server in-process)
+    keeps its own umask, on the main thread and on worker threads alike."""
     code = (
-        "import os, socket, threading, sys\n"
+        "import os, sys, threading\n"
         "from fcvm.fusepipe import Server\n"
-        "from fcvm.fusepipe.sysc import Credentials\n"
+        "from fcvm.fusepipe.sysc import exact_modes\n"
         "os.umask(0o022)\n"
         "Server(sys.argv[1])\n"
-        "t = threading.Thread(target=lambda: Credentials().switch(0, 0)); t.start(); t.join()\n"
+        "def create(name):\n"
+        "    with exact_modes():\n"
+        "        os.close(os.open(os.path.join(sys.argv[1], name), os.O_CREAT | os.O_WRONLY, 0o666))\n"
+        "create('main')\n"
+        "t = threading.Thread(target=create, args=('worker',)); t.start(); t.join()\n"
         "print(oct(os.umask(0o022)))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
-                            env={**os.environ})
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            check=True)
     assert result.stdout.strip() == "0o22"
+    assert (tmp_path / "main").stat().st_mode & 0o777 == 0o666
+    assert (tmp_path / "worker").stat().st_mode & 0o777 == 0o666

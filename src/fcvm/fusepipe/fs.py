@@ -356,12 +356,13 @@ class Filesystem:
         self.creds.switch(h.uid, h.gid)
         major, minor = proto.decode_dev(rdev)
         fmt = stat.S_IFMT(mode)
-        if fmt == stat.S_IFREG:
-            fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                         stat.S_IMODE(mode), dir_fd=parent.fd)
-            os.close(fd)
-        else:
-            os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
+        with sysc.exact_modes():
+            if fmt == stat.S_IFREG:
+                fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             stat.S_IMODE(mode), dir_fd=parent.fd)
+                os.close(fd)
+            else:
+                os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
         return self._created(parent, name)
 
     def op_mkdir(self, h: InHeader, b: memoryview) -> bytes:
@@ -369,7 +370,8 @@ class Filesystem:
         (name,) = _cstrings(b[8:], 1)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
+        with sysc.exact_modes():
+            os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
         return self._created(parent, name)
 
     def op_unlink(self, h: InHeader, b: memoryview) -> bytes:
@@ -440,8 +442,9 @@ class Filesystem:
         (name,) = _cstrings(b[16:], 1)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     stat.S_IMODE(mode), dir_fd=parent.fd)
+        with sysc.exact_modes():
+            fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
         try:
             ino, st = self._adopt(fd)
         except BaseException:
@@ -458,7 +461,8 @@ class Filesystem:
         flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY)) | os.O_TMPFILE | os.O_CLOEXEC
         if flags & os.O_ACCMODE == os.O_RDONLY:
             flags |= os.O_RDWR
-        fd = os.open(".", flags, stat.S_IMODE(mode), dir_fd=parent.fd)
+        with sysc.exact_modes():
+            fd = os.open(".", flags, stat.S_IMODE(mode), dir_fd=parent.fd)
         try:
             ino, st = self._adopt(fd)
         except BaseException:

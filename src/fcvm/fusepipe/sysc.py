@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
 import threading
+from collections.abc import Iterator
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -98,12 +100,23 @@ def _raise_effective_caps() -> None:
 _CLONE_FS = 0x200
 
 
-def _clear_thread_umask() -> None:
-    """The guest kernel already applied the caller's umask to the modes it sends, so the host must not apply
-    its own. umask is per process; unshare(CLONE_FS) gives this thread a private one, leaving the rest of the
-    process (the VM supervisor, a test run) untouched."""
-    _check(_libc.unshare(_CLONE_FS), "unshare(CLONE_FS)")
-    os.umask(0)
+_fs_private = threading.local()
+
+
+@contextlib.contextmanager
+def exact_modes() -> Iterator[None]:
+    """Create files with exactly the mode the guest sent: its kernel already applied the caller's umask, so
+    the host's must not apply again. umask is shared by the threads of a process; unshare(CLONE_FS) makes it
+    this thread's own, and it is restored afterwards, so the rest of the process (the VM supervisor, a test
+    run) never sees umask 0."""
+    if not getattr(_fs_private, "done", False):
+        _check(_libc.unshare(_CLONE_FS), "unshare(CLONE_FS)")
+        _fs_private.done = True
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 class Credentials:
@@ -115,9 +128,6 @@ class Credentials:
         self._local = threading.local()
 
     def switch(self, uid: int, gid: int) -> None:
-        if not getattr(self._local, "umask_cleared", False):
-            _clear_thread_umask()
-            self._local.umask_cleared = True
         if not self.enabled:
             return
         cur = getattr(self._local, "ids", (0, 0))

@@ -10,7 +10,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(qemu-system-x86 podman runc crun mmdebstrap btrfs-progs iptables slirp4netns passt kmod
+packages=(qemu-system-x86 podman runc mmdebstrap btrfs-progs iptables slirp4netns passt kmod
           busybox-static e2fsprogs uidmap cpio curl zstd fuse3 iproute2 gcc python3-dev python3-venv)
 missing=()
 for package in "${packages[@]}"; do

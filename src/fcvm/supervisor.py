@@ -78,6 +78,7 @@ class RunRequest:
     kernel: Path | None = None
     initrd: Path | None = None
     remove: bool = False
+    boot_timeout: float = 300.0  # until the container runs; TCG guests are slow, but never wait forever
     echo_output: bool = True  # foreground: container stdout/stderr go to ours
 
 
@@ -384,7 +385,12 @@ class VmSupervisor:
 
     def _supervise(self) -> None:
         assert self.hypervisor is not None
+        deadline = time.monotonic() + self.request.boot_timeout
         while not self._stop.is_set():
+            if "container_running" not in self._timings and time.monotonic() > deadline:
+                self._agent_failed = (f"the container did not start within {self.request.boot_timeout:.0f} s "
+                                      "(--boot-timeout); the guest may be stuck")
+                return
             code = self.hypervisor.wait(0.2)
             if code is not None:
                 if self._exit_code is None and not self._agent_failed:

@@ -141,3 +141,13 @@ def test_sigkill_of_the_owner_is_cleaned_up_by_the_next_ls(guest_assets: None, h
     assert "doomed" not in fcvm("ls").stdout
     assert vm_row("doomed")["status"] == "exited"
     assert HostState.capture().diff(before) == {}
+
+
+def test_a_guest_that_does_not_start_in_time_fails_clearly_and_leaves_nothing(guest_assets: None) -> None:
+    before = HostState.capture()
+    result = fcvm("podman", "run", "--name", "slow", "--boot-timeout", "1", "localhost/fcvm-busybox", "true",
+                  check=False)
+    assert result.returncode == 1
+    assert "the container did not start within 1 s (--boot-timeout)" in result.stderr
+    assert vm_row("slow")["status"] == "exited"
+    assert HostState.capture().diff(before) == {}

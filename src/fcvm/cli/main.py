@@ -47,6 +47,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", "-w", help="working directory in the container")
     parser.add_argument("-d", "--detach", action="store_true", help="run in the background")
     parser.add_argument("--rm", action="store_true", help="remove the VM's record when it exits")
+    parser.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="fail if the container is not running this long after start (default 300)")
 
 
 def build_parser() -> argparse.ArgumentParser:

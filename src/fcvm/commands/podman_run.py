@@ -51,19 +51,22 @@ def build_request(args: argparse.Namespace) -> RunRequest:
         kernel=Path(args.kernel) if args.kernel else None,
         initrd=Path(args.initrd) if args.initrd else None,
         remove=args.rm,
+        boot_timeout=args.boot_timeout,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.cpu < 1 or args.mem < 128:
         raise UsageError("--cpu must be at least 1 and --mem at least 128 (MiB)")
+    if args.boot_timeout <= 0:
+        raise UsageError("--boot-timeout must be positive")
     request = build_request(args)
     if args.detach:
-        return _detach(request.name)
+        return _detach(request.name, request.boot_timeout)
     return VmSupervisor(request).run()
 
 
-def _detach(name: str) -> int:
+def _detach(name: str, boot_timeout: float) -> int:
     """Re-run ourselves in the foreground in a new session; return once the VM is running."""
     argv = [a for a in sys.argv[1:] if a not in ("-d", "--detach")]
     if "--name" not in argv:
@@ -76,7 +79,7 @@ def _detach(name: str) -> int:
             stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "FCVM_DETACHED": "1"},
         )
     store = Store()
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + boot_timeout + 60  # the child gives up first, with the real reason
     while time.monotonic() < deadline:
         code = child.poll()
         vm = store.get_vm(name)
@@ -87,4 +90,4 @@ def _detach(name: str) -> int:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
             raise FcvmError(f"VM {name} failed to start: {' / '.join(tail) or f'exit code {code}'}")
         time.sleep(0.1)
-    raise FcvmError(f"VM {name} did not become ready within 600 s", hint=f"see {log_path}")
+    raise FcvmError(f"VM {name} did not become ready within {boot_timeout + 60:.0f} s", hint=f"see {log_path}")

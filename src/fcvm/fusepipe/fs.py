@@ -15,7 +15,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from fcvm.core import log
 from fcvm.fusepipe import sysc
@@ -33,6 +32,7 @@ _WRITE_OPS = frozenset({
     proto.RENAME2, proto.LINK, proto.WRITE, proto.SETXATTR, proto.REMOVEXATTR, proto.CREATE,
     proto.FALLOCATE, proto.COPY_FILE_RANGE, proto.TMPFILE,
 })
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200  # inotify event kinds
 _FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on 64-bit Linux
 F_OFD_GETLK, F_OFD_SETLK = 36, 37
 _DT = {stat.S_IFDIR: 4, stat.S_IFREG: 8, stat.S_IFLNK: 10, stat.S_IFIFO: 1, stat.S_IFCHR: 2,
@@ -43,14 +43,18 @@ class Malformed(Exception):
     pass
 
 
-@dataclass
 class Handle:
-    fd: int
-    inode: Inode
-    is_dir: bool = False
-    entries: list[tuple[bytes, int, int]] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    lock_owners: set[int] = field(default_factory=set)  # POSIX lock owners that locked through this handle
+    """An open file or directory (a FUSE file handle)."""
+
+    __slots__ = ("entries", "fd", "inode", "is_dir", "lock", "lock_owners")
+
+    def __init__(self, fd: int, inode: Inode, is_dir: bool = False) -> None:
+        self.fd = fd
+        self.inode = inode
+        self.is_dir = is_dir
+        self.entries: list[tuple[bytes, int, int]] | None = None
+        self.lock = threading.Lock()
+        self.lock_owners: set[int] | None = None  # POSIX lock owners that locked through this handle
 
 
 def _name(raw: bytes) -> bytes:
@@ -60,6 +64,15 @@ def _name(raw: bytes) -> bytes:
     if len(raw) > 255:
         raise OSError(errno.ENAMETOOLONG, "name too long")
     return raw
+
+
+def _cstring(body: memoryview) -> bytes:
+    """The one NUL-terminated string a request body starts with."""
+    raw = bytes(body)
+    nul = raw.find(b"\0")
+    if nul < 0:
+        raise Malformed("missing NUL-terminated string")
+    return raw[:nul]
 
 
 def _cstrings(body: bytes | memoryview, count: int) -> list[bytes]:
@@ -102,6 +115,9 @@ class Filesystem:
         self.initialized = False
         self._times = (self._timeout(entry_timeout), self._timeout(attr_timeout), self._timeout(negative_timeout))
         self.after_change: Callable[[Inode], None] | None = None
+        # Called after each name operation done for the guest (parent, name, inotify event kind): the guest
+        # kernel knows about it, so its inotify event needs no invalidation (see inval.Invalidator.expect).
+        self.expect: Callable[[Inode, bytes, int], None] | None = None
         self._ops: dict[int, Callable[[InHeader, memoryview], bytes | None]] = {
             proto.INIT: self.op_init, proto.DESTROY: self.op_destroy, proto.LOOKUP: self.op_lookup,
             proto.FORGET: self.op_forget, proto.BATCH_FORGET: self.op_batch_forget,
@@ -254,7 +270,7 @@ class Filesystem:
 
     # ---- names -----------------------------------------------------------------------------------
     def op_lookup(self, h: InHeader, b: memoryview) -> bytes:
-        (name,) = _cstrings(b, 1)
+        name = _cstring(b)
         parent = self.inodes.get(h.nodeid)
         try:
             ino, st = self._lookup(parent, _name(name))
@@ -338,6 +354,8 @@ class Filesystem:
         return os.fsencode(os.readlink("", dir_fd=ino.fd)) if ino.fmt == stat.S_IFLNK else _raise(errno.EINVAL)
 
     def _created(self, parent: Inode, name: bytes) -> bytes:
+        if self.expect is not None:
+            self.expect(parent, name, IN_CREATE)
         ino, st = self._lookup(parent, name)
         self._changed(parent)
         return self._entry(ino, st)
@@ -378,6 +396,8 @@ class Filesystem:
         (name,) = _cstrings(b, 1)
         parent = self.inodes.get(h.nodeid)
         os.unlink(_name(name), dir_fd=parent.fd)
+        if self.expect is not None:
+            self.expect(parent, name, IN_DELETE)
         self._changed(parent)
         return b""
 
@@ -385,6 +405,8 @@ class Filesystem:
         (name,) = _cstrings(b, 1)
         parent = self.inodes.get(h.nodeid)
         os.rmdir(_name(name), dir_fd=parent.fd)
+        if self.expect is not None:
+            self.expect(parent, name, IN_DELETE)
         self._changed(parent)
         return b""
 
@@ -396,6 +418,9 @@ class Filesystem:
             sysc.renameat2(src.fd, _name(old), dst.fd, _name(new), flags)
         else:
             os.rename(_name(old), _name(new), src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        if self.expect is not None:
+            self.expect(src, old, IN_MOVED_FROM)
+            self.expect(dst, new, IN_MOVED_TO)
         self._changed(src)
         if dst is not src:
             self._changed(dst)
@@ -445,6 +470,8 @@ class Filesystem:
         with sysc.exact_modes():
             fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                          stat.S_IMODE(mode), dir_fd=parent.fd)
+        if self.expect is not None:
+            self.expect(parent, name, IN_CREATE)
         try:
             ino, st = self._adopt(fd)
         except BaseException:
@@ -500,8 +527,9 @@ class Filesystem:
             handle = self.handles.pop(fh, None)
         if handle is not None:
             _close(handle.fd)
-            for owner in {lock_owner, *handle.lock_owners}:
-                self._drop_lock_fd(handle.inode.nodeid, owner)
+            if self.lock_fds:
+                for owner in {lock_owner, *(handle.lock_owners or ())}:
+                    self._drop_lock_fd(handle.inode.nodeid, owner)
         return b""
 
     def op_flush(self, h: InHeader, b: memoryview) -> bytes:
@@ -510,7 +538,8 @@ class Filesystem:
         # close(dup(fd)) reports delayed write errors (NFS-style), like close(2) on the host would;
         # closing the owner's lock fd drops its POSIX locks, as close(2) does.
         os.close(os.dup(handle.fd))
-        self._drop_lock_fd(handle.inode.nodeid, lock_owner)
+        if self.lock_fds:
+            self._drop_lock_fd(handle.inode.nodeid, lock_owner)
         return b""
 
     def op_fsync(self, h: InHeader, b: memoryview) -> bytes:
@@ -765,6 +794,8 @@ class Filesystem:
         assert fd is not None
         via = self.handles.get(fh)
         if via is not None:
+            if via.lock_owners is None:
+                via.lock_owners = set()
             via.lock_owners.add(owner)
         arg = self._flock_struct(start, end, typ)
         self._retry(h.unique, wait, lambda: fcntl.fcntl(fd, F_OFD_SETLK, arg))

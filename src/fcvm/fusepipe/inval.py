@@ -5,8 +5,14 @@ FUSE_NOTIFY_INVAL_ENTRY(parent, name) (expire-only where the kernel supports it,
 mounted on, are revalidated rather than dropped) and, for a known child inode, FUSE_NOTIFY_INVAL_INODE (data
 and attributes for writes, attributes only for metadata changes).
 
-Changes the server makes itself also produce events; they cost one revalidation LOOKUP in the guest and
-are otherwise harmless.
+Changes the server makes itself on behalf of the guest also produce events; the guest kernel already knows
+about those. The name events they cause (create, delete, rename) are dropped: after each such operation
+`expect()` records that its event lies within the bytes queued on the inotify fd at that moment (the event
+is queued before the syscall returns), and a matching event within that window consumes the expectation.
+Expectations whose window has been read are forgotten, so one whose event never came (the file already
+existed, say) cannot swallow a later host-side event. Content and attribute events (IN_MODIFY, IN_ATTRIB)
+are always forwarded: inotify merges identical consecutive events, so one caused by the server could hide a
+host-side change to the same file.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import select
 import struct
@@ -47,6 +54,8 @@ _MASK = (IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DE
          | IN_EXCL_UNLINK)
 _ENTRY_EVENTS = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 _EVENT = struct.Struct("iIII")
+_FIONREAD = 0x541B
+_READ_SIZE = 65536
 
 
 class Invalidator:
@@ -62,6 +71,11 @@ class Invalidator:
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
         self.by_wd: dict[int, Inode] = {}
         self.lock = threading.Lock()
+        # The server's own name operations: (wd, event kind, name) -> for each, the inotify stream offset
+        # (bytes ever read + bytes queued when it was registered) its event must lie below.
+        self.exp_lock = threading.Lock()
+        self.expected: dict[tuple[int, int, bytes], list[int]] = {}
+        self.consumed = 0
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="fp-inotify", daemon=True)
         self.warned = False
@@ -92,6 +106,49 @@ class Invalidator:
                 _libc.inotify_rm_watch(self.fd, ino.wd)
             ino.wd = -1
 
+    def expect(self, parent: Inode, name: bytes, kind: int) -> None:
+        """The server has just created/removed/renamed `name` in `parent` (kind: IN_CREATE, IN_DELETE,
+        IN_MOVED_FROM or IN_MOVED_TO) for the guest, whose kernel knows already: its event (queued before the
+        syscall returned, so within the bytes queued now) needs no invalidation."""
+        wd = parent.wd
+        if wd < 0:
+            return
+        with self.exp_lock:
+            queued = self._queued()
+            if queued:
+                self.expected.setdefault((wd, kind, name), []).append(self.consumed + queued)
+
+    def _queued(self) -> int:
+        buf = bytearray(4)
+        try:
+            fcntl.ioctl(self.fd, _FIONREAD, buf)
+        except OSError:
+            return 0
+        return int.from_bytes(buf, "little")
+
+    def _expected(self, wd: int, kind: int, name: bytes, offset: int) -> bool:
+        """Consume one expectation an event at stream `offset` can be the result of (caller holds exp_lock)."""
+        limits = self.expected.get((wd, kind, name))
+        if not limits:
+            return False
+        for i, limit in enumerate(limits):
+            if offset < limit:
+                del limits[i]
+                if not limits:
+                    del self.expected[(wd, kind, name)]
+                return True
+        return False
+
+    def _expire(self) -> None:
+        """Drop the expectations whose window has been read completely (caller holds exp_lock)."""
+        consumed = self.consumed
+        for key in [k for k, limits in self.expected.items() if limits[0] <= consumed]:
+            limits = [x for x in self.expected[key] if x > consumed]
+            if limits:
+                self.expected[key] = limits
+            else:
+                del self.expected[key]
+
     def close(self) -> None:
         os.write(self._stop_w, b"x")
         self.thread.join(5)
@@ -108,25 +165,33 @@ class Invalidator:
             ready = [fd for fd, _ in poller.poll()]
             if self._stop_r in ready:
                 return
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            try:
-                self._handle(data)
-            except Exception:
-                _log.exception("fuse-pipe: inotify event handling failed")
+            # Reading and handling under exp_lock: expect() sees either all of a read or none of it.
+            with self.exp_lock:
+                try:
+                    data = os.read(self.fd, _READ_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                base = self.consumed
+                self.consumed += len(data)
+                try:
+                    self._handle(data, base)
+                except Exception:
+                    _log.exception("fuse-pipe: inotify event handling failed")
+                if self.expected:
+                    self._expire()
 
-    def _handle(self, data: bytes) -> None:
+    def _handle(self, data: bytes, base: int = 0) -> None:
         pos = 0
         seen: set[tuple[int, int, bytes]] = set()
         while pos + _EVENT.size <= len(data):
+            offset = base + pos
             wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
             name = data[pos + _EVENT.size:pos + _EVENT.size + length].rstrip(b"\0")
             pos += _EVENT.size + length
             if mask & IN_Q_OVERFLOW:
+                self.expected.clear()
                 self._overflow()
                 continue
             with self.lock:
@@ -135,7 +200,8 @@ class Invalidator:
                     del self.by_wd[wd]
                     parent.wd = -1
                     continue
-            if parent is None:
+            if parent is None or (mask & _ENTRY_EVENTS and self.expected
+                                  and self._expected(wd, mask & _ENTRY_EVENTS, name, offset)):
                 continue
             kind = 0 if mask & _ENTRY_EVENTS else (1 if mask & IN_MODIFY else 2)
             key = (parent.nodeid, kind, name)

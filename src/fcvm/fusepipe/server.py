@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -33,7 +34,7 @@ _OWN_THREAD = frozenset({proto.SETLKW})  # may wait indefinitely: never tie up a
 _NOT_CACHED = frozenset({proto.READ, proto.GETATTR, proto.READLINK, proto.STATFS, proto.GETXATTR,
                          proto.LISTXATTR, proto.LSEEK})
 _CACHE_ENTRIES = 4096
-_RECV = 1 << 20
+_RECV_BUFFER = 2 * proto.MAX_FRAME  # always room for one whole request after a partial one
 
 
 class Connection:
@@ -70,6 +71,8 @@ class Session:
         self.closed = False
         self.invalidator = (Invalidator(self.fs.inodes, self.notify, lambda: self.fs.expire_only)
                             if watch else None)
+        if self.invalidator is not None:
+            self.fs.expect = self.invalidator.expect
 
     def attach(self, conn: Connection) -> None:
         with self.lock:
@@ -100,46 +103,45 @@ class Session:
         if self.fs.initialized:
             self.send(msg)
 
-    def _remember(self, h: proto.InHeader, reply: bytes) -> None:
-        if h.opcode in _NOT_CACHED:
-            return
-        with self.lock:
-            self.cache[h.unique] = reply
-            if len(self.cache) > _CACHE_ENTRIES:
-                self.cache.popitem(last=False)
-
     def process(self, msg: bytes, batch: list[bytes]) -> None:
         """Handle one request; inline replies are appended to `batch`."""
         try:
             h = proto.parse_in_header(msg)
         except proto.FrameError:
             return
-        if h.opcode not in proto.NO_REPLY:
+        opcode = h.opcode
+        if opcode not in proto.NO_REPLY:
+            unique = h.unique
             with self.lock:
-                if h.unique in self.pending:
+                if unique in self.pending:
                     return  # re-sent while still running: its reply goes to the current stream
-                cached = self.cache.get(h.unique)
+                cached = self.cache.get(unique)
                 if cached is not None:
                     batch.append(cached)
                     return
-                self.pending.add(h.unique)
-        if h.opcode in _POOLED or h.opcode in _OWN_THREAD:
-            if h.opcode in _OWN_THREAD:
-                threading.Thread(target=self._run_async, args=(h, msg), daemon=True).start()
-            else:
-                self.pool.submit(self._run_async, h, msg)
+                self.pending.add(unique)
+        if opcode in _POOLED:
+            self.pool.submit(self._run_async, h, msg)
+            return
+        if opcode in _OWN_THREAD:
+            threading.Thread(target=self._run_async, args=(h, msg), daemon=True).start()
             return
         reply = self.fs.dispatch(h, msg)
-        self._finish(h, reply)
         if reply is not None:
+            self._finish(h, reply)
             batch.append(reply)
-        if h.opcode == proto.DESTROY:
+        elif opcode not in proto.NO_REPLY:
+            self._finish(h, None)
+        if opcode == proto.DESTROY:
             self.fs.initialized = False
 
     def _finish(self, h: proto.InHeader, reply: bytes | None) -> None:
-        if reply is not None:
-            self._remember(h, reply)
         with self.lock:
+            if reply is not None and h.opcode not in _NOT_CACHED:
+                cache = self.cache
+                cache[h.unique] = reply
+                if len(cache) > _CACHE_ENTRIES:
+                    cache.popitem(last=False)
             self.pending.discard(h.unique)
 
     def _run_async(self, h: proto.InHeader, msg: bytes) -> None:
@@ -218,27 +220,43 @@ class Server:
                         session.close()
 
     def _read_loop(self, sock: socket.socket, session: Session) -> None:
-        buf = bytearray()
+        # Requests are parsed in place in one preallocated buffer (no per-recv allocation); the replies to
+        # everything one recv brought go out in one send.
+        buf = bytearray(_RECV_BUFFER)
+        view = memoryview(buf)
+        unpack_from = struct.unpack_from
+        process = session.process
+        start = end = 0
         while True:
+            if end == len(buf):  # a partial message sits at the end: move it to the front
+                view[:end - start] = view[start:end]
+                end -= start
+                start = 0
             try:
-                data = sock.recv(_RECV)
+                n = sock.recv_into(view[end:])
             except OSError:
                 return
-            if not data:
+            if not n:
                 return
-            buf += data
-            try:
-                msgs, used = proto.split_frames(buf, proto.MIN_REQUEST)
-            except proto.FrameError as exc:
-                _log.warning("fuse-pipe: malformed frame from client (%s); dropping the stream", exc)
-                _reply_bad_frame(sock, buf)
-                return
-            del buf[:used]
+            end += n
             batch: list[bytes] = []
-            for msg in msgs:
-                session.process(msg, batch)
+            while end - start >= 4:
+                (length,) = unpack_from("<I", buf, start)
+                if length < proto.MIN_REQUEST or length > proto.MAX_FRAME:
+                    if batch:
+                        session.send(b"".join(batch))
+                    _log.warning("fuse-pipe: malformed frame from client (bad message length %d); "
+                                 "dropping the stream", length)
+                    _reply_bad_frame(sock, buf[start:end])
+                    return
+                if end - start < length:
+                    break
+                process(bytes(view[start:start + length]), batch)
+                start += length
+            if start == end:
+                start = end = 0
             if batch:
-                session.send(b"".join(batch))
+                session.send(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def serve_forever(self, listener: socket.socket) -> None:
         """Accept streams on a listening socket, one thread each, until `stop()`."""

@@ -34,6 +34,9 @@ FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 MS_RDONLY = 1
 MNT_DETACH = 2
 READ_BUFFER = proto.MAX_FRAME + 4096
+STREAM_BUFFER = 2 * proto.MAX_FRAME  # always room for one whole message after a partial one
+BATCH_BYTES = 256 << 10  # send what has been read from /dev/fuse once this much is queued...
+BATCH_MESSAGES = 64  # ...or this many requests
 
 
 class RelayGiveUp(Exception):
@@ -241,44 +244,60 @@ class Relay:
             return
 
     def _stream_reader(self) -> None:
-        buf = bytearray()
+        # Replies are parsed in place in one preallocated buffer and written to /dev/fuse straight from it
+        # (no per-message copies, no per-recv allocation).
+        buf = bytearray(STREAM_BUFFER)
+        view = memoryview(buf)
+        unpack_from = struct.unpack_from
+        inflight = self.inflight
+        start = end = 0
         while not self.stopping.is_set():
             sock = self.sock
             assert sock is not None
+            if end == len(buf):  # a partial message sits at the end: move it to the front
+                view[:end - start] = view[start:end]
+                end -= start
+                start = 0
             try:
-                data = sock.recv(proto.MAX_FRAME + 65536)
+                n = sock.recv_into(view[end:])
             except OSError:
-                data = b""
-            if not data:
+                n = 0
+            if not n:
                 if self.stopping.is_set() or not self._reconnect(sock):
                     self._abort()
                     return
-                buf.clear()
+                start = end = 0
                 continue
-            buf += data
-            try:
-                msgs, used = proto.split_frames(buf, proto.MIN_REPLY)
-            except proto.FrameError as exc:
-                _log.error("fuse-pipe: malformed stream from server (%s); reconnecting", exc)
+            end += n
+            bad = False
+            while end - start >= proto.MIN_REPLY:
+                length, _error, unique = unpack_from("<IiQ", buf, start)
+                if length < proto.MIN_REPLY or length > proto.MAX_FRAME:
+                    bad = True
+                    break
+                if end - start < length:
+                    break
+                if unique == 0:
+                    self.notify_q.put(bytes(view[start:start + length]))
+                else:
+                    with self.inflight_lock:
+                        entry = inflight.pop(unique, None)
+                    if entry is not None:  # else: a duplicate answer after a re-send, or a dropped request
+                        self._reply(entry[0], view[start:start + length], unique)
+                start += length
+            if bad:
+                _log.error("fuse-pipe: malformed stream from server (bad message length); reconnecting")
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                buf.clear()
+                start = end = 0
                 continue
-            del buf[:used]
-            for msg in msgs:
-                self._deliver(msg)
+            if start == end:
+                start = end = 0
 
-    def _deliver(self, msg: bytes) -> None:
-        _, _error, unique = proto.OUT_HEADER.unpack_from(msg, 0)
-        if unique == 0:
-            self.notify_q.put(msg)
-            return
-        with self.inflight_lock:
-            entry = self.inflight.pop(unique, None)
-        if entry is None:  # duplicate answer after a re-send, or a request the kernel already dropped
-            return
+    @staticmethod
+    def _reply(fd: int, msg: bytes | memoryview, unique: int) -> None:
         try:
-            os.write(entry[0], msg)
+            os.write(fd, msg)
         except OSError as exc:
             # ENOENT: the request was interrupted/aborted meanwhile. Anything else is the kernel
             # rejecting the reply: log it, the kernel fails that one request.
@@ -298,16 +317,29 @@ class Relay:
 
     # ---- /dev/fuse ---------------------------------------------------------------------------------
     def _fuse_reader(self, fd: int) -> None:
+        """Read requests from one /dev/fuse fd; everything already queued in the kernel is read before
+        sending, so a burst of requests goes out in one send (and reaches the server in one recv)."""
         buf = bytearray(READ_BUFFER)
         view = memoryview(buf)
         os.set_blocking(fd, False)
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        readv = os.readv
+        unpack_from = struct.unpack_from
+        no_reply = proto.NO_REPLY
+        inflight = self.inflight
+        batch: list[bytes] = []
+        size = 0
         while True:
             try:
-                n = os.readv(fd, [buf])
+                n = readv(fd, [buf])
             except BlockingIOError:
+                if batch:
+                    self._send_batch(batch)
+                    batch = []
+                    size = 0
+                    continue
                 if any(f == self._stop_r for f, _ in poller.poll()):
                     return
                 continue
@@ -320,12 +352,19 @@ class Relay:
             if n < proto.IN_HEADER.size:
                 continue
             msg = bytes(view[:n])
-            opcode = struct.unpack_from("<I", msg, 4)[0]
-            if opcode not in proto.NO_REPLY:
-                unique = struct.unpack_from("<Q", msg, 8)[0]
+            opcode, unique = unpack_from("<IQ", msg, 4)
+            if opcode not in no_reply:
                 with self.inflight_lock:
-                    self.inflight[unique] = (fd, msg)
-            self._send(msg)
+                    inflight[unique] = (fd, msg)
+            batch.append(msg)
+            size += n
+            if size >= BATCH_BYTES or len(batch) >= BATCH_MESSAGES:
+                self._send_batch(batch)
+                batch = []
+                size = 0
+
+    def _send_batch(self, batch: list[bytes]) -> None:
+        self._send(batch[0] if len(batch) == 1 else b"".join(batch))
 
 
 def relay(connect: Callable[[], socket.socket], mountpoint: str, *, readers: int = 1,

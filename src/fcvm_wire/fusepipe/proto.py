@@ -17,7 +17,7 @@ Standard library only: this module is copied into the guest.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # --- protocol versions -----------------------------------------------------------------------------
 KERNEL_VERSION = 7
@@ -201,8 +201,9 @@ def split_frames(buf: bytes | bytearray | memoryview, minimum: int) -> tuple[lis
     return out, pos
 
 
-@dataclass(frozen=True, slots=True)
-class InHeader:
+class InHeader(NamedTuple):
+    """A parsed fuse_in_header (a tuple: cheap to build, one per request)."""
+
     length: int
     opcode: int
     unique: int
@@ -213,13 +214,17 @@ class InHeader:
     extlen: int
 
 
+_IN_HEADER_FIELDS = struct.Struct("<IIQQIIIH2x")  # IN_HEADER without the padding field
+_make_in_header = InHeader._make
+
+
 def parse_in_header(msg: bytes | memoryview) -> InHeader:
-    if len(msg) < IN_HEADER.size:
+    if len(msg) < 40:
         raise FrameError("request shorter than fuse_in_header")
-    length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = IN_HEADER.unpack_from(msg, 0)
-    if length != len(msg):
-        raise FrameError(f"request length field {length} != message size {len(msg)}")
-    return InHeader(length, opcode, unique, nodeid, uid, gid, pid, extlen)
+    h = _make_in_header(_IN_HEADER_FIELDS.unpack_from(msg, 0))
+    if h.length != len(msg):
+        raise FrameError(f"request length field {h.length} != message size {len(msg)}")
+    return h
 
 
 def pack_reply(unique: int, error: int = 0, payload: bytes = b"") -> bytes:

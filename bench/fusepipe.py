@@ -129,15 +129,23 @@ def main() -> int:
         for i in range(args.files):
             (reads / f"f{i:05d}").write_bytes(os.urandom(4096))
         results: dict[str, list[float]] = {k: [] for k in ("read_host", "read_fp", "write_host", "write_fp")}
+        def write_host(rep: int) -> None:
+            (src / f"h{rep}").mkdir()
+            results["write_host"].append(run(driver, "write", src / f"h{rep}", args.writes, args.writers))
+
         for rep in range(args.reps):
             results["read_host"].append(run(driver, "read", reads, args.files, args.readers))
+            # Alternate which write run goes first: ext4's inode allocator gets slower for a while after many
+            # deletions (recently_deleted()), which would otherwise always penalise the same side.
+            if rep % 2:
+                write_host(rep)
             with fusepipe(src, mnt, sock, args.relay_readers):  # fresh mount: cold in FUSE, host cache warm
                 results["read_fp"].append(run(driver, "read", mnt / "reads", args.files, args.readers))
                 wdir = f"w{rep}"
                 (src / wdir).mkdir()
                 results["write_fp"].append(run(driver, "write", mnt / wdir, args.writes, args.writers))
-            (src / f"h{rep}").mkdir()
-            results["write_host"].append(run(driver, "write", src / f"h{rep}", args.writes, args.writers))
+            if not rep % 2:
+                write_host(rep)
         stat_host = run(driver, "stat", reads, args.stat_iters)
         with fusepipe(src, mnt, sock, args.relay_readers, cache=False):
             stat_fp = run(driver, "stat", mnt / "reads", max(1000, args.stat_iters // 10))

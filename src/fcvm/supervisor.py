@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -373,7 +374,9 @@ class VmSupervisor:
             try:
                 with urllib.request.urlopen(target, timeout=2) as response:
                     health = "healthy" if 200 <= response.status < 400 else "unhealthy"
-            except OSError:
+            except urllib.error.HTTPError:  # the server answered, with an error status
+                health = "unhealthy"
+            except OSError:  # nothing answers yet: still starting, unless it was up before
                 health = "starting" if last in (None, "starting") else "unhealthy"
             if health != last:
                 self._set_health(health)

@@ -87,6 +87,12 @@ def test_detached_httpd_serves_its_page_runs_exec_and_leaves_nothing(
         exec_code = fcvm("exec", "demo", "--", "sh", "-c", "echo oops >&2; exit 7", check=False)
         assert exec_code.returncode == 7 and exec_code.stderr.strip() == "oops"
         assert "Linux" in fcvm("exec", "demo", "--vm", "--", "uname", "-s").stdout
+        # -t under a real terminal: the command sees a pty of the caller's size.
+        tty = subprocess.run(["script", "-qec", f"stty rows 33 cols 101; {sys.executable} -m fcvm exec -it demo "
+                              "-- sh -c 'tty; stty size; exit 5'", "/dev/null"],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert tty.returncode == 5, tty.stdout + tty.stderr
+        assert "/dev/pts/" in tty.stdout and "33 101" in tty.stdout
         assert "demo" in fcvm("ls").stdout
         assert "fc-agent" in fcvm("logs", "--console", "demo").stdout
     finally:
@@ -151,3 +157,19 @@ def test_a_guest_that_does_not_start_in_time_fails_clearly_and_leaves_nothing(gu
     assert "the container did not start within 1 s (--boot-timeout)" in result.stderr
     assert vm_row("slow")["status"] == "exited"
     assert HostState.capture().diff(before) == {}
+
+
+def test_health_check_url_decides_health(guest_assets: None, host_port: int) -> None:
+    fcvm("podman", "run", "-d", "--name", "hc", "-p", f"{host_port}:80", "--health-check",
+         "http://localhost/index.html", "localhost/fcvm-demo-httpd")
+    try:
+        assert vm_row("hc")["health"] == "healthy"
+    finally:
+        fcvm("stop", "hc")
+    fcvm("podman", "run", "-d", "--name", "hc404", "-p", f"{host_port}:80", "--health-check",
+         "http://localhost/missing.html", "localhost/fcvm-demo-httpd")
+    try:
+        assert vm_row("hc404")["health"] == "unhealthy"
+        assert "unhealthy" in fcvm("ls").stdout
+    finally:
+        fcvm("stop", "hc404")

@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if not vm.live or vm.is_stale():
         raise FcvmError(f"VM {args.name!r} is not running")
     use_tty = args.tty and sys.stdin.isatty()
-    rows, cols = shutil.get_terminal_size()
+    size = shutil.get_terminal_size()
     request = ep.ExecRequest(id=uuid.uuid4().hex, argv=command, target="vm" if args.vm else "container",
-                             tty=use_tty, interactive=args.interactive, rows=rows, cols=cols)
+                             tty=use_tty, interactive=args.interactive, rows=size.lines, cols=size.columns)
     sock = _open(paths.vm_dir(vm.id) / "v.sock", request)
     saved = termios.tcgetattr(sys.stdin) if use_tty else None
     try:

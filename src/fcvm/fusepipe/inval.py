@@ -165,22 +165,28 @@ class Invalidator:
             ready = [fd for fd, _ in poller.poll()]
             if self._stop_r in ready:
                 return
-            # Reading and handling under exp_lock: expect() sees either all of a read or none of it.
-            with self.exp_lock:
-                try:
-                    data = os.read(self.fd, _READ_SIZE)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return
-                base = self.consumed
-                self.consumed += len(data)
-                try:
-                    self._handle(data, base)
-                except Exception:
-                    _log.exception("fuse-pipe: inotify event handling failed")
-                if self.expected:
-                    self._expire()
+            if not self._read_once():
+                return
+
+    def _read_once(self) -> bool:
+        """Read and handle the queued events; False when the inotify fd is gone."""
+        # Reading and handling under exp_lock: expect() sees either all of a read or none of it.
+        with self.exp_lock:
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            base = self.consumed
+            self.consumed += len(data)
+            try:
+                self._handle(data, base)
+            except Exception:
+                _log.exception("fuse-pipe: inotify event handling failed")
+            if self.expected:
+                self._expire()
+        return True
 
     def _handle(self, data: bytes, base: int = 0) -> None:
         pos = 0

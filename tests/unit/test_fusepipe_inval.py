@@ -1,0 +1,97 @@
+"""fuse-pipe invalidation: host-side name changes are forwarded, the server's own are not (no kernel mount)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fcvm.fusepipe import inval
+from fcvm.fusepipe.inodes import InodeTable
+from fcvm_wire.fusepipe import proto
+
+
+class ManualInvalidator(inval.Invalidator):
+    """Events are read only when the test calls `_read_once()` (no background thread)."""
+
+    def _loop(self) -> None:
+        return
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Path, InodeTable, ManualInvalidator, list[bytes]]]:
+    table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    sent: list[bytes] = []
+    inv = ManualInvalidator(table, sent.append, lambda: True)
+    yield tmp_path, table, inv, sent
+    inv.close()
+    table.close()
+
+
+def _entries(sent: list[bytes]) -> list[bytes]:
+    """Names of the FUSE_NOTIFY_INVAL_ENTRY messages sent (and clears `sent`)."""
+    names = []
+    for msg in sent:
+        _, code, unique = proto.OUT_HEADER.unpack_from(msg)
+        assert unique == 0
+        if code == proto.NOTIFY_INVAL_ENTRY:
+            _, namelen, _ = proto.NOTIFY_INVAL_ENTRY_OUT.unpack_from(msg, proto.OUT_HEADER.size)
+            start = proto.OUT_HEADER.size + proto.NOTIFY_INVAL_ENTRY_OUT.size
+            names.append(msg[start:start + namelen])
+    sent.clear()
+    return names
+
+
+def test_own_name_changes_are_not_forwarded_host_ones_are(watched: tuple) -> None:
+    root, table, inv, sent = watched
+    os.mkdir(root / "own")
+    inv.expect(table.root, b"own", inval.IN_CREATE)  # as the server does after a guest MKDIR
+    os.mkdir(root / "host")
+    os.close(os.open(root / "f", os.O_CREAT | os.O_WRONLY, 0o644))
+    inv.expect(table.root, b"f", inval.IN_CREATE)
+    os.rename(root / "f", root / "g")
+    inv.expect(table.root, b"f", inval.IN_MOVED_FROM)
+    inv.expect(table.root, b"g", inval.IN_MOVED_TO)
+    os.unlink(root / "g")  # by the host: forwarded
+    inv._read_once()
+    assert _entries(sent) == [b"host", b"g"]
+    assert not inv.expected
+
+
+def test_an_expectation_never_swallows_a_later_host_change(watched: tuple) -> None:
+    root, table, inv, sent = watched
+    (root / "f").write_bytes(b"")
+    inv._read_once()
+    sent.clear()
+    # The guest "created" f, but it existed already: no event of its own. An unrelated event is queued.
+    os.mkdir(root / "other")
+    inv.expect(table.root, b"f", inval.IN_CREATE)
+    inv._read_once()
+    assert _entries(sent) == [b"other"]
+    assert not inv.expected  # its window has been read
+    # Nothing queued at all: nothing to expect.
+    inv.expect(table.root, b"f", inval.IN_DELETE)
+    assert not inv.expected
+    os.unlink(root / "f")
+    (root / "f").write_bytes(b"new")
+    inv._read_once()
+    assert _entries(sent) == [b"f"]  # delete + create by the host, coalesced within one read
+
+
+def test_content_changes_are_always_forwarded(watched: tuple) -> None:
+    root, table, inv, sent = watched
+    fd = os.open(root / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    st = os.fstat(fd)
+    assert stat.S_ISREG(st.st_mode)
+    inv._read_once()
+    sent.clear()
+    table.add(os.open(root / "f", os.O_PATH | os.O_CLOEXEC), st)
+    os.write(fd, b"data")
+    os.close(fd)
+    inv._read_once()
+    inodes = [proto.NOTIFY_INVAL_INODE_OUT.unpack_from(m, proto.OUT_HEADER.size) for m in sent
+              if proto.OUT_HEADER.unpack_from(m)[1] == proto.NOTIFY_INVAL_INODE]
+    assert (table.lookup_key((st.st_dev, st.st_ino)).nodeid, 0, 0) in inodes  # type: ignore[union-attr]

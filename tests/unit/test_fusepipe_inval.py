@@ -47,17 +47,41 @@ def _entries(sent: list[bytes]) -> list[bytes]:
 
 def test_own_name_changes_are_not_forwarded_host_ones_are(watched: tuple) -> None:
     root, table, inv, sent = watched
+    e = inv.expect(table.root, b"own", inval.IN_CREATE)  # as the server does around a guest's MKDIR
     os.mkdir(root / "own")
-    inv.expect(table.root, b"own", inval.IN_CREATE)  # as the server does after a guest MKDIR
+    inv.done(e, True)
     os.mkdir(root / "host")
+    e = inv.expect(table.root, b"f", inval.IN_CREATE)
     os.close(os.open(root / "f", os.O_CREAT | os.O_WRONLY, 0o644))
-    inv.expect(table.root, b"f", inval.IN_CREATE)
+    inv.done(e, True)
+    e1, e2 = inv.expect(table.root, b"f", inval.IN_MOVED_FROM), inv.expect(table.root, b"g", inval.IN_MOVED_TO)
     os.rename(root / "f", root / "g")
-    inv.expect(table.root, b"f", inval.IN_MOVED_FROM)
-    inv.expect(table.root, b"g", inval.IN_MOVED_TO)
+    inv.done(e1, True)
+    inv.done(e2, True)
     os.unlink(root / "g")  # by the host: forwarded
     inv._read_once()
     assert _entries(sent) == [b"host", b"g"]
+    assert not inv.expected
+
+
+def test_an_event_read_while_the_syscall_runs_is_still_recognised(watched: tuple) -> None:
+    root, table, inv, sent = watched
+    e = inv.expect(table.root, b"d", inval.IN_CREATE)
+    os.mkdir(root / "d")
+    inv._read_once()  # the inotify thread got there first
+    inv.done(e, True)
+    assert _entries(sent) == []
+    assert not inv.expected
+
+
+def test_a_failed_operation_forwards_the_event_it_held_back(watched: tuple) -> None:
+    root, table, inv, sent = watched
+    e = inv.expect(table.root, b"d", inval.IN_CREATE)
+    os.mkdir(root / "d")  # the host won the race: the guest's mkdir fails with EEXIST
+    inv._read_once()
+    assert _entries(sent) == []
+    inv.done(e, False)
+    assert _entries(sent) == [b"d"]
     assert not inv.expected
 
 
@@ -68,12 +92,16 @@ def test_an_expectation_never_swallows_a_later_host_change(watched: tuple) -> No
     sent.clear()
     # The guest "created" f, but it existed already: no event of its own. An unrelated event is queued.
     os.mkdir(root / "other")
-    inv.expect(table.root, b"f", inval.IN_CREATE)
+    e = inv.expect(table.root, b"f", inval.IN_CREATE)
+    os.close(os.open(root / "f", os.O_CREAT | os.O_WRONLY, 0o644))
+    inv.done(e, True)
     inv._read_once()
     assert _entries(sent) == [b"other"]
     assert not inv.expected  # its window has been read
     # Nothing queued at all: nothing to expect.
-    inv.expect(table.root, b"f", inval.IN_DELETE)
+    e = inv.expect(table.root, b"f", inval.IN_CREATE)
+    os.close(os.open(root / "f", os.O_CREAT | os.O_WRONLY, 0o644))
+    inv.done(e, True)
     assert not inv.expected
     os.unlink(root / "f")
     (root / "f").write_bytes(b"new")

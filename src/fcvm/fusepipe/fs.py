@@ -19,6 +19,7 @@ from collections.abc import Callable
 from fcvm.core import log
 from fcvm.fusepipe import sysc
 from fcvm.fusepipe.inodes import Inode, InodeTable
+from fcvm.fusepipe.inval import Expectation, Invalidator
 from fcvm_wire.fusepipe import proto
 from fcvm_wire.fusepipe.proto import InHeader
 
@@ -99,6 +100,9 @@ class Filesystem:
     def __init__(self, root: str, *, read_only: bool = False, entry_timeout: float = 1.0,
                  attr_timeout: float = 1.0, negative_timeout: float = 1.0) -> None:
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Reopening an O_PATH fd goes through its /proc magic link; resolving it relative to an open
+        # /proc/self/fd walks one component instead of four.
+        self._proc_fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.root_path = root
         self.read_only = read_only
         self.inodes = InodeTable(root_fd)
@@ -115,9 +119,9 @@ class Filesystem:
         self.initialized = False
         self._times = (self._timeout(entry_timeout), self._timeout(attr_timeout), self._timeout(negative_timeout))
         self.after_change: Callable[[Inode], None] | None = None
-        # Called after each name operation done for the guest (parent, name, inotify event kind): the guest
-        # kernel knows about it, so its inotify event needs no invalidation (see inval.Invalidator.expect).
-        self.expect: Callable[[Inode, bytes, int], None] | None = None
+        # Told about each name operation done for the guest: the guest kernel knows about it, so its
+        # inotify event needs no invalidation (see inval.Invalidator.expect).
+        self.invalidator: Invalidator | None = None
         self._ops: dict[int, Callable[[InHeader, memoryview], bytes | None]] = {
             proto.INIT: self.op_init, proto.DESTROY: self.op_destroy, proto.LOOKUP: self.op_lookup,
             proto.FORGET: self.op_forget, proto.BATCH_FORGET: self.op_batch_forget,
@@ -153,6 +157,7 @@ class Filesystem:
                 _close(fd)
             self.lock_fds.clear()
         self.inodes.close()
+        _close(self._proc_fds)
 
     # ---- dispatch --------------------------------------------------------------------------------
     def dispatch(self, h: InHeader, msg: bytes) -> bytes | None:
@@ -205,7 +210,7 @@ class Filesystem:
 
     def _adopt(self, fd: int) -> tuple[Inode, os.stat_result]:
         """Register the inode behind an open (non-O_PATH) fd we just created."""
-        pfd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+        pfd = os.open(str(fd), os.O_PATH | os.O_CLOEXEC, dir_fd=self._proc_fds)
         st = os.fstat(pfd)
         return self.inodes.add(pfd, st), st
 
@@ -232,7 +237,15 @@ class Filesystem:
             # The kernel opens fifos, sockets and devices itself; reopening a symlink through
             # /proc would follow it on the host.
             raise OSError(errno.EINVAL if ino.fmt != stat.S_IFLNK else errno.ELOOP, "not a regular file")
-        return os.open(self._proc(ino), flags | os.O_CLOEXEC)
+        return os.open(str(ino.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fds)
+
+    def _expect(self, parent: Inode, name: bytes, kind: int) -> Expectation | None:
+        inv = self.invalidator
+        return None if inv is None else inv.expect(parent, name, kind)
+
+    def _done(self, e: Expectation | None, ok: bool) -> None:
+        if e is not None and self.invalidator is not None:
+            self.invalidator.done(e, ok)
 
     def _changed(self, ino: Inode) -> None:
         if self.after_change is not None:
@@ -354,8 +367,6 @@ class Filesystem:
         return os.fsencode(os.readlink("", dir_fd=ino.fd)) if ino.fmt == stat.S_IFLNK else _raise(errno.EINVAL)
 
     def _created(self, parent: Inode, name: bytes) -> bytes:
-        if self.expect is not None:
-            self.expect(parent, name, IN_CREATE)
         ino, st = self._lookup(parent, name)
         self._changed(parent)
         return self._entry(ino, st)
@@ -364,7 +375,13 @@ class Filesystem:
         name, target = _cstrings(b, 2)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        os.symlink(target, _name(name), dir_fd=parent.fd)
+        e = self._expect(parent, name, IN_CREATE)
+        try:
+            os.symlink(target, _name(name), dir_fd=parent.fd)
+        except BaseException:
+            self._done(e, False)
+            raise
+        self._done(e, True)
         return self._created(parent, name)
 
     def op_mknod(self, h: InHeader, b: memoryview) -> bytes:
@@ -374,13 +391,19 @@ class Filesystem:
         self.creds.switch(h.uid, h.gid)
         major, minor = proto.decode_dev(rdev)
         fmt = stat.S_IFMT(mode)
-        with sysc.exact_modes():
-            if fmt == stat.S_IFREG:
-                fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                             stat.S_IMODE(mode), dir_fd=parent.fd)
-                os.close(fd)
-            else:
-                os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
+        e = self._expect(parent, name, IN_CREATE)
+        try:
+            with sysc.exact_modes():
+                if fmt == stat.S_IFREG:
+                    fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                 stat.S_IMODE(mode), dir_fd=parent.fd)
+                    os.close(fd)
+                else:
+                    os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
+        except BaseException:
+            self._done(e, False)
+            raise
+        self._done(e, True)
         return self._created(parent, name)
 
     def op_mkdir(self, h: InHeader, b: memoryview) -> bytes:
@@ -388,25 +411,39 @@ class Filesystem:
         (name,) = _cstrings(b[8:], 1)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        with sysc.exact_modes():
-            os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
+        e = self._expect(parent, name, IN_CREATE)
+        try:
+            with sysc.exact_modes():
+                os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
+        except BaseException:
+            self._done(e, False)
+            raise
+        self._done(e, True)
         return self._created(parent, name)
 
     def op_unlink(self, h: InHeader, b: memoryview) -> bytes:
         (name,) = _cstrings(b, 1)
         parent = self.inodes.get(h.nodeid)
-        os.unlink(_name(name), dir_fd=parent.fd)
-        if self.expect is not None:
-            self.expect(parent, name, IN_DELETE)
+        e = self._expect(parent, name, IN_DELETE)
+        try:
+            os.unlink(_name(name), dir_fd=parent.fd)
+        except BaseException:
+            self._done(e, False)
+            raise
+        self._done(e, True)
         self._changed(parent)
         return b""
 
     def op_rmdir(self, h: InHeader, b: memoryview) -> bytes:
         (name,) = _cstrings(b, 1)
         parent = self.inodes.get(h.nodeid)
-        os.rmdir(_name(name), dir_fd=parent.fd)
-        if self.expect is not None:
-            self.expect(parent, name, IN_DELETE)
+        e = self._expect(parent, name, IN_DELETE)
+        try:
+            os.rmdir(_name(name), dir_fd=parent.fd)
+        except BaseException:
+            self._done(e, False)
+            raise
+        self._done(e, True)
         self._changed(parent)
         return b""
 
@@ -414,13 +451,19 @@ class Filesystem:
         old, new = _cstrings(names, 2)
         src = self.inodes.get(h.nodeid)
         dst = self.inodes.get(newdir)
-        if flags:
-            sysc.renameat2(src.fd, _name(old), dst.fd, _name(new), flags)
-        else:
-            os.rename(_name(old), _name(new), src_dir_fd=src.fd, dst_dir_fd=dst.fd)
-        if self.expect is not None:
-            self.expect(src, old, IN_MOVED_FROM)
-            self.expect(dst, new, IN_MOVED_TO)
+        e_from = self._expect(src, old, IN_MOVED_FROM)
+        e_to = self._expect(dst, new, IN_MOVED_TO)
+        try:
+            if flags:
+                sysc.renameat2(src.fd, _name(old), dst.fd, _name(new), flags)
+            else:
+                os.rename(_name(old), _name(new), src_dir_fd=src.fd, dst_dir_fd=dst.fd)
+        except BaseException:
+            self._done(e_from, False)
+            self._done(e_to, False)
+            raise
+        self._done(e_from, True)
+        self._done(e_to, True)
         self._changed(src)
         if dst is not src:
             self._changed(dst)
@@ -441,7 +484,13 @@ class Filesystem:
         src = self.inodes.get(oldnode)
         if src.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
-        sysc.link_empty(src.fd, parent.fd, _name(name))
+        e = self._expect(parent, name, IN_CREATE)
+        try:
+            sysc.link_empty(src.fd, parent.fd, _name(name))
+        except BaseException:
+            self._done(e, False)
+            raise
+        self._done(e, True)
         return self._created(parent, name)
 
     # ---- files -----------------------------------------------------------------------------------
@@ -467,11 +516,15 @@ class Filesystem:
         (name,) = _cstrings(b[16:], 1)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        with sysc.exact_modes():
-            fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         stat.S_IMODE(mode), dir_fd=parent.fd)
-        if self.expect is not None:
-            self.expect(parent, name, IN_CREATE)
+        e = self._expect(parent, name, IN_CREATE)
+        try:
+            with sysc.exact_modes():
+                fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             stat.S_IMODE(mode), dir_fd=parent.fd)
+        except BaseException:
+            self._done(e, False)
+            raise
+        self._done(e, True)
         try:
             ino, st = self._adopt(fd)
         except BaseException:

@@ -6,13 +6,14 @@ mounted on, are revalidated rather than dropped) and, for a known child inode, F
 and attributes for writes, attributes only for metadata changes).
 
 Changes the server makes itself on behalf of the guest also produce events; the guest kernel already knows
-about those. The name events they cause (create, delete, rename) are dropped: after each such operation
-`expect()` records that its event lies within the bytes queued on the inotify fd at that moment (the event
-is queued before the syscall returns), and a matching event within that window consumes the expectation.
-Expectations whose window has been read are forgotten, so one whose event never came (the file already
-existed, say) cannot swallow a later host-side event. Content and attribute events (IN_MODIFY, IN_ATTRIB)
-are always forwarded: inotify merges identical consecutive events, so one caused by the server could hide a
-host-side change to the same file.
+about those. The name events they cause (create, delete, rename) are not forwarded: `expect()` registers
+the operation before its syscall, and a matching event consumes the registration. After the syscall,
+`done()` bounds it to the bytes queued on the inotify fd at that moment (the event is queued before the
+syscall returns); registrations whose window has been read are forgotten, so one whose event never came
+(the file already existed, say) cannot swallow a later host-side event. If the syscall failed, an event that
+was held back was someone else's, and is forwarded then. Content and attribute events (IN_MODIFY,
+IN_ATTRIB) are always forwarded: inotify merges identical consecutive events, so one caused by the server
+could hide a host-side change to the same file.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ _FIONREAD = 0x541B
 _READ_SIZE = 65536
 
 
+class Expectation:
+    """One name operation of the server's own, whose inotify event is not to be forwarded."""
+
+    __slots__ = ("key", "limit", "matched", "name", "parent")
+
+    def __init__(self, parent: Inode, kind: int, name: bytes) -> None:
+        self.parent = parent
+        self.name = name
+        self.key = (parent.wd, kind, name)
+        self.limit: int | None = None  # None while the syscall runs: any matching event is its own
+        self.matched = False
+
+
 class Invalidator:
     """Watches the directories in `table`; calls `send(notify_message)` for each invalidation."""
 
@@ -71,10 +85,10 @@ class Invalidator:
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
         self.by_wd: dict[int, Inode] = {}
         self.lock = threading.Lock()
-        # The server's own name operations: (wd, event kind, name) -> for each, the inotify stream offset
-        # (bytes ever read + bytes queued when it was registered) its event must lie below.
+        # The server's own name operations, by (wd, event kind, name). Once the syscall has returned, an
+        # expectation's event lies below its limit in the inotify stream (bytes ever read + bytes queued).
         self.exp_lock = threading.Lock()
-        self.expected: dict[tuple[int, int, bytes], list[int]] = {}
+        self.expected: dict[tuple[int, int, bytes], list[Expectation]] = {}
         self.consumed = 0
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="fp-inotify", daemon=True)
@@ -106,17 +120,35 @@ class Invalidator:
                 _libc.inotify_rm_watch(self.fd, ino.wd)
             ino.wd = -1
 
-    def expect(self, parent: Inode, name: bytes, kind: int) -> None:
-        """The server has just created/removed/renamed `name` in `parent` (kind: IN_CREATE, IN_DELETE,
-        IN_MOVED_FROM or IN_MOVED_TO) for the guest, whose kernel knows already: its event (queued before the
-        syscall returned, so within the bytes queued now) needs no invalidation."""
-        wd = parent.wd
-        if wd < 0:
+    def expect(self, parent: Inode, name: bytes, kind: int) -> Expectation | None:
+        """Called just before the server creates/removes/renames `name` in `parent` for the guest (kind:
+        IN_CREATE, IN_DELETE, IN_MOVED_FROM or IN_MOVED_TO); `done()` must follow the syscall."""
+        if parent.wd < 0:
+            return None
+        e = Expectation(parent, kind, name)
+        with self.exp_lock:
+            self.expected.setdefault((parent.wd, kind, name), []).append(e)
+        return e
+
+    def done(self, e: Expectation | None, ok: bool) -> None:
+        """The syscall `e` was registered for has returned (`ok`: it succeeded)."""
+        if e is None:
             return
         with self.exp_lock:
-            queued = self._queued()
+            if e.matched:
+                if not ok:  # the event was someone else's after all: forward what was held back
+                    self._inval_entry(e.parent.nodeid, e.name)
+                    self._inval_inode(e.parent.nodeid, -1)
+                return
+            queued = self._queued() if ok else 0
             if queued:
-                self.expected.setdefault((wd, kind, name), []).append(self.consumed + queued)
+                e.limit = self.consumed + queued  # its event, if any, is among the bytes queued now
+            else:  # failed, or no event came: the reader would have matched it, it holds exp_lock
+                limits = self.expected.get(e.key, [])
+                if e in limits:
+                    limits.remove(e)
+                    if not limits:
+                        del self.expected[e.key]
 
     def _queued(self) -> int:
         buf = bytearray(4)
@@ -128,24 +160,26 @@ class Invalidator:
 
     def _expected(self, wd: int, kind: int, name: bytes, offset: int) -> bool:
         """Consume one expectation an event at stream `offset` can be the result of (caller holds exp_lock)."""
-        limits = self.expected.get((wd, kind, name))
-        if not limits:
+        key = (wd, kind, name)
+        pending = self.expected.get(key)
+        if not pending:
             return False
-        for i, limit in enumerate(limits):
-            if offset < limit:
-                del limits[i]
-                if not limits:
-                    del self.expected[(wd, kind, name)]
+        for i, e in enumerate(pending):
+            if e.limit is None or offset < e.limit:
+                e.matched = True
+                del pending[i]
+                if not pending:
+                    del self.expected[key]
                 return True
         return False
 
     def _expire(self) -> None:
         """Drop the expectations whose window has been read completely (caller holds exp_lock)."""
         consumed = self.consumed
-        for key in [k for k, limits in self.expected.items() if limits[0] <= consumed]:
-            limits = [x for x in self.expected[key] if x > consumed]
-            if limits:
-                self.expected[key] = limits
+        for key in list(self.expected):
+            pending = [e for e in self.expected[key] if e.limit is None or e.limit > consumed]
+            if pending:
+                self.expected[key] = pending
             else:
                 del self.expected[key]
 

@@ -71,8 +71,7 @@ class Session:
         self.closed = False
         self.invalidator = (Invalidator(self.fs.inodes, self.notify, lambda: self.fs.expire_only)
                             if watch else None)
-        if self.invalidator is not None:
-            self.fs.expect = self.invalidator.expect
+        self.fs.invalidator = self.invalidator
 
     def attach(self, conn: Connection) -> None:
         with self.lock:

@@ -140,23 +140,16 @@ class Relay:
             self.fds = [fd]
             for _ in range(self.readers - 1):
                 self.fds.append(clone_fd(fd))
-            threads = [threading.Thread(target=self._fuse_reader, args=(f,), name=f"fp-dev{i}", daemon=True)
-                       for i, f in enumerate(self.fds)]
-            sock_thread = threading.Thread(target=self._stream_reader, name="fp-stream", daemon=True)
+            loop = threading.Thread(target=self._loop, name="fp-relay-loop", daemon=True)
             notify_thread = threading.Thread(target=self._notifier, name="fp-notify", daemon=True)
-            for t in (*threads, sock_thread, notify_thread):
+            for t in (loop, notify_thread):
                 t.start()
-            # Only now: stat() on the mount point waits for FUSE_INIT, which the readers relay.
+            # Only now: stat() on the mount point waits for FUSE_INIT, which the loop relays.
             self.conn_id = os.minor(os.stat(self.mountpoint).st_dev)
             self.mounted.set()
-            for t in threads:
-                t.join()
+            loop.join()
             self.stopping.set()
             self.notify_q.put(None)
-            with contextlib.suppress(OSError):
-                if self.sock is not None:
-                    self.sock.shutdown(socket.SHUT_RDWR)
-            sock_thread.join(5)
             notify_thread.join(5)
         except BaseException as exc:
             self.error = exc
@@ -190,11 +183,10 @@ class Relay:
             raise
         return sock
 
-    def _reconnect(self, broken: socket.socket) -> bool:
-        """Replace a broken stream and re-send unanswered requests. Returns False when giving up."""
+    def _reconnect(self, broken: socket.socket) -> socket.socket | None:
+        """Replace a broken stream; returns the new one (the caller re-sends what is in flight) or None when
+        giving up."""
         with self.send_lock:
-            if self.sock is not broken:  # someone already reconnected
-                return True
             with contextlib.suppress(OSError):
                 broken.close()
             delay = 0.01
@@ -203,7 +195,7 @@ class Relay:
                     sock = self._connect_once()
                 except RelayGiveUp as exc:
                     _log.warning("fuse-pipe: stream lost and no reconnect possible (%s); aborting mount", exc)
-                    return False
+                    return None
                 except OSError as exc:
                     _log.debug("fuse-pipe reconnect failed: %s", exc)
                     time.sleep(delay)
@@ -211,88 +203,15 @@ class Relay:
                     continue
                 self.sock = sock
                 self.reconnects += 1
-                with self.inflight_lock:
-                    pending = [msg for _, (_, msg) in sorted(self.inflight.items())]
-                _log.info("fuse-pipe: reconnected, re-sending %d requests", len(pending))
-                try:
-                    for msg in pending:
-                        sock.sendall(msg)
-                except OSError:
-                    broken = sock
-                    with contextlib.suppress(OSError):
-                        sock.close()
-                    continue
-                return True
-            return False
+                return sock
+            return None
 
-    def _send(self, msg: bytes) -> None:
-        while not self.stopping.is_set():
-            sock = self.sock
-            assert sock is not None
-            with self.send_lock:
-                if sock is self.sock:
-                    try:
-                        sock.sendall(msg)
-                        return
-                    except OSError:
-                        pass
-                else:
-                    continue
-            # The stream is broken: the stream reader reconnects and re-sends everything in flight.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            return
-
-    def _stream_reader(self) -> None:
-        # Replies are parsed in place in one preallocated buffer and written to /dev/fuse straight from it
-        # (no per-message copies, no per-recv allocation).
-        buf = bytearray(STREAM_BUFFER)
-        view = memoryview(buf)
-        unpack_from = struct.unpack_from
-        inflight = self.inflight
-        start = end = 0
-        while not self.stopping.is_set():
-            sock = self.sock
-            assert sock is not None
-            if end == len(buf):  # a partial message sits at the end: move it to the front
-                view[:end - start] = view[start:end]
-                end -= start
-                start = 0
-            try:
-                n = sock.recv_into(view[end:])
-            except OSError:
-                n = 0
-            if not n:
-                if self.stopping.is_set() or not self._reconnect(sock):
-                    self._abort()
-                    return
-                start = end = 0
-                continue
-            end += n
-            bad = False
-            while end - start >= proto.MIN_REPLY:
-                length, _error, unique = unpack_from("<IiQ", buf, start)
-                if length < proto.MIN_REPLY or length > proto.MAX_FRAME:
-                    bad = True
-                    break
-                if end - start < length:
-                    break
-                if unique == 0:
-                    self.notify_q.put(bytes(view[start:start + length]))
-                else:
-                    with self.inflight_lock:
-                        entry = inflight.pop(unique, None)
-                    if entry is not None:  # else: a duplicate answer after a re-send, or a dropped request
-                        self._reply(entry[0], view[start:start + length], unique)
-                start += length
-            if bad:
-                _log.error("fuse-pipe: malformed stream from server (bad message length); reconnecting")
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                start = end = 0
-                continue
-            if start == end:
-                start = end = 0
+    def _pending(self) -> bytearray:
+        """Every request still waiting for its reply, in order (to re-send on a new stream)."""
+        with self.inflight_lock:
+            pending = [msg for _, (_, msg) in sorted(self.inflight.items())]
+        _log.info("fuse-pipe: reconnected, re-sending %d requests", len(pending))
+        return bytearray(b"".join(pending))
 
     @staticmethod
     def _reply(fd: int, msg: bytes | memoryview, unique: int) -> None:
@@ -315,56 +234,137 @@ class Relay:
     def _abort(self) -> None:
         self.stop()
 
-    # ---- /dev/fuse ---------------------------------------------------------------------------------
-    def _fuse_reader(self, fd: int) -> None:
-        """Read requests from one /dev/fuse fd; everything already queued in the kernel is read before
-        sending, so a burst of requests goes out in one send (and reaches the server in one recv)."""
-        buf = bytearray(READ_BUFFER)
-        view = memoryview(buf)
-        os.set_blocking(fd, False)
+    # ---- the relay loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        """Move requests from the /dev/fuse fds to the stream and replies back, in one thread.
+
+        One thread (instead of one per direction) means no GIL hand-offs and one poll() wake-up for all
+        the work that is ready. Everything queued on a /dev/fuse fd is read before sending, so a burst of
+        requests goes out in one send; everything one recv brings is answered before sleeping again. The
+        stream is non-blocking with an output buffer, so a server busy sending replies never deadlocks with
+        a relay busy sending requests; while that buffer is full, requests stay queued in the kernel."""
+        sock = self.sock
+        assert sock is not None
+        sock.setblocking(False)
+        fuse_fds = set(self.fds)
+        for fd in fuse_fds:
+            os.set_blocking(fd, False)
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        for fd in fuse_fds:
+            poller.register(fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        poller.register(sock, select.POLLIN)
+        out = bytearray()  # requests not yet sent
+        want_out = False  # POLLOUT registered on the stream
+        reading = True  # POLLIN registered on the /dev/fuse fds
+        rbuf = bytearray(STREAM_BUFFER)
+        rview = memoryview(rbuf)
+        start = end = 0
+        rbuf_fd = bytearray(READ_BUFFER)
+        rview_fd = memoryview(rbuf_fd)
         readv = os.readv
         unpack_from = struct.unpack_from
         no_reply = proto.NO_REPLY
         inflight = self.inflight
-        batch: list[bytes] = []
-        size = 0
+        inflight_lock = self.inflight_lock
+        stop_r = self._stop_r
+        header = proto.IN_HEADER.size
         while True:
-            try:
-                n = readv(fd, [buf])
-            except BlockingIOError:
-                if batch:
-                    self._send_batch(batch)
-                    batch = []
-                    size = 0
-                    continue
-                if any(f == self._stop_r for f, _ in poller.poll()):
+            broken = False
+            for fd, _ev in poller.poll():
+                if fd in fuse_fds:
+                    # Drain this /dev/fuse fd (up to a batch).
+                    count = 0
+                    while count < BATCH_MESSAGES and len(out) < BATCH_BYTES:
+                        try:
+                            n = readv(fd, [rbuf_fd])
+                        except BlockingIOError:
+                            break
+                        except OSError as exc:
+                            if exc.errno in (errno.ENOENT, errno.EINTR):
+                                continue
+                            if exc.errno != errno.ENODEV:
+                                _log.warning("fuse-pipe: /dev/fuse read failed: %s", exc)
+                            fuse_fds.discard(fd)
+                            poller.unregister(fd)
+                            break
+                        if n < header:
+                            continue
+                        msg = bytes(rview_fd[:n])
+                        opcode, unique = unpack_from("<IQ", msg, 4)
+                        if opcode not in no_reply:
+                            with inflight_lock:
+                                inflight[unique] = (fd, msg)
+                        out += msg
+                        count += 1
+                    if not fuse_fds:
+                        return  # unmounted
+                elif fd == stop_r:
                     return
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.EINTR):
-                    continue
-                if exc.errno != errno.ENODEV:
-                    _log.warning("fuse-pipe: /dev/fuse read failed: %s", exc)
-                return
-            if n < proto.IN_HEADER.size:
-                continue
-            msg = bytes(view[:n])
-            opcode, unique = unpack_from("<IQ", msg, 4)
-            if opcode not in no_reply:
-                with self.inflight_lock:
-                    inflight[unique] = (fd, msg)
-            batch.append(msg)
-            size += n
-            if size >= BATCH_BYTES or len(batch) >= BATCH_MESSAGES:
-                self._send_batch(batch)
-                batch = []
-                size = 0
-
-    def _send_batch(self, batch: list[bytes]) -> None:
-        self._send(batch[0] if len(batch) == 1 else b"".join(batch))
+                else:  # the stream
+                    if end == len(rbuf):  # a partial message sits at the end: move it to the front
+                        rview[:end - start] = rview[start:end]
+                        end -= start
+                        start = 0
+                    try:
+                        n = sock.recv_into(rview[end:])
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        n = 0
+                    if not n:
+                        broken = True
+                        continue
+                    end += n
+                    while end - start >= proto.MIN_REPLY:
+                        length, _error, unique = unpack_from("<IiQ", rbuf, start)
+                        if length < proto.MIN_REPLY or length > proto.MAX_FRAME:
+                            _log.error("fuse-pipe: malformed stream from server (bad message length); "
+                                       "reconnecting")
+                            broken = True
+                            break
+                        if end - start < length:
+                            break
+                        if unique == 0:
+                            self.notify_q.put(bytes(rview[start:start + length]))
+                        else:
+                            with inflight_lock:
+                                entry = inflight.pop(unique, None)
+                            if entry is not None:  # else: a duplicate after a re-send, or a dropped request
+                                self._reply(entry[0], rview[start:start + length], unique)
+                        start += length
+                    if start == end:
+                        start = end = 0
+            if out and not broken:
+                try:
+                    sent = sock.send(out)
+                    del out[:sent]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    broken = True
+            if broken:
+                if self.stopping.is_set():
+                    return
+                poller.unregister(sock)
+                new = self._reconnect(sock)
+                if new is None:
+                    self._abort()
+                    return
+                sock = new
+                sock.setblocking(False)
+                poller.register(sock, select.POLLIN)
+                want_out = False
+                start = end = 0
+                out = self._pending()  # requests sent but unanswered, and those never sent
+            # Flow control: POLLOUT while output is pending; stop reading /dev/fuse while it is large.
+            if bool(out) != want_out:
+                want_out = bool(out)
+                poller.modify(sock, select.POLLIN | (select.POLLOUT if want_out else 0))
+            if (len(out) < BATCH_BYTES) != reading:
+                reading = not reading
+                for fd in fuse_fds:
+                    poller.modify(fd, select.POLLIN if reading else 0)
 
 
 def relay(connect: Callable[[], socket.socket], mountpoint: str, *, readers: int = 1,

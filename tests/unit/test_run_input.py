@@ -61,3 +61,11 @@ def test_missing_guest_assets_name_the_setup_command(tmp_path: Path) -> None:
     assert "run `fcvm setup" in result.stderr
     assert json.loads(subprocess.run([sys.executable, "-m", "fcvm", "ls", "-a", "--json"], capture_output=True,
                                      text=True, check=True).stdout) == []
+
+
+def test_no_usable_hypervisor_names_the_package_to_install(tmp_path: Path) -> None:
+    """No KVM-capable Firecracker and no QEMU on PATH: a one-line error with the fix, nothing created."""
+    result = run("--network", "rootless", "localhost/x", env={"PATH": str(tmp_path), "FCVM_FIRECRACKER_BIN": ""})
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("Error: qemu-system-x86_64 is not installed "
+                                     "(apt-get install qemu-system-x86)")

@@ -31,10 +31,20 @@ def watched(tmp_path: Path) -> Iterator[tuple[Path, InodeTable, ManualInvalidato
     table.close()
 
 
+def _split(sent: list[bytes]) -> list[bytes]:
+    """The notifications in what was sent (one send may carry several)."""
+    msgs: list[bytes] = []
+    for data in sent:
+        frames, used = proto.split_frames(data, proto.MIN_REPLY)
+        assert used == len(data)
+        msgs += frames
+    return msgs
+
+
 def _entries(sent: list[bytes]) -> list[bytes]:
     """Names of the FUSE_NOTIFY_INVAL_ENTRY messages sent (and clears `sent`)."""
     names = []
-    for msg in sent:
+    for msg in _split(sent):
         _, code, unique = proto.OUT_HEADER.unpack_from(msg)
         assert unique == 0
         if code == proto.NOTIFY_INVAL_ENTRY:
@@ -120,6 +130,6 @@ def test_content_changes_are_always_forwarded(watched: tuple) -> None:
     os.write(fd, b"data")
     os.close(fd)
     inv._read_once()
-    inodes = [proto.NOTIFY_INVAL_INODE_OUT.unpack_from(m, proto.OUT_HEADER.size) for m in sent
+    inodes = [proto.NOTIFY_INVAL_INODE_OUT.unpack_from(m, proto.OUT_HEADER.size) for m in _split(sent)
               if proto.OUT_HEADER.unpack_from(m)[1] == proto.NOTIFY_INVAL_INODE]
     assert (table.lookup_key((st.st_dev, st.st_ino)).nodeid, 0, 0) in inodes  # type: ignore[union-attr]

@@ -51,10 +51,6 @@ def vm_logs_dir(vm_id: str) -> Path:
     return data_dir() / "logs" / vm_id
 
 
-def snapshots_dir() -> Path:
-    return data_dir() / "snapshots"
-
-
 def ensure_dir(path: Path, mode: int = 0o755) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=mode)
     return path

@@ -90,6 +90,7 @@ class Invalidator:
         self.exp_lock = threading.Lock()
         self.expected: dict[tuple[int, int, bytes], list[Expectation]] = {}
         self.consumed = 0
+        self._batch: list[bytes] | None = None  # notifications of the read being handled (reader thread)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="fp-inotify", daemon=True)
         self.warned = False
@@ -214,10 +215,15 @@ class Invalidator:
                 return False
             base = self.consumed
             self.consumed += len(data)
+            self._batch = []
             try:
                 self._handle(data, base)
             except Exception:
                 _log.exception("fuse-pipe: inotify event handling failed")
+            finally:
+                batch, self._batch = self._batch, None
+                if batch:
+                    self.send(b"".join(batch))
             if self.expected:
                 self._expire()
         return True
@@ -271,8 +277,14 @@ class Invalidator:
 
     def _inval_entry(self, parent: int, name: bytes) -> None:
         flags = proto.EXPIRE_ONLY if self.expire_only() else 0
-        self.send(proto.pack_notify(proto.NOTIFY_INVAL_ENTRY,
-                                    proto.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), flags) + name + b"\0"))
+        self._emit(proto.pack_notify(proto.NOTIFY_INVAL_ENTRY,
+                                     proto.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), flags) + name + b"\0"))
 
     def _inval_inode(self, nodeid: int, offset: int) -> None:
-        self.send(proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, 0)))
+        self._emit(proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, 0)))
+
+    def _emit(self, msg: bytes) -> None:
+        if self._batch is not None:  # while handling one read: sent together at the end
+            self._batch.append(msg)
+        else:
+            self.send(msg)

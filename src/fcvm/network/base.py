@@ -64,10 +64,6 @@ def host_ifname(vm_id: str) -> str:
     return name
 
 
-def guest_cidr() -> str:
-    return f"{GUEST_IP}/{GUEST_PREFIX}"
-
-
 @dataclass
 class VmNetwork:
     """A VM's network as set up; stored as JSON in the VM row's `network` column."""

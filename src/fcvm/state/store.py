@@ -233,15 +233,6 @@ class Store:
         with self.transaction() as db:
             db.execute(f"UPDATE vms SET {assignments} WHERE id = ?", (*values, vm_id))
 
-    def claim_status(self, vm_id: str, expected: Iterable[str], new: str) -> bool:
-        """Compare-and-set the status; only one of several racing processes wins."""
-        expected = tuple(expected)
-        marks = ",".join("?" * len(expected))
-        with self.transaction() as db:
-            cursor = db.execute(
-                f"UPDATE vms SET status = ? WHERE id = ? AND status IN ({marks})", (new, vm_id, *expected)
-            )
-            return cursor.rowcount == 1
 
     @staticmethod
     def _vm(row: sqlite3.Row) -> VmRecord:
@@ -297,14 +288,6 @@ class Store:
                     return value
         raise AllocationExhausted(f"no free {kind} left: {len(taken)} in use", hint="run `fcvm gc`")
 
-    def claim(self, kind: str, vm_id: str, value: str) -> bool:
-        """Take one specific value (e.g. a host port); False if someone holds it."""
-        try:
-            with self.transaction() as db:
-                db.execute("INSERT INTO allocations (kind, value, vm_id) VALUES (?, ?, ?)", (kind, value, vm_id))
-        except sqlite3.IntegrityError:
-            return False
-        return True
 
     def allocations(self, vm_id: str) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
@@ -376,10 +359,4 @@ class Store:
         rows = self._db.execute("SELECT id FROM snapshots ORDER BY created").fetchall()
         return [s for r in rows if (s := self.get_snapshot(r[0])) is not None]
 
-    def update_snapshot_info(self, snap_id: str, info: dict[str, Any]) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE snapshots SET info = ? WHERE id = ?", (json.dumps(info), snap_id))
 
-    def delete_snapshot(self, snap_id: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM snapshots WHERE id = ?", (snap_id,))

@@ -32,13 +32,6 @@ def filesystem_type(path: Path) -> str:
     return fstype
 
 
-def is_mount_point(path: Path) -> bool:
-    resolved = str(path.resolve())
-    return any(
-        line.split()[4] == resolved for line in Path("/proc/self/mountinfo").read_text().splitlines()
-    )
-
-
 def reflink_works(directory: Path) -> bool:
     paths.ensure_dir(directory)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".reflink-probe-") as tmp:

@@ -43,12 +43,6 @@ class Histogram:
         if ns > self.max_ns:
             self.max_ns = ns
 
-    def merge(self, other: Histogram) -> None:
-        for b, n in other.counts.items():
-            self.counts[b] = self.counts.get(b, 0) + n
-        self.count += other.count
-        self.total_ns += other.total_ns
-        self.max_ns = max(self.max_ns, other.max_ns)
 
     def percentile(self, q: float) -> int:
         """Upper bound (ns) of the bucket holding the q-quantile, 0 < q <= 1; 0 when empty."""

@@ -168,8 +168,6 @@ class Server:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"s")
 
-    def live_clients(self) -> list[Client]:
-        return list(self._clients.values())
 
     def metrics(self) -> dict[str, Any]:
         clients = [c.metrics for c in list(self._clients.values())] + list(self._ended)

@@ -123,7 +123,7 @@ class Relay:
         self.send_lock = threading.Lock()
         self.inflight: dict[int, tuple[int, bytes]] = {}
         self.inflight_lock = threading.Lock()
-        self.notify_q: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.notify_q: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.mounted = threading.Event()
         self.finished = threading.Event()
@@ -225,11 +225,12 @@ class Relay:
 
     def _notifier(self) -> None:
         while True:
-            msg = self.notify_q.get()
-            if msg is None or not self.fds:
+            msgs = self.notify_q.get()
+            if msgs is None or not self.fds:
                 return
-            with contextlib.suppress(OSError):  # e.g. ENOENT for an inode the kernel already forgot
-                os.write(self.fds[0], msg)
+            for msg in msgs:
+                with contextlib.suppress(OSError):  # e.g. ENOENT for an inode the kernel already forgot
+                    os.write(self.fds[0], msg)
 
     def _abort(self) -> None:
         self.stop()
@@ -271,6 +272,7 @@ class Relay:
         header = proto.IN_HEADER.size
         while True:
             broken = False
+            notes: list[bytes] = []  # notifications: handed to the notifier thread once per round
             for fd, _ev in poller.poll():
                 if fd in fuse_fds:
                     # Drain this /dev/fuse fd (up to a batch).
@@ -326,7 +328,7 @@ class Relay:
                         if end - start < length:
                             break
                         if unique == 0:
-                            self.notify_q.put(bytes(rview[start:start + length]))
+                            notes.append(bytes(rview[start:start + length]))
                         else:
                             with inflight_lock:
                                 entry = inflight.pop(unique, None)
@@ -335,6 +337,8 @@ class Relay:
                         start += length
                     if start == end:
                         start = end = 0
+            if notes:
+                self.notify_q.put(notes)
             if out and not broken:
                 try:
                     sent = sock.send(out)

@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fcvm import cleanup, host
 from fcvm.core import log, paths
@@ -100,8 +100,7 @@ class VmSupervisor:
         self._timings: dict[str, float] = {}
         self._exit_code: int | None = None
         self._agent_failed: str | None = None
-        self._container_log: Any = None
-        self._threads: list[threading.Thread] = []
+        self._container_log: IO[str] | None = None
         self._listeners: list[socket.socket] = []
         self._volume_servers: list[Any] = []
         self._log = log.get(f"vm.{request.name}")
@@ -269,9 +268,7 @@ class VmSupervisor:
         return listener
 
     def _spawn(self, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        threading.Thread(target=target, args=args, daemon=True).start()
 
     def _listen_control(self, vsock_uds: Path, plan: Plan) -> None:
         listener = self._listen(Path(f"{vsock_uds}_{wire_ports.HOST_CONTROL}"))

@@ -6,12 +6,14 @@ import argparse
 import sys
 import time
 
+from fcvm.cleanup import reap_stale
 from fcvm.core import paths
 from fcvm.state import Store
 
 
 def run(args: argparse.Namespace) -> int:
     store = Store()
+    reap_stale(store)
     vm = store.require_vm(args.name)
     path = paths.vm_logs_dir(vm.id) / ("console.log" if args.console else "container.log")
     if not path.exists():

@@ -65,7 +65,7 @@ def get(target: str) -> logging.Logger:
 
 # Firecracker prefixes each line with a timestamp and `[anonymous-instance:main]` or `[<id>:<thread>]`.
 _FIRECRACKER_PREFIX = re.compile(
-    r"^(?:\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?\s*)?(?:\[[^\]\s]+:[^\]\s]+\]\s*)?"
+    r"^(?:\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?\s*)?(?:\[[^\]\s]+:[^\]]+\]\s*)?"
 )
 _LEVEL_WORD = re.compile(r"^(ERROR|WARN|INFO|DEBUG|TRACE)\s+")
 

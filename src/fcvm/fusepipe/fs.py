@@ -26,6 +26,7 @@ from fcvm_wire.fusepipe.proto import InHeader
 _log = log.get("fusepipe")
 
 _HDR = proto.IN_HEADER.size
+_OUT_HEADER_PACK = proto.OUT_HEADER.pack
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 _WRITE_OPS = frozenset({
@@ -89,11 +90,12 @@ def _split_ns(ns: int) -> tuple[int, int]:
 
 
 def attr_tuple(st: os.stat_result) -> tuple[int, ...]:
-    a, an = _split_ns(st.st_atime_ns)
-    m, mn = _split_ns(st.st_mtime_ns)
-    c, cn = _split_ns(st.st_ctime_ns)
+    a, an = divmod(st.st_atime_ns, 1_000_000_000)
+    m, mn = divmod(st.st_mtime_ns, 1_000_000_000)
+    c, cn = divmod(st.st_ctime_ns, 1_000_000_000)
+    rdev = st.st_rdev
     return (st.st_ino, st.st_size, st.st_blocks, a, m, c, an, mn, cn, st.st_mode, st.st_nlink,
-            st.st_uid, st.st_gid, proto.encode_dev(st.st_rdev), st.st_blksize, 0)
+            st.st_uid, st.st_gid, proto.encode_dev(rdev) if rdev else 0, st.st_blksize, 0)
 
 
 class Filesystem:
@@ -174,7 +176,7 @@ class Filesystem:
             payload = op(h, memoryview(msg)[_HDR:])
             if payload is None:
                 return None
-            return proto.pack_reply(h.unique, 0, payload)
+            return _OUT_HEADER_PACK(16 + len(payload), 0, h.unique) + payload
         except OSError as exc:
             code = exc.errno or errno.EIO
             return proto.pack_reply(h.unique, -code)

@@ -84,11 +84,6 @@ def _cstrings(body: bytes | memoryview, count: int) -> list[bytes]:
     return parts[:count]
 
 
-def _split_ns(ns: int) -> tuple[int, int]:
-    s, n = divmod(ns, 1_000_000_000)
-    return s, n
-
-
 def attr_tuple(st: os.stat_result) -> tuple[int, ...]:
     a, an = divmod(st.st_atime_ns, 1_000_000_000)
     m, mn = divmod(st.st_mtime_ns, 1_000_000_000)

@@ -250,7 +250,7 @@ class VmSupervisor:
         self._mark("vmm_started")
         self._booted = True
         vmm = self.hypervisor.process
-        self.journal.record("process", pid=vmm.pid, start=vmm.start, grace=5)
+        self.journal.record("process", pid=vmm.pid, start=vmm.start, grace=5, group=True)
         self.store.update_vm(self.vm.id, status="running", started=time.time(), health="starting",
                              hypervisor=self.hypervisor.name)
         self._log.info("%s started (pid %d)", self.hypervisor.name, vmm.pid)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,22 @@ def test_process_ref_tracks_liveness() -> None:
     ref.terminate(timeout=2)
     child.wait(timeout=5)
     assert not ref.alive()
+
+
+def test_undo_of_a_process_group_reaches_children_orphaned_by_a_sigkilled_leader(tmp_path: Path) -> None:
+    """fc-mock SIGKILLed leaves its QEMU running; the journaled group still reaches it."""
+    marker = tmp_path / "child.pid"
+    leader = subprocess.Popen(["sh", "-c", f"sleep 300 & echo $! > {marker}; wait"], start_new_session=True)
+    while not marker.exists() or not marker.read_text().strip():
+        time.sleep(0.01)
+    child = ProcessRef.of(int(marker.read_text()))
+    store = Store()
+    Journal(store, "vm1").record("process", pid=leader.pid, start=ProcessRef.of(leader.pid).start, group=True)
+    leader.kill()
+    leader.wait()
+    assert child.alive()
+    assert replay(store, "vm1") == []
+    deadline = time.monotonic() + 5
+    while child.alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not child.alive()

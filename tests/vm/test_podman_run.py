@@ -124,11 +124,12 @@ def test_sigint_in_the_foreground_stops_the_vm_and_cleans_up(guest_assets: None,
     before = HostState.capture()
     child = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", "ctrlc",
                               "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         get(f"http://127.0.0.1:{host_port}/", timeout=120)
     finally:
-        child.send_signal(signal.SIGINT)
+        # A terminal's Ctrl-C signals the whole foreground process group, not just fcvm.
+        os.killpg(child.pid, signal.SIGINT)
         child.wait(timeout=60)
     # Ctrl-C stops the container like `podman stop`; busybox httpd (PID 1) ignores SIGTERM, so it is killed
     # after the timeout, and like podman we return the container's exit code.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,13 @@ from fcvm.core.proc import ProcessRef
 
 
 def _process(data: dict[str, Any]) -> None:
-    ProcessRef(int(data["pid"]), int(data["start"])).terminate(timeout=float(data.get("grace", 5)))
+    pid = int(data["pid"])
+    ProcessRef(pid, int(data["start"])).terminate(timeout=float(data.get("grace", 5)))
+    if data.get("group"):
+        # What the leader spawned may outlive it. While any member lives, the kernel never hands out the
+        # group's id as a new pid, so a group that still exists is the one we journaled.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _path(data: dict[str, Any]) -> None:

@@ -46,7 +46,8 @@ class Hypervisor(Protocol):
 
     @property
     def process(self) -> ProcessRef:
-        """The VMM process (pid + start time), for the state store and cleanup."""
+        """The VMM process (pid + start time), for the state store and cleanup. It leads its own session and
+        process group, so cleanup can also reach what it spawned (fc-mock's QEMU)."""
         ...
 
     def start(self) -> None:

@@ -94,8 +94,9 @@ class QemuVm:
         argv = [*spec.enter_argv, *build_argv(spec, use_kvm=self.use_kvm)]
         self._log.debug("starting %s", " ".join(argv))
         self._console = open(spec.console_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the VM
+        # Its own session: a terminal's Ctrl-C reaches fcvm, which stops the container first, not QEMU.
         self._popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
         )
         self._process = ProcessRef.of(self._popen.pid)
         assert self._popen.stdout is not None

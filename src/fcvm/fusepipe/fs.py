@@ -14,12 +14,12 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fcvm.core import log
 from fcvm.fusepipe import sysc
 from fcvm.fusepipe.inodes import Inode, InodeTable
-from fcvm.fusepipe.inval import Expectation, Invalidator
+from fcvm.fusepipe.inval import Invalidator
 from fcvm_wire.fusepipe import proto
 from fcvm_wire.fusepipe.proto import InHeader
 
@@ -236,13 +236,23 @@ class Filesystem:
             raise OSError(errno.EINVAL if ino.fmt != stat.S_IFLNK else errno.ELOOP, "not a regular file")
         return os.open(str(ino.fd), flags | os.O_CLOEXEC, dir_fd=self._proc_fds)
 
-    def _expect(self, parent: Inode, name: bytes, kind: int) -> Expectation | None:
+    @contextlib.contextmanager
+    def _own_events(self, *expected: tuple[Inode, bytes, int]) -> Iterator[None]:
+        """Around a syscall of ours: the inotify events it causes (parent, name, kind) are not sent back to the
+        guest as invalidations; if the syscall fails, nothing is suppressed."""
         inv = self.invalidator
-        return None if inv is None else inv.expect(parent, name, kind)
-
-    def _done(self, e: Expectation | None, ok: bool) -> None:
-        if e is not None and self.invalidator is not None:
-            self.invalidator.done(e, ok)
+        if inv is None:
+            yield
+            return
+        registered = [inv.expect(parent, name, kind) for parent, name, kind in expected]
+        try:
+            yield
+        except BaseException:
+            for e in registered:
+                inv.done(e, False)
+            raise
+        for e in registered:
+            inv.done(e, True)
 
     def _changed(self, ino: Inode) -> None:
         if self.after_change is not None:
@@ -372,13 +382,8 @@ class Filesystem:
         name, target = _cstrings(b, 2)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        e = self._expect(parent, name, IN_CREATE)
-        try:
+        with self._own_events((parent, name, IN_CREATE)):
             os.symlink(target, _name(name), dir_fd=parent.fd)
-        except BaseException:
-            self._done(e, False)
-            raise
-        self._done(e, True)
         return self._created(parent, name)
 
     def op_mknod(self, h: InHeader, b: memoryview) -> bytes:
@@ -388,19 +393,13 @@ class Filesystem:
         self.creds.switch(h.uid, h.gid)
         major, minor = proto.decode_dev(rdev)
         fmt = stat.S_IFMT(mode)
-        e = self._expect(parent, name, IN_CREATE)
-        try:
-            with sysc.exact_modes():
-                if fmt == stat.S_IFREG:
-                    fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                                 stat.S_IMODE(mode), dir_fd=parent.fd)
-                    os.close(fd)
-                else:
-                    os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
-        except BaseException:
-            self._done(e, False)
-            raise
-        self._done(e, True)
+        with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
+            if fmt == stat.S_IFREG:
+                fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             stat.S_IMODE(mode), dir_fd=parent.fd)
+                os.close(fd)
+            else:
+                os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
         return self._created(parent, name)
 
     def op_mkdir(self, h: InHeader, b: memoryview) -> bytes:
@@ -408,39 +407,23 @@ class Filesystem:
         (name,) = _cstrings(b[8:], 1)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        e = self._expect(parent, name, IN_CREATE)
-        try:
-            with sysc.exact_modes():
-                os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
-        except BaseException:
-            self._done(e, False)
-            raise
-        self._done(e, True)
+        with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
+            os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
         return self._created(parent, name)
 
     def op_unlink(self, h: InHeader, b: memoryview) -> bytes:
         (name,) = _cstrings(b, 1)
         parent = self.inodes.get(h.nodeid)
-        e = self._expect(parent, name, IN_DELETE)
-        try:
+        with self._own_events((parent, name, IN_DELETE)):
             os.unlink(_name(name), dir_fd=parent.fd)
-        except BaseException:
-            self._done(e, False)
-            raise
-        self._done(e, True)
         self._changed(parent)
         return b""
 
     def op_rmdir(self, h: InHeader, b: memoryview) -> bytes:
         (name,) = _cstrings(b, 1)
         parent = self.inodes.get(h.nodeid)
-        e = self._expect(parent, name, IN_DELETE)
-        try:
+        with self._own_events((parent, name, IN_DELETE)):
             os.rmdir(_name(name), dir_fd=parent.fd)
-        except BaseException:
-            self._done(e, False)
-            raise
-        self._done(e, True)
         self._changed(parent)
         return b""
 
@@ -448,19 +431,11 @@ class Filesystem:
         old, new = _cstrings(names, 2)
         src = self.inodes.get(h.nodeid)
         dst = self.inodes.get(newdir)
-        e_from = self._expect(src, old, IN_MOVED_FROM)
-        e_to = self._expect(dst, new, IN_MOVED_TO)
-        try:
+        with self._own_events((src, old, IN_MOVED_FROM), (dst, new, IN_MOVED_TO)):
             if flags:
                 sysc.renameat2(src.fd, _name(old), dst.fd, _name(new), flags)
             else:
                 os.rename(_name(old), _name(new), src_dir_fd=src.fd, dst_dir_fd=dst.fd)
-        except BaseException:
-            self._done(e_from, False)
-            self._done(e_to, False)
-            raise
-        self._done(e_from, True)
-        self._done(e_to, True)
         self._changed(src)
         if dst is not src:
             self._changed(dst)
@@ -481,13 +456,8 @@ class Filesystem:
         src = self.inodes.get(oldnode)
         if src.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
-        e = self._expect(parent, name, IN_CREATE)
-        try:
+        with self._own_events((parent, name, IN_CREATE)):
             sysc.link_empty(src.fd, parent.fd, _name(name))
-        except BaseException:
-            self._done(e, False)
-            raise
-        self._done(e, True)
         return self._created(parent, name)
 
     # ---- files -----------------------------------------------------------------------------------
@@ -513,15 +483,9 @@ class Filesystem:
         (name,) = _cstrings(b[16:], 1)
         parent = self.inodes.get(h.nodeid)
         self.creds.switch(h.uid, h.gid)
-        e = self._expect(parent, name, IN_CREATE)
-        try:
-            with sysc.exact_modes():
-                fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             stat.S_IMODE(mode), dir_fd=parent.fd)
-        except BaseException:
-            self._done(e, False)
-            raise
-        self._done(e, True)
+        with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
+            fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         stat.S_IMODE(mode), dir_fd=parent.fd)
         try:
             ino, st = self._adopt(fd)
         except BaseException:

@@ -50,7 +50,8 @@ def _ficlone(src: Path, dst: Path) -> None:
 
 
 def clone_file(src: Path, dst: Path) -> bool:
-    """Copy-on-write copy of `src` to `dst` (a reflink); falls back to a full copy with a warning.
+    """Copy-on-write copy of `src` to `dst` (a reflink); falls back, with a warning, to a sparse copy (the
+    rootfs image is mostly holes: 2 GiB with about 450 MB used).
 
     Returns True when the copy was a reflink."""
     global _warned_copy
@@ -66,7 +67,7 @@ def clone_file(src: Path, dst: Path) -> bool:
                 dst.parent, exc.strerror,
             )
             _warned_copy = True
-    shutil.copyfile(src, dst)
+    proc.run(["cp", "--sparse=always", src, dst], timeout=600)
     return False
 
 

@@ -57,20 +57,30 @@ def _qemu() -> Check:
     return Check("qemu", "ok", _version([binary, "--version"]))
 
 
-def _podman() -> Check:
+def _podman() -> list[Check]:
+    """Host podman exports local images for the guest (essential); whether it can also run containers here is
+    reported, but fcvm never runs containers on the host."""
     binary = host.which("podman")
     if binary is None:
-        return Check("podman", "missing", "podman not found (needed to export local images)",
-                     "apt-get install podman", essential=True)
+        return [Check("podman", "missing", "podman not found (needed to export local images)",
+                      "apt-get install podman", essential=True)]
     result = proc.run([binary, "info", "--format", "{{.Host.OCIRuntime.Name}}"], check=False, timeout=60)
     runtime = result.stdout.decode().strip()
     version = _version([binary, "--version"])
     if result.returncode != 0 or not runtime:
-        return Check("podman", "warn", f"{version}; `podman info` failed", "check podman's configuration")
-    runtime_path = host.which(runtime)
-    status = "ok" if runtime_path else "warn"
-    fix = "" if runtime_path else f"apt-get install {runtime}"
-    return Check("podman", status, f"{version}; runtime {runtime}", fix, essential=True)
+        return [Check("podman", "missing", f"{version}; `podman info` failed", "check podman's configuration",
+                      essential=True)]
+    podman = Check("podman", "ok", f"{version} (exports local images)", essential=True)
+    if proc.run([binary, "image", "exists", "localhost/fcvm-busybox"], check=False, timeout=30).returncode != 0:
+        return [podman, Check("host runtime", "warn", f"{runtime}: not tried (no local test image)",
+                              "fcvm setup demo-image")]
+    probe = proc.run([binary, "run", "--rm", "--network", "none", "--runtime", runtime, "localhost/fcvm-busybox",
+                      "true"], check=False, timeout=120)
+    if probe.returncode == 0:
+        return [podman, Check("host runtime", "ok", f"{runtime} runs containers on the host")]
+    error = (probe.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+    return [podman, Check("host runtime", "warn", f"{runtime} cannot run containers on the host: {error}",
+                          "not needed by fcvm (containers run in the guest, whose podman uses crun)")]
 
 
 def _storage() -> Check:
@@ -114,12 +124,23 @@ def _assets() -> list[Check]:
     ]
 
 
+def _hypervisor(found: dict[str, Check]) -> Check:
+    """A VM needs some hypervisor that can really boot a guest here (fc-mock boots through QEMU)."""
+    kvm = found["kvm"].status == "ok"
+    firecracker = found["firecracker"]
+    if firecracker.status == "ok" and (kvm or "fc-mock" in firecracker.detail):
+        return Check("hypervisor", "ok", firecracker.detail, essential=True)
+    if found["qemu"].status == "ok":
+        return Check("hypervisor", "ok", f"qemu ({'kvm' if kvm else 'tcg'})", essential=True)
+    return Check("hypervisor", "missing", "none can boot a guest", "apt-get install qemu-system-x86", essential=True)
+
+
 def checks() -> list[Check]:
     results = [
         _kvm(),
         _firecracker(),
         _qemu(),
-        _podman(),
+        *_podman(),
         _storage(),
         _device("userfaultfd", "/dev/userfaultfd", "modprobe userfaultfd; needs root or vm.unprivileged_userfaultfd"),
         _device("fuse", "/dev/fuse", "modprobe fuse", essential=True),
@@ -128,16 +149,7 @@ def checks() -> list[Check]:
         _tool("slirp4netns", ("slirp4netns",), "apt-get install slirp4netns (rootless networking)"),
         *_assets(),
     ]
-    # A VM needs some hypervisor that can boot a guest.
-    kvm_ok = results[0].status == "ok"
-    firecracker_ok = results[1].status == "ok" and ("fc-mock" in results[1].detail or kvm_ok)
-    results.append(Check(
-        "hypervisor", "ok" if firecracker_ok or results[2].status == "ok" else "missing",
-        "firecracker" if firecracker_ok else ("qemu (" + ("kvm" if kvm_ok else "tcg") + ")"
-                                               if results[2].status == "ok" else "none can boot a guest"),
-        "" if firecracker_ok or results[2].status == "ok" else "apt-get install qemu-system-x86",
-        essential=True,
-    ))
+    results.append(_hypervisor({c.name: c for c in results}))
     return results
 
 

@@ -174,3 +174,21 @@ def test_health_check_url_decides_health(guest_assets: None, host_port: int) -> 
         assert "unhealthy" in fcvm("ls").stdout
     finally:
         fcvm("stop", "hc404")
+
+
+def test_the_images_own_healthcheck_drives_health(guest_assets: None, tmp_path: Path) -> None:
+    """Without --health-check, an image HEALTHCHECK decides health (podman build keeps it in docker format)."""
+    (tmp_path / "Containerfile").write_text(
+        "FROM localhost/fcvm-demo-httpd\nHEALTHCHECK --interval=2s --timeout=2s CMD test -f /tmp/ready\n")
+    subprocess.run(["podman", "build", "--format", "docker", "-t", "localhost/fcvm-test-healthcheck",
+                    str(tmp_path)], check=True, capture_output=True, timeout=300)
+    fcvm("podman", "run", "-d", "--name", "hcimg", "localhost/fcvm-test-healthcheck")
+    try:
+        assert vm_row("hcimg")["health"] == "unhealthy"
+        fcvm("exec", "hcimg", "--", "touch", "/tmp/ready")
+        deadline = time.monotonic() + 30
+        while vm_row("hcimg")["health"] != "healthy" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert vm_row("hcimg")["health"] == "healthy"
+    finally:
+        fcvm("stop", "hcimg")

@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 
 from fc_agent import system
+from fc_agent.channel import Listener
 from fc_agent.container import CONTAINER
 from fcvm_wire import exec_proto as ep
 
@@ -33,9 +34,9 @@ def _first_time(request_id: str) -> bool:
         return True
 
 
-def serve(listener: object) -> None:
+def serve(listener: Listener) -> None:
     while True:
-        conn: socket.socket = listener.accept()  # type: ignore[attr-defined]
+        conn = listener.accept()
         threading.Thread(target=_handle, args=(conn,), daemon=True, name="exec").start()
 
 

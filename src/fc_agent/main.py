@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 from fc_agent import container, exec_server, mmds, network, system
+from fc_agent.channel import Channel, open_channel
 from fcvm_wire import ports
 from fcvm_wire.control import ControlError, ControlStream
 from fcvm_wire.plan import Plan, PlanError
@@ -58,12 +58,11 @@ def _setup_logging() -> None:
     root.propagate = False
 
 
-def _connect_control(channel: object, timeout: float = 60.0) -> ControlStream:
+def _connect_control(channel: Channel, timeout: float = 60.0) -> ControlStream:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            sock: socket.socket = channel.connect(ports.HOST_CONTROL)  # type: ignore[attr-defined]
-            return ControlStream(sock)
+            return ControlStream(channel.connect(ports.HOST_CONTROL))
         except OSError:
             if time.monotonic() > deadline:
                 raise
@@ -83,7 +82,7 @@ def _read_plan(control: ControlStream) -> Plan:
     raise PlanError("the host closed the control channel before sending a plan")
 
 
-def _mount_volumes(channel: object, plan: Plan) -> list[tuple[str, str, bool]]:
+def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
     mounts: list[tuple[str, str, bool]] = []
     if not plan.volumes:
         return mounts
@@ -93,7 +92,7 @@ def _mount_volumes(channel: object, plan: Plan) -> list[tuple[str, str, bool]]:
         mountpoint = VOLUME_ROOT / str(index)
         mountpoint.mkdir(parents=True, exist_ok=True)
         start_relay(
-            lambda port=volume.port: channel.connect(port),  # type: ignore[attr-defined,misc]
+            lambda port=volume.port: channel.connect(port),  # type: ignore[misc]
             str(mountpoint), readers=2, read_only=volume.read_only,
         )
         mounts.append((str(mountpoint), volume.guest_path, volume.read_only))
@@ -125,14 +124,14 @@ def _follow_host(control: ControlStream) -> None:
         _log.warning("control stream: %s", exc)
 
 
-def run_plan(channel: object, control: ControlStream) -> int:
+def run_plan(channel: Channel, control: ControlStream) -> int:
     plan = _read_plan(control)
     _log.info("plan for %s: image %s", plan.name, plan.image.ref)
     if boot_param("plan") != "mmds":
         network.link_up()
     network.configure(plan.network)
     network.set_hostname(plan.hostname or plan.name)
-    listener = channel.listen(ports.GUEST_EXEC)  # type: ignore[attr-defined]
+    listener = channel.listen(ports.GUEST_EXEC)
     threading.Thread(target=exec_server.serve, args=(listener,), daemon=True, name="exec").start()
     control.send({"type": "status", "state": "starting", "detail": "loading image"})
     mounts = _mount_volumes(channel, plan)
@@ -156,8 +155,6 @@ def main() -> int:
     if pid1:
         system.boot_mounts()
         system.start_orphan_reaper()
-    from fc_agent.channel import open_channel
-
     channel = open_channel()
     control = _connect_control(channel)
     _to_host.control = control

@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fcvm import cleanup, host
 from fcvm.core import log, paths
@@ -33,6 +33,10 @@ from fcvm.vmm.base import Drive, Hypervisor, MachineSpec
 from fcvm_wire import ports as wire_ports
 from fcvm_wire.control import ControlError, ControlStream
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
+
+if TYPE_CHECKING:
+    from fcvm.network import VmNetwork
+    from fcvm.network.ports import PortMapping
 
 _log = log.get("supervisor")
 
@@ -65,7 +69,7 @@ class RunRequest:
     name: str
     cmd: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    publish: list[Any] = field(default_factory=list)  # fcvm.network.ports.PortMapping
+    publish: list[PortMapping] = field(default_factory=list)
     maps: list[VolumeMap] = field(default_factory=list)
     network: str = "bridged"
     hypervisor: str = "qemu"
@@ -90,7 +94,7 @@ class VmSupervisor:
         self.vm: VmRecord | None = None
         self.journal: Journal | None = None
         self.hypervisor: Hypervisor | None = None
-        self.network: Any = None
+        self.network: VmNetwork | None = None
         self._stop = threading.Event()
         self._stop_reason = ""
         self._booted = False
@@ -166,9 +170,9 @@ class VmSupervisor:
 
         from fcvm.network import setup_network
 
-        self.network = setup_network(request.network, store=self.store, journal=self.journal,
-                                     vm_id=self.vm.id, ports=request.publish)
-        self.store.update_vm(self.vm.id, network=self.network.to_json(),
+        network = self.network = setup_network(request.network, store=self.store, journal=self.journal,
+                                               vm_id=self.vm.id, ports=request.publish)
+        self.store.update_vm(self.vm.id, network=network.to_json(),
                              ports=[m.to_json() for m in request.publish])
 
         vsock_uds = self.workdir / "v.sock"
@@ -176,7 +180,7 @@ class VmSupervisor:
             name=request.name,
             image=ImageSpec(ref=request.image, disk="/dev/vdb" if image_disk else "",
                             archive_size=image_disk.archive_size if image_disk else 0),
-            network=NetworkSpec(**self.network.guest_spec()),
+            network=NetworkSpec(**network.guest_spec()),
             cmd=request.cmd, env=request.env, user=request.user, workdir=request.workdir,
             volumes=[VolumeSpec(m.guest_path, wire_ports.HOST_VOLUME_BASE + i, m.read_only)
                      for i, m in enumerate(request.maps)],
@@ -189,8 +193,8 @@ class VmSupervisor:
         spec = MachineSpec(
             name=request.name, workdir=self.workdir, kernel=kernel, initrd=initrd,
             boot_args="", vcpus=request.cpus, mem_mib=request.mem_mib, drives=drives,
-            tap=self.network.tap, guest_mac=self.network.guest_spec()["mac"], vsock_uds=vsock_uds,
-            guest_cid=wire_ports.GUEST_CID, enter_argv=self.network.enter_argv(), log_dir=self.log_dir,
+            tap=network.tap, guest_mac=network.guest_spec()["mac"], vsock_uds=vsock_uds,
+            guest_cid=wire_ports.GUEST_CID, enter_argv=network.enter_argv(), log_dir=self.log_dir,
         )
         self.hypervisor = self._hypervisor(spec, plan)
         self._start_hypervisor()
@@ -223,6 +227,7 @@ class VmSupervisor:
             from fcvm.vmm.firecracker import FirecrackerVm
 
             assert self.request.firecracker_bin is not None
+            assert self.network is not None
             guest = self.network.guest_spec()
             # MMDS needs a source address before the plan (which carries the address) can be read.
             spec.boot_args = (f"{qemu_boot_args()} fcvm_plan=mmds "
@@ -360,6 +365,7 @@ class VmSupervisor:
         assert self.vm is not None and self.request.health_url
         url = urllib.parse.urlsplit(self.request.health_url)
         guest_port = url.port or (443 if url.scheme == "https" else 80)
+        assert self.network is not None
         endpoint = next(((ip, port) for ip, port, mapping in self.network.published()
                          if mapping.guest_port == guest_port and mapping.protocol == "tcp"), None)
         if endpoint is None:

@@ -3,7 +3,9 @@ initramfs only; a failed build leaves nothing that looks finished. Uses a fake k
 
 from __future__ import annotations
 
+import errno
 import gzip
+import os
 import stat
 import struct
 import subprocess
@@ -159,6 +161,27 @@ def test_agent_change_rebuilds_only_the_initramfs(fake_deb: Path, agent_tree: Pa
     deb_sha = assets.sha256_file(fake_deb)
     assert rootfs.rootfs_name(deb_sha) == rootfs.rootfs_name(deb_sha)
     assert rootfs.rootfs_name(deb_sha) != rootfs.rootfs_name("0" * 64)
+
+
+def test_a_read_only_assets_dir_is_used_but_never_built_into(
+    fake_deb: Path, agent_tree: Path, fake_busybox: Path, private_assets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user sharing root's assets (FCVM_ASSETS_DIR) cannot write there: existing assets work, a missing one is
+    a clear error, not a traceback about a lock file."""
+    built = kernel.ensure_kernel(fake_deb, progress=False)
+    real_ensure_dir = paths.ensure_dir
+
+    def read_only(path: Path, mode: int = 0o755) -> Path:
+        if Path(path).is_relative_to(private_assets):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_ensure_dir(path, mode)
+
+    monkeypatch.setattr(paths, "ensure_dir", read_only)
+    assert kernel.find_kernel(refresh_initramfs=True) == built
+    (agent_tree / "fc_agent" / "__main__.py").write_text("print('agent v2')\n")
+    with pytest.raises(assets.AssetsNotWritable) as info:
+        kernel.find_kernel(refresh_initramfs=True)
+    assert str(private_assets) in str(info.value) and paths.ASSETS_DIR_ENV in str(info.value)
 
 
 def test_rootfs_name_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -17,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from fcvm.core import log, paths
+from fcvm.core.errors import FcvmError
 
 _log = log.get("guest")
 
@@ -107,14 +109,35 @@ def sweep_stale(directory: Path) -> None:
         if pid == os.getpid() or Path(f"/proc/{pid}").exists():
             continue
         _log.debug("removing stale partial asset %s", entry)
-        remove(entry)
+        try:
+            remove(entry)
+        except OSError as exc:  # e.g. another user's leftover in a shared assets dir
+            _log.debug("cannot remove %s: %s", entry, exc)
+
+
+class AssetsNotWritable(FcvmError):
+    pass
 
 
 @contextlib.contextmanager
 def build_lock(name: str) -> Iterator[None]:
-    """Serialise builders of the same asset (two `fcvm setup` runs, or setup and a test)."""
-    lock_dir = paths.ensure_dir(paths.assets_dir() / ".locks")
-    with (lock_dir / f"{name}.lock").open("w") as handle:
+    """Serialise builders of the same asset (two `fcvm setup` runs, or setup and a test).
+
+    Only a build takes it: using assets that exist never writes to the assets dir, so a user can share one
+    that root built (`FCVM_ASSETS_DIR`). Building one there without write access is a clear error."""
+    root = paths.assets_dir()
+    try:
+        lock_dir = paths.ensure_dir(root / ".locks")
+        handle = (lock_dir / f"{name}.lock").open("a")
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise AssetsNotWritable(
+            f"{name} is missing in {root} and this user cannot write there to build it",
+            hint=f"have the owner of {root} run `fcvm setup kernel` and `fcvm setup rootfs` with this version of "
+                 f"fcvm, or set {paths.ASSETS_DIR_ENV} to a directory you own",
+        ) from exc
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -1,5 +1,5 @@
 """Tiny local container images for demos and tests (no registry is reachable): built from Debian's
-busybox-static with `podman import` into the host's podman storage (root: /var/lib/containers).
+busybox-static with `podman import` into the podman storage of the user running it (root: /var/lib/containers).
 
 - localhost/fcvm-busybox: busybox with every applet linked into /bin; CMD ["/bin/sh"].
 - localhost/fcvm-demo-httpd: the same plus /www/index.html; busybox httpd on port 80 in the foreground.
@@ -124,8 +124,9 @@ def _inspect(podman: list[str], name: str) -> tuple[str, str] | None:
 
 @contextlib.contextmanager
 def _host_lock() -> Iterator[None]:
-    # Host podman storage is shared by every fcvm data dir, so the lock is host-wide.
-    with open(os.path.join(tempfile.gettempdir(), "fcvm-demo-images.lock"), "w") as handle:
+    # Podman storage belongs to the user (root's is host-wide) and is shared by all of that user's fcvm data
+    # dirs, so there is one lock per user; a per-uid name also keeps users from holding each other's lock file.
+    with open(os.path.join(tempfile.gettempdir(), f"fcvm-demo-images-{os.geteuid()}.lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -33,6 +34,21 @@ def image_id(ref: str) -> str | None:
     return result.stdout.decode().strip()
 
 
+def _cache_dirs() -> list[Path]:
+    """Where exported image disks are looked up: beside the guest assets, then in the data dir. The disk is named
+    by the image id (a digest of its content) and name, so another user's export of the same image is as good."""
+    return [paths.assets_dir() / "images", paths.data_dir() / "images"]
+
+
+def _writable_cache_dir() -> Path:
+    """Beside the guest assets, unless they are shared read-only (a user with root's `FCVM_ASSETS_DIR`): then the
+    user's own data dir."""
+    shared, own = _cache_dirs()
+    with contextlib.suppress(OSError):
+        paths.ensure_dir(shared)
+    return shared if os.access(shared, os.W_OK | os.X_OK) else paths.ensure_dir(own)
+
+
 def export_image(ref: str) -> ImageDisk | None:
     """The image as a disk, cached by image id and name; None when the host does not have it.
 
@@ -47,9 +63,14 @@ def export_image(ref: str) -> ImageDisk | None:
         _log.info("%s is not in the host's podman storage; the guest will pull it", ref)
         return None
     key = hashlib.sha256(f"{identity}\0{ref}".encode()).hexdigest()[:32]
-    target = paths.ensure_dir(paths.assets_dir() / "images") / f"{key}.tar"
-    size_file = target.with_suffix(".size")
-    if not (target.exists() and size_file.exists()):
+    for directory in _cache_dirs():
+        target = directory / f"{key}.tar"
+        size_file = target.with_suffix(".size")
+        if target.exists() and size_file.exists():
+            break
+    else:
+        target = _writable_cache_dir() / f"{key}.tar"
+        size_file = target.with_suffix(".size")
         partial = target.with_name(f".{target.name}.{os.getpid()}")
         try:
             proc.run(["podman", "save", "--format", "docker-archive", "-o", partial, ref], timeout=600)

@@ -7,6 +7,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+_PODMAN_STORAGE = ("/var/lib/containers/storage/", "/run/containers/storage/")
+
 
 def _run(*argv: str) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -48,7 +50,11 @@ class HostState:
     def capture(cls) -> HostState:
         netns = tuple(sorted(line.split()[0] for line in _run("ip", "netns", "list").splitlines() if line))
         links = tuple(sorted(p.name for p in Path("/sys/class/net").iterdir()))
-        mounts = tuple(sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()))
+        mounts = tuple(sorted(
+            point for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            # podman (used on the host to export images) mounts and unmounts its own storage as it pleases
+            if not (point := line.split()[4]).startswith(_PODMAN_STORAGE)
+        ))
         return cls(netns, links, tuple(_iptables()), mounts, tuple(_processes()))
 
     def diff(self, other: HostState) -> dict[str, tuple[list[str], list[str]]]:

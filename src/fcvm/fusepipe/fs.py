@@ -412,18 +412,16 @@ class Filesystem:
         return self._created(parent, name)
 
     def op_unlink(self, h: InHeader, b: memoryview) -> bytes:
-        (name,) = _cstrings(b, 1)
-        parent = self.inodes.get(h.nodeid)
-        with self._own_events((parent, name, IN_DELETE)):
-            os.unlink(_name(name), dir_fd=parent.fd)
-        self._changed(parent)
-        return b""
+        return self._remove(h, b, os.unlink)
 
     def op_rmdir(self, h: InHeader, b: memoryview) -> bytes:
+        return self._remove(h, b, os.rmdir)
+
+    def _remove(self, h: InHeader, b: memoryview, remove: Callable[..., None]) -> bytes:
         (name,) = _cstrings(b, 1)
         parent = self.inodes.get(h.nodeid)
         with self._own_events((parent, name, IN_DELETE)):
-            os.rmdir(_name(name), dir_fd=parent.fd)
+            remove(_name(name), dir_fd=parent.fd)
         self._changed(parent)
         return b""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -38,6 +39,34 @@ def start_time(pid: int) -> int | None:
     # The command name may hold spaces and parentheses; fields resume after the last ')'.
     fields = data[data.rindex(b")") + 2 :].split()
     return int(fields[19])
+
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Pids in process group `pgid` that are not zombies (a zombie holds no resources)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            data = (entry / "stat").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] != b"Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def kill_group(pgid: int, timeout: float = 5.0) -> None:
+    """SIGKILL every process in a group and wait until none runs: kill() returns before death."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while (left := _live_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if left:
+        _log.warning("process group %d: %s still running %.0fs after SIGKILL", pgid, left, timeout)
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fcvm.core.proc import ProcessRef
+from fcvm.core.proc import ProcessRef, kill_group
 
 
 def _process(data: dict[str, Any]) -> None:
@@ -19,8 +17,7 @@ def _process(data: dict[str, Any]) -> None:
     if data.get("group"):
         # What the leader spawned may outlive it. While any member lives, the kernel never hands out the
         # group's id as a new pid, so a group that still exists is the one we journaled.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
+        kill_group(pid)
 
 
 def _path(data: dict[str, Any]) -> None:

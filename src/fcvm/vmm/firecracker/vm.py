@@ -29,7 +29,7 @@ from typing import IO, Any, cast
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError, NotBuiltError
-from fcvm.core.proc import ProcessRef
+from fcvm.core.proc import ProcessRef, kill_group
 from fcvm.vmm.base import MachineSpec
 from fcvm.vmm.firecracker import models as m
 from fcvm.vmm.firecracker.client import Client, FirecrackerConnectionError, FirecrackerError
@@ -311,8 +311,7 @@ class FirecrackerVm:
         """Kill what is left of the process group (e.g. fc-mock's QEMU), reap, finish the log."""
         assert self._proc is not None
         if not self._reaped:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
+            kill_group(self._proc.pid)
             self._proc.wait()
             self._reaped = True
             if self._relog is not None:

@@ -7,19 +7,21 @@ Everything it creates on the host is journaled first, so a SIGKILL at any point 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
 if TYPE_CHECKING:
     from fcvm.network import VmNetwork
     from fcvm.network.ports import PortMapping
+    from fcvm.vmm.firecracker.jail import Jail
 
 _log = log.get("supervisor")
 
@@ -74,7 +77,7 @@ class RunRequest:
     network: str = "bridged"
     hypervisor: str = "qemu"
     firecracker_bin: Path | None = None
-    jailer: bool = False
+    jailer: Path | None = None  # the jailer binary, when Firecracker runs jailed
     cpus: int = 2
     mem_mib: int = 1024
     health_url: str | None = None
@@ -95,6 +98,7 @@ class VmSupervisor:
         self.journal: Journal | None = None
         self.hypervisor: Hypervisor | None = None
         self.network: VmNetwork | None = None
+        self.jail: Jail | None = None
         self._stop = threading.Event()
         self._stop_reason = ""
         self._booted = False
@@ -170,12 +174,18 @@ class VmSupervisor:
 
         from fcvm.network import setup_network
 
+        jail_uid = self._allocate_jail_uid() if request.jailer else None  # first: the TAP is created for it
         network = self.network = setup_network(request.network, store=self.store, journal=self.journal,
-                                               vm_id=self.vm.id, ports=request.publish)
+                                               vm_id=self.vm.id, ports=request.publish, tap_uid=jail_uid)
         self.store.update_vm(self.vm.id, network=network.to_json(),
                              ports=[m.to_json() for m in request.publish])
 
-        vsock_uds = self.workdir / "v.sock"
+        if jail_uid is not None:
+            self.jail = self._jail(network, jail_uid)
+            kernel, initrd = self._admit(kernel), initrd and self._admit(initrd)
+            drives = [replace(d, path=self._admit(d.path, writable=not d.read_only)) for d in drives]
+        vsock_uds = (self.jail.root if self.jail else self.workdir) / "v.sock"
+        self.store.update_vm(self.vm.id, config={**self.vm.config, "vsock_uds": str(vsock_uds)})
         plan = Plan(
             name=request.name,
             image=ImageSpec(ref=request.image, disk="/dev/vdb" if image_disk else "",
@@ -220,6 +230,53 @@ class VmSupervisor:
             raise UsageError(f"--initrd {initrd} does not exist")
         return kernel, initrd, rootfs
 
+    def _allocate_jail_uid(self) -> int:
+        """A uid (and gid) for this VM's jailed Firecracker alone: no two VMMs share an identity."""
+        from fcvm.vmm.firecracker.jail import JAIL_UID_BASE, JAIL_UID_COUNT
+
+        assert self.vm is not None
+        candidates = (str(JAIL_UID_BASE + i) for i in range(JAIL_UID_COUNT))
+        return int(self.store.allocate("jail_uid", self.vm.id, candidates))
+
+    def _jail(self, network: VmNetwork, uid: int) -> Jail:
+        """The jail's root, owned by the VM's uid, journaled (with the cgroup the jailer will create)."""
+        from fcvm.network.base import NETNS_DIR
+        from fcvm.vmm.firecracker.jail import Jail
+
+        request = self.request
+        assert self.vm is not None and self.journal is not None
+        assert request.jailer is not None and request.firecracker_bin is not None
+        jail = Jail(jailer=request.jailer, exec_file=request.firecracker_bin, id=self.vm.id, uid=uid, gid=uid,
+                    base=paths.data_dir() / "jail", netns=NETNS_DIR / network.netns)
+        cgroup = jail.cgroup_dir()
+        if cgroup is not None:
+            self.journal.record("cgroup", path=str(cgroup))
+        self.journal.record("dir", path=str(jail.dir))
+        jail.create()
+        return jail
+
+    def _admit(self, path: Path, *, writable: bool = False) -> Path:
+        """`path` made visible in the jail: a hard link (the jail is on the data dir's filesystem). The VM's own
+        writable disk is given to the jail uid; a shared asset the jail uid could not read is copied, never
+        re-owned, so other VMs keep theirs."""
+        from fcvm.storage.btrfs import clone_file
+
+        assert self.jail is not None
+        target = self.jail.root / path.name
+        private = writable or not path.stat().st_mode & stat.S_IROTH
+        if private and not writable:
+            clone_file(path, target)
+        else:
+            try:
+                os.link(path, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                clone_file(path, target)
+        if private:
+            os.chown(target, self.jail.uid, self.jail.gid)
+        return target
+
     def _hypervisor(self, spec: MachineSpec, plan: Plan) -> Hypervisor:
         from fcvm.guest import qemu_boot_args
 
@@ -233,7 +290,7 @@ class VmSupervisor:
             spec.boot_args = (f"{qemu_boot_args()} fcvm_plan=mmds "
                               f"fcvm_net={guest['address']}/{guest['prefix']},{guest['gateway']}")
             return FirecrackerVm(spec, binary=self.request.firecracker_bin,
-                                 mmds=json.loads(plan.to_json()), jailer=self.request.jailer)
+                                 mmds=json.loads(plan.to_json()), jail=self.jail)
         from fcvm.vmm.qemu import QemuVm
 
         spec.boot_args = f"{qemu_boot_args()} fcvm_plan=channel"
@@ -268,6 +325,8 @@ class VmSupervisor:
         path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
+        if self.jail is not None:  # the jailed Firecracker connects here for guest-initiated vsock streams
+            os.chown(path, self.jail.uid, self.jail.gid)
         listener.listen(16)
         self._listeners.append(listener)
         return listener

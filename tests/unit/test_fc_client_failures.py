@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.core.errors import FcvmError, NotBuiltError
+from fcvm.core.errors import FcvmError
 from fcvm.vmm.base import Drive, MachineSpec
 from fcvm.vmm.firecracker import FirecrackerApiError, FirecrackerError, FirecrackerVm, find_firecracker
 from tests.support import require
@@ -176,11 +176,6 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     assert vm.wait() == -9
     assert_nothing_left(vm, tmp_path)
     vm.stop()  # idempotent
-
-
-def test_jailer_is_not_built_yet(tmp_path: Path) -> None:
-    with pytest.raises(NotBuiltError, match="--jailer is not built yet"):
-        FirecrackerVm(machine(tmp_path), binary=Path("/bin/true"), mmds=None, jailer=True)
 
 
 def test_mmds_needs_a_network_interface(tmp_path: Path) -> None:

@@ -40,7 +40,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-check", metavar="URL", help="HTTP URL polled through the VM's network")
     parser.add_argument("--hypervisor", default="auto", help="firecracker, qemu or auto")
     parser.add_argument("--firecracker-bin", help="firecracker binary (also FCVM_FIRECRACKER_BIN)")
-    parser.add_argument("--jailer", action="store_true", help="run firecracker under the jailer")
+    parser.add_argument("--jailer", action="store_true",
+                        help="run firecracker under its jailer: chroot, own uid and cgroup (root, bridged)")
+    parser.add_argument("--jailer-bin", help="jailer binary (also FCVM_JAILER_BIN; default: beside firecracker)")
     parser.add_argument("--kernel", help="guest kernel to use instead of the built one")
     parser.add_argument("--initrd", help="initramfs to use instead of the built one")
     parser.add_argument("--user", "-u", help="user in the container")

@@ -16,7 +16,6 @@ import tty
 import uuid
 from pathlib import Path
 
-from fcvm.core import paths
 from fcvm.core.errors import FcvmError, UsageError
 from fcvm.state import Store
 from fcvm_wire import exec_proto as ep
@@ -57,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
     size = shutil.get_terminal_size()
     request = ep.ExecRequest(id=uuid.uuid4().hex, argv=command, target="vm" if args.vm else "container",
                              tty=use_tty, interactive=args.interactive, rows=size.lines, cols=size.columns)
-    sock = _open(paths.vm_dir(vm.id) / "v.sock", request)
+    vsock_uds = vm.config.get("vsock_uds")
+    if not vsock_uds:
+        raise FcvmError(f"VM {args.name!r} has no agent socket yet")
+    sock = _open(Path(vsock_uds), request)
     saved = termios.tcgetattr(sys.stdin) if use_tty else None
     try:
         if saved is not None:

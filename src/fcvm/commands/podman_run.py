@@ -31,6 +31,7 @@ def build_request(args: argparse.Namespace) -> RunRequest:
     if mode not in ("bridged", "rootless"):
         raise UsageError(f"unknown network mode {mode!r}: use bridged or rootless")
     hypervisor, binary = choose_hypervisor(args.hypervisor, args.firecracker_bin)
+    jailer = _jailer(args, hypervisor, binary, mode)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     return RunRequest(
         image=args.image,
@@ -42,7 +43,7 @@ def build_request(args: argparse.Namespace) -> RunRequest:
         network=mode,
         hypervisor=hypervisor,
         firecracker_bin=binary,
-        jailer=args.jailer,
+        jailer=jailer,
         cpus=args.cpu,
         mem_mib=args.mem,
         health_url=args.health_check,
@@ -53,6 +54,25 @@ def build_request(args: argparse.Namespace) -> RunRequest:
         remove=args.rm,
         boot_timeout=args.boot_timeout,
     )
+
+
+def _jailer(args: argparse.Namespace, hypervisor: str, firecracker: Path | None, mode: str) -> Path | None:
+    if not args.jailer:
+        if args.jailer_bin:
+            raise UsageError("--jailer-bin needs --jailer")
+        return None
+    if hypervisor != "firecracker" or firecracker is None:
+        raise UsageError("--jailer applies to Firecracker only", hint="add --hypervisor firecracker")
+    if os.geteuid() != 0:
+        raise UsageError("--jailer needs root: the jailer chroots, creates devices and cgroups, and changes uid")
+    if mode != "bridged":
+        raise UsageError("--jailer needs --network bridged: the jailer joins the VM's network namespace by path")
+    from fcvm.vmm.firecracker.jail import cgroup2_mount, find_jailer
+
+    if cgroup2_mount() is None:
+        raise FcvmError("--jailer needs a cgroup v2 hierarchy, and none is mounted",
+                        hint="mount one: mount -t cgroup2 none /sys/fs/cgroup/unified")
+    return find_jailer(args.jailer_bin, firecracker)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
-"""Undo handlers for resources the core layer creates: processes, files, sockets, directories."""
+"""Undo handlers for resources the core layer creates: processes, files, sockets, directories, cgroups."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,26 @@ def _tree(data: dict[str, Any]) -> None:
     shutil.rmtree(data["path"], ignore_errors=True)
 
 
+def _cgroup(data: dict[str, Any]) -> None:
+    """rmdir a cgroup; its last members may still be leaving it just after they were killed."""
+    path = Path(data["path"])
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], None]] = {
     "process": _process,
     "file": _path,
     "socket": _path,
     "dir": _tree,
+    "cgroup": _cgroup,
 }

@@ -38,15 +38,21 @@ def default_mode() -> str:
     return "bridged" if os.geteuid() == 0 else "rootless"
 
 
-def setup_network(mode: str, *, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping]) -> VmNetwork:
-    """Build the VM's network. On any failure everything this call built (and claimed) is gone again."""
+def setup_network(mode: str, *, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping],
+                  tap_uid: int | None = None) -> VmNetwork:
+    """Build the VM's network. On any failure everything this call built (and claimed) is gone again.
+
+    `tap_uid` owns the TAP, so a VMM running as that uid (a jailed Firecracker) may attach to it."""
     if mode not in MODES:
         raise UsageError(f"unknown network mode {mode!r}", hint="use --network bridged or --network rootless")
     from fcvm.network import bridged, rootless
 
-    impl = bridged if mode == "bridged" else rootless
+    if tap_uid is not None and mode != "bridged":
+        raise UsageError("a TAP owned by another uid needs --network bridged")
     try:
-        return impl.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports))
+        if mode == "bridged":
+            return bridged.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports), tap_uid=tap_uid)
+        return rootless.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports))
     except BaseException:
         failures = teardown_network(journal)
         for failure in failures:

@@ -100,7 +100,8 @@ def _host_rules(net: base.VmNetwork) -> list[tuple[str, str, list[str]]]:
     return rules
 
 
-def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping]) -> base.VmNetwork:
+def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping],
+          tap_uid: int | None = None) -> base.VmNetwork:
     """Build it all, journaling each resource before creating it. On failure the caller undoes the journal."""
     if os.geteuid() != 0:
         raise UsageError("--network bridged needs root", hint="run as root, or use --network rootless")
@@ -128,7 +129,7 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
 
     proc.run(base.inside_argv(net, {
         "uplink": base.UPLINK_NAME, "uplink_addr": f"{net.ns_side_ip}/30", "uplink_ip": net.ns_side_ip,
-        "uplink_gateway": net.host_side_ip,
+        "uplink_gateway": net.host_side_ip, "tap_uid": tap_uid,
     }), timeout=60)
     return net
 

@@ -1,7 +1,8 @@
 """`FirecrackerVm`: the `Hypervisor` backed by a Firecracker process (or fc-mock) and its REST API.
 
 Launch: `<spec.enter_argv> firecracker --api-sock <workdir>/firecracker.sock --id <name> --level Info`
-in its own session (so the whole process group can be reaped), stdout+stderr (guest serial console
+in its own session (so the whole process group can be reaped); with a `Jail`, the jailer's command
+line instead, which execs Firecracker in the same process (see jail.py). stdout+stderr (guest serial console
 and Firecracker's log, which goes to stdout without `--log-path`) re-logged line by line into
 `spec.console_log` and the `fcvm.vm.<name>` logger with Firecracker's timestamp/instance prefix
 stripped. Then: GET /version (1.12 to 1.16), boot-source, machine-config, drives,
@@ -28,11 +29,12 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from fcvm.core import log
-from fcvm.core.errors import FcvmError, NotBuiltError
+from fcvm.core.errors import FcvmError
 from fcvm.core.proc import ProcessRef, kill_group
 from fcvm.vmm.base import MachineSpec
 from fcvm.vmm.firecracker import models as m
 from fcvm.vmm.firecracker.client import Client, FirecrackerConnectionError, FirecrackerError
+from fcvm.vmm.firecracker.jail import API_SOCKET, Jail
 
 _log = log.get("vmm.firecracker")
 
@@ -86,23 +88,19 @@ class FirecrackerVm:
         *,
         binary: Path,
         mmds: dict[str, Any] | None,
-        jailer: bool = False,
+        jail: Jail | None = None,
         socket_timeout: float = 10.0,
         api_timeout: float = 30.0,
         log_level: str = "Info",
     ) -> None:
-        if jailer:
-            raise NotBuiltError(
-                "--jailer is not built yet in fcvm",
-                hint="run without --jailer; the VM still runs in its own network namespace",
-            )
         if mmds is not None and spec.tap is None:
             raise FcvmError("MMDS needs a network interface, but this VM has no TAP device")
         self.spec = spec
         self.binary = Path(binary)
         self.mmds = mmds
+        self.jail = jail
         self.name = "firecracker"
-        self.api_socket = spec.workdir / _SOCKET_NAME
+        self.api_socket = jail.api_socket if jail else spec.workdir / _SOCKET_NAME
         for path in (self.api_socket, spec.vsock_uds):
             if path is not None and len(os.fsencode(path)) > _UNIX_PATH_MAX:
                 raise FcvmError(f"socket path too long for a Unix socket ({len(str(path))} bytes): {path}",
@@ -163,6 +161,8 @@ class FirecrackerVm:
     # -- launch -------------------------------------------------------------------------------
 
     def argv(self) -> list[str]:
+        if self.jail is not None:  # the jailer joins the netns itself and passes --id
+            return self.jail.argv(["--api-sock", API_SOCKET, "--level", self.log_level])
         return [
             *self.spec.enter_argv,
             str(self.binary),
@@ -170,6 +170,10 @@ class FirecrackerVm:
             "--id", instance_id(self.spec.name),
             "--level", self.log_level,
         ]
+
+    def api_path(self, path: Path) -> str:
+        """A host path as the (possibly jailed) Firecracker must be told it."""
+        return self.jail.inside(path) if self.jail else str(path)
 
     def _launch(self) -> None:
         self.spec.workdir.mkdir(parents=True, exist_ok=True)
@@ -242,9 +246,9 @@ class FirecrackerVm:
         spec = self.spec
         steps: list[tuple[str, str, m.Model | dict[str, Any]]] = []
         steps.append(("PUT", m.BOOT_SOURCE, m.BootSource(
-            kernel_image_path=str(spec.kernel),
+            kernel_image_path=self.api_path(spec.kernel),
             boot_args=spec.boot_args,
-            initrd_path=str(spec.initrd) if spec.initrd else None,
+            initrd_path=self.api_path(spec.initrd) if spec.initrd else None,
         )))
         steps.append(("PUT", m.MACHINE_CONFIG, m.MachineConfiguration(
             vcpu_count=spec.vcpus, mem_size_mib=spec.mem_mib, smt=False,
@@ -253,7 +257,7 @@ class FirecrackerVm:
             steps.append(("PUT", m.drive_path(drive.drive_id), m.Drive(
                 drive_id=drive.drive_id,
                 is_root_device=drive.root,
-                path_on_host=str(drive.path),
+                path_on_host=self.api_path(drive.path),
                 is_read_only=drive.read_only,
                 cache_type="Unsafe",
                 io_engine="Sync",
@@ -263,7 +267,7 @@ class FirecrackerVm:
                 iface_id=IFACE_ID, host_dev_name=spec.tap, guest_mac=spec.guest_mac,
             )))
         if spec.vsock_uds:
-            steps.append(("PUT", m.VSOCK, m.Vsock(guest_cid=spec.guest_cid, uds_path=str(spec.vsock_uds))))
+            steps.append(("PUT", m.VSOCK, m.Vsock(guest_cid=spec.guest_cid, uds_path=self.api_path(spec.vsock_uds))))
         if self.mmds is not None:
             steps.append(("PUT", m.MMDS_CONFIG, m.MmdsConfig(
                 network_interfaces=[IFACE_ID], version="V2", ipv4_address=MMDS_ADDRESS,

@@ -10,7 +10,7 @@ import pytest
 from fcvm import host
 from fcvm.commands.doctor import Check, _hypervisor
 
-EXPECTED = {"kvm", "firecracker", "qemu", "podman", "host runtime", "storage", "userfaultfd", "fuse", "tun",
+EXPECTED = {"kvm", "firecracker", "jailer", "qemu", "podman", "host runtime", "storage", "userfaultfd", "fuse", "tun",
             "iptables", "slirp4netns", "guest kernel", "guest rootfs", "hypervisor"}
 
 

@@ -60,7 +60,7 @@ def test_firecracker_is_launched_through_the_jailer(short_tmp: Path) -> None:
     assert vm.argv() == [
         "/opt/fc/jailer", "--id", "0a1b2c3d4e5f", "--exec-file", "/opt/fc/firecracker",
         "--uid", "1900000007", "--gid", "1900000007", "--chroot-base-dir", str(tmp_path / "jail"),
-        "--cgroup-version", "2", "--parent-cgroup", "fcvm", "--netns", "/run/netns/fcvm-x",
+        "--cgroup-version", "2", "--parent-cgroup", "fcvm/0a1b2c3d4e5f", "--netns", "/run/netns/fcvm-x",
         "--", "--api-sock", "/run/firecracker.socket", "--level", "Info",
     ]
 
@@ -115,6 +115,8 @@ def test_finding_the_jailer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         (["--hypervisor", "qemu", "--jailer"], "--jailer applies to Firecracker only"),
         (["--jailer-bin", "/bin/true"], "--jailer-bin needs --jailer"),
         (["--hypervisor", "firecracker", "--network", "rootless", "--jailer"], "--jailer needs"),
+        (["--hypervisor", "firecracker", "--network", "bridged", "--jailer"],
+         "--jailer runs only a binary whose name contains 'firecracker', not 'true'"),
     ],
 )
 def test_options_the_jailer_cannot_work_with(args: list[str], message: str) -> None:

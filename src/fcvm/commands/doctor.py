@@ -50,6 +50,26 @@ def _firecracker() -> Check:
     return Check("firecracker", "ok", describe_binary(binary))
 
 
+def _jailer() -> Check:
+    """Only `--jailer` needs it: the release's jailer beside Firecracker, and a cgroup v2 hierarchy."""
+    from fcvm.core.errors import FcvmError
+    from fcvm.vmm.firecracker import find_firecracker
+    from fcvm.vmm.firecracker.jail import cgroup2_mount, find_jailer
+
+    firecracker = find_firecracker(None)
+    if firecracker is None:
+        return Check("jailer", "missing", "no firecracker binary (needed for --jailer)", "fcvm setup firecracker")
+    try:
+        jailer = find_jailer(None, firecracker)
+    except FcvmError as exc:
+        return Check("jailer", "missing", f"{exc} (needed for --jailer)", exc.hint or "fcvm setup firecracker")
+    mount = cgroup2_mount()
+    if mount is None:
+        return Check("jailer", "warn", f"{jailer}, but no cgroup v2 hierarchy is mounted",
+                     "mount -t cgroup2 none /sys/fs/cgroup/unified")
+    return Check("jailer", "ok", f"{jailer} (for --jailer; cgroup v2 at {mount})")
+
+
 def _qemu() -> Check:
     binary = host.which("qemu-system-x86_64")
     if binary is None:
@@ -139,6 +159,7 @@ def checks() -> list[Check]:
     results = [
         _kvm(),
         _firecracker(),
+        _jailer(),
         _qemu(),
         *_podman(),
         _storage(),

@@ -67,6 +67,9 @@ def _jailer(args: argparse.Namespace, hypervisor: str, firecracker: Path | None,
         raise UsageError("--jailer needs root: the jailer chroots, creates devices and cgroups, and changes uid")
     if mode != "bridged":
         raise UsageError("--jailer needs --network bridged: the jailer joins the VM's network namespace by path")
+    if "firecracker" not in firecracker.name:  # the jailer refuses any other binary
+        raise UsageError(f"--jailer runs only a binary whose name contains 'firecracker', not {firecracker.name!r}",
+                         hint="name (or copy) the binary firecracker")
     from fcvm.vmm.firecracker.jail import cgroup2_mount, find_jailer
 
     if cgroup2_mount() is None:

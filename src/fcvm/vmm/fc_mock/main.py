@@ -34,6 +34,7 @@ from typing import IO, Any
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
+from fcvm.vmm.fc_mock import caps
 from fcvm.vmm.fc_mock.api import MAX_PAYLOAD, FcMock
 from fcvm.vmm.fc_mock.backend import default_factory
 from fcvm.vmm.fc_mock.mmds import GuestMmds
@@ -185,6 +186,9 @@ def _version_text(explicit: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Jailed (fcvm-jailer-mock), fc-mock holds CAP_NET_ADMIN and CAP_NET_BIND_SERVICE as ambient capabilities
+    # for its host-side MMDS. It keeps them; QEMU, which it spawns, must get none (see caps.py).
+    caps.clear_ambient()
     args = parse_args(argv)
     if args.version:
         print(f"Firecracker v{_version_text(args.spec)} (fc-mock)\n")

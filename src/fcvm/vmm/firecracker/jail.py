@@ -1,9 +1,13 @@
 """Running Firecracker under its jailer: the jail's layout, the jailer's command line, paths inside the jail.
 
 The jailer (Firecracker's `jailer` binary, same version) creates `<base>/<exec file name>/<id>/root`,
-copies the Firecracker binary there, puts itself in the cgroup `<cgroup2 mount>/<parent>/<id>`, joins
-the VM's network namespace, pivots into the root, drops to `uid:gid` and execs Firecracker with
-`--id <id>`: the same pid, so fcvm's process tracking and output capture do not change.
+copies the Firecracker binary there (its name must contain "firecracker"), joins the VM's network
+namespace, pivots into the root, drops to `uid:gid` and execs Firecracker with `--id <id>`: the same pid,
+so fcvm's process tracking and output capture do not change.
+
+Cgroup: with cgroup v2 and no `--cgroup` settings, the jailer creates no cgroup of its own; it only joins
+`<cgroup2 mount>/<parent cgroup>` when that exists. So fcvm creates `fcvm/<id>` itself and passes it as the
+parent: each VMM gets a cgroup of its own, which fcvm removes with the VM.
 
 Inside the jail Firecracker sees only what fcvm put into the root before launch: the kernel and initrd
 (hard links of the shared, world-readable assets), the VM's own disks (owned by the jail uid), the vsock
@@ -63,7 +67,7 @@ def cgroup2_mount() -> Path | None:
 @dataclass(frozen=True)
 class Jail:
     jailer: Path
-    exec_file: Path  # the Firecracker binary the jailer copies in and execs
+    exec_file: Path  # the Firecracker binary the jailer copies in and execs; its name contains "firecracker"
     id: str  # [A-Za-z0-9-]{1,64}; also Firecracker's instance id
     uid: int
     gid: int
@@ -96,7 +100,11 @@ class Jail:
         return f"/{relative}"
 
     def create(self) -> None:
-        """The root and its /run, owned by the jail uid (Firecracker binds its sockets there)."""
+        """The VMM's cgroup; the root and its /run, owned by the jail uid (Firecracker binds its sockets there)."""
+        cgroup = self.cgroup_dir()
+        if cgroup is None:
+            raise FcvmError("--jailer needs a cgroup v2 hierarchy, and none is mounted")
+        cgroup.mkdir(parents=True, exist_ok=True)
         for directory in (self.root, self.api_socket.parent):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(directory, self.uid, self.gid)
@@ -110,7 +118,7 @@ class Jail:
             "--gid", str(self.gid),
             "--chroot-base-dir", str(self.base),
             "--cgroup-version", "2",
-            "--parent-cgroup", PARENT_CGROUP,
+            "--parent-cgroup", f"{PARENT_CGROUP}/{self.id}",
         ]
         if self.netns is not None:
             argv += ["--netns", str(self.netns)]

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import io
 import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,4 +58,47 @@ def test_a_file_that_is_not_a_release_is_refused(tmp_path: Path) -> None:
 
 def test_a_failed_download_says_what_to_do_instead(tmp_path: Path) -> None:
     with pytest.raises(FcvmError, match=r"cannot download Firecracker 1\.16\.1.*pass --tarball"):
-        release.download("1.16.1", tmp_path, base_url="http://127.0.0.1:9/v{version}/{name}")
+        release.download_and_install("1.16.1", tmp_path, base_url="http://127.0.0.1:9/v{version}/{name}")
+
+
+@pytest.fixture
+def release_server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A stand-in for GitHub's release downloads, serving whatever the test puts in its directory."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/{{name}}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_download_is_checked_against_the_pinned_checksum_not_the_published_one(
+    tmp_path: Path, release_server: tuple[Path, str]
+) -> None:
+    served, url = release_server
+    tarball = _release(served, "1.16.1")  # not the official bytes, with a matching published checksum
+    (served / f"{tarball.name}.sha256.txt").write_text(hashlib.sha256(tarball.read_bytes()).hexdigest() + "\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    pinned = release.PINNED_SHA256[("1.16.1", "x86_64")]
+    with pytest.raises(FcvmError, match=f"checksum mismatch for firecracker-v1.16.1-x86_64.tgz: expected {pinned}"):
+        release.download_and_install("1.16.1", scratch, base_url=url)
+    assert release.installed_binary() is None
+
+
+def test_an_unpinned_version_is_checked_against_its_published_checksum(
+    tmp_path: Path, release_server: tuple[Path, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    served, url = release_server
+    tarball = _release(served, "1.15.0", sums=False)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (served / f"{tarball.name}.sha256.txt").write_text("0" * 64 + "\n")
+    with pytest.raises(FcvmError, match="checksum mismatch"):
+        release.download_and_install("1.15.0", scratch, base_url=url)
+    (served / f"{tarball.name}.sha256.txt").write_text(hashlib.sha256(tarball.read_bytes()).hexdigest() + "\n")
+    binary = release.download_and_install("1.15.0", scratch, base_url=url)
+    assert binary.read_text() == "#!/bin/sh\necho firecracker v1.15.0\n"
+    assert "Firecracker 1.15.0 is not pinned by fcvm" in caplog.text

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from fcvm.core.errors import UsageError
-from fcvm.vmm.firecracker_release import DEFAULT_VERSION, download, install_tarball
+from fcvm.vmm.firecracker_release import DEFAULT_VERSION, download_and_install, install_tarball
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,6 +18,6 @@ def run(args: argparse.Namespace) -> int:
         binary = install_tarball(tarball)
     else:
         with tempfile.TemporaryDirectory() as scratch:
-            binary = install_tarball(download(args.fc_version or DEFAULT_VERSION, Path(scratch)))
+            binary = download_and_install(args.fc_version or DEFAULT_VERSION, Path(scratch))
     print(binary)
     return 0

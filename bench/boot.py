@@ -1,6 +1,6 @@
 """Boot to healthy: `fcvm podman run -d localhost/fcvm-demo-httpd` per hypervisor, cold then warm, with the
-host-side time to InstanceStart (Firecracker path). Anchor: a bare QEMU boot of the same kernel, initramfs and
-rootfs that powers off as soon as userspace runs, measured in the same run.
+host-side time to InstanceStart (Firecracker path, also under the jailer). Anchor: a bare QEMU boot of the same
+kernel, initramfs and rootfs that powers off as soon as userspace runs, measured in the same run.
 
 Run (root, after scripts/setup-host.sh): python3 bench/boot.py [--runs 3]
 Firecracker here is fc-mock (the official API, booting through QEMU TCG).
@@ -56,9 +56,10 @@ def anchor_boot() -> float:
         return time.perf_counter() - start
 
 
-def one_run(name: str, hypervisor: str, env: dict[str, str]) -> dict[str, float]:
+def one_run(name: str, hypervisor: str, env: dict[str, str], extra: tuple[str, ...] = ()) -> dict[str, float]:
     start = time.perf_counter()
-    fcvm("podman", "run", "-d", "--name", name, "--hypervisor", hypervisor, "localhost/fcvm-demo-httpd", env=env)
+    fcvm("podman", "run", "-d", "--name", name, "--hypervisor", hypervisor, *extra, "localhost/fcvm-demo-httpd",
+         env=env)
     wall = time.perf_counter() - start
     timings = json.loads(fcvm("inspect", name))[0]["config"]["timings"]
     fcvm("rm", "-f", name)
@@ -71,19 +72,31 @@ def main() -> None:
     args = parser.parse_args()
     anchor = statistics.median(anchor_boot() for _ in range(args.runs))
     print(f"anchor: bare QEMU boot to userspace and power-off  {anchor:6.2f} s")
-    envs = {"qemu": dict(os.environ),
-            "firecracker": {**os.environ, "FCVM_FIRECRACKER_BIN": shutil.which("fcvm-fc-mock") or "",
-                            "FCVM_FC_SPEC": str(SPEC)}}
-    for hypervisor, env in envs.items():
-        drop_caches()
-        cold = one_run(f"bench-{hypervisor}-cold", hypervisor, env)
-        warm = [one_run(f"bench-{hypervisor}-{i}", hypervisor, env) for i in range(args.runs)]
-        print(f"\n{hypervisor}{' (fc-mock)' if hypervisor == 'firecracker' else ''}:")
-        for stage in ("vmm_started", "agent_connected", "container_running", "healthy", "wall_to_healthy"):
-            warm_median = statistics.median(w[stage] for w in warm)
-            print(f"  {stage:<18} cold {cold[stage]:6.2f} s   warm {warm_median:6.2f} s"
-                  f"   ({warm_median / anchor:4.2f}x anchor)")
+    scripts = Path(sys.executable).parent
+    mock = {**os.environ, "FCVM_FIRECRACKER_BIN": str(scripts / "fcvm-fc-mock"), "FCVM_FC_SPEC": str(SPEC)}
+    with tempfile.TemporaryDirectory(prefix="bench-boot-") as scratch:
+        # The jailer runs only a binary named firecracker: a copy of fc-mock, jailed by the stand-in jailer.
+        jailed_bin = Path(scratch) / "firecracker"
+        shutil.copy(scripts / "fcvm-fc-mock", jailed_bin)
+        jailed = {**mock, "FCVM_FIRECRACKER_BIN": str(jailed_bin),
+                  "FCVM_JAILER_BIN": str(scripts / "fcvm-jailer-mock")}
+        configs = [("qemu", "qemu", dict(os.environ), ()), ("firecracker (fc-mock)", "firecracker", mock, ()),
+                   ("firecracker (fc-mock) --jailer", "firecracker", jailed, ("--jailer",))]
+        for label, hypervisor, env, extra in configs:
+            report(label, hypervisor, env, extra, args.runs, anchor)
 
+
+def report(label: str, hypervisor: str, env: dict[str, str], extra: tuple[str, ...], runs: int,
+           anchor: float) -> None:
+    drop_caches()
+    slug = label.split()[0] + ("-jailed" if extra else "")
+    cold = one_run(f"bench-{slug}-cold", hypervisor, env, extra)
+    warm = [one_run(f"bench-{slug}-{i}", hypervisor, env, extra) for i in range(runs)]
+    print(f"\n{label}:")
+    for stage in ("vmm_started", "agent_connected", "container_running", "healthy", "wall_to_healthy"):
+        warm_median = statistics.median(w[stage] for w in warm)
+        print(f"  {stage:<18} cold {cold[stage]:6.2f} s   warm {warm_median:6.2f} s"
+              f"   ({warm_median / anchor:4.2f}x anchor)")
 
 if __name__ == "__main__":
     main()

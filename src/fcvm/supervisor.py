@@ -239,7 +239,7 @@ class VmSupervisor:
         return int(self.store.allocate("jail_uid", self.vm.id, candidates))
 
     def _jail(self, network: VmNetwork, uid: int) -> Jail:
-        """The jail's root, owned by the VM's uid, journaled (with the cgroup the jailer will create)."""
+        """The jail's root, owned by the VM's uid, and the cgroup the jailed VMM joins; both journaled first."""
         from fcvm.network.base import NETNS_DIR
         from fcvm.vmm.firecracker.jail import Jail
 

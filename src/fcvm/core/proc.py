@@ -41,7 +41,6 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-
 def _live_members(pgid: int) -> list[int]:
     """Pids in process group `pgid` that are not zombies (a zombie holds no resources)."""
     members = []

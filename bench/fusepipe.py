@@ -1,4 +1,5 @@
-"""fuse-pipe benchmark: parallel reads, create+write+fsync, stat latency; host ext4 vs fuse-pipe split over a
+"""fuse-pipe benchmark: parallel reads, create+write+fsync, stat latency; host ext4 (a fresh one per run, on a
+loop device) vs fuse-pipe split over a
 Unix socket (`fcvm fuse-pipe serve` + `fcvm fuse-pipe mount`, two processes), ratios printed.
 
     sudo python bench/fusepipe.py [--files 1024] [--readers 256] [--writes 256] [--writers 32] [--reps 5]
@@ -100,6 +101,23 @@ def fusepipe(src: Path, mnt: Path, sock: Path, readers: int, cache: bool = True)
         server.wait(30)
 
 
+@contextlib.contextmanager
+def fresh_ext4(parent: Path, size_mib: int = 1024) -> Iterator[Path]:
+    """A new ext4 (on a loop device) for the backing directory. ext4's inode allocator slows down for a while
+    after many deletions (recently_deleted()), so on a long-lived filesystem the host's own create+fsync time
+    swung between 20 and 360 ms from one run to the next, and the write ratio meant nothing."""
+    image, mnt = parent / "ext4.img", parent / "ext4"
+    with open(image, "wb") as f:
+        f.truncate(size_mib << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
 def run(driver: Path, *args: object) -> float:
     out = subprocess.run([str(driver), *map(str, args)], check=True, capture_output=True, text=True).stdout
     return float(out)
@@ -120,54 +138,59 @@ def main() -> int:
         return 1
     base = Path(tempfile.mkdtemp(prefix="fp-bench-", dir="/var/tmp"))
     try:
-        driver = build_driver(base)
-        src, mnt, sock = base / "src", base / "mnt", base / "sock"
-        src.mkdir()
-        mnt.mkdir()
-        reads = src / "reads"
-        reads.mkdir()
-        for i in range(args.files):
-            (reads / f"f{i:05d}").write_bytes(os.urandom(4096))
-        results: dict[str, list[float]] = {k: [] for k in ("read_host", "read_fp", "write_host", "write_fp")}
-        def write_host(rep: int) -> None:
-            (src / f"h{rep}").mkdir()
-            results["write_host"].append(run(driver, "write", src / f"h{rep}", args.writes, args.writers))
-
-        for rep in range(args.reps):
-            results["read_host"].append(run(driver, "read", reads, args.files, args.readers))
-            # Alternate which write run goes first: ext4's inode allocator gets slower for a while after many
-            # deletions (recently_deleted()), which would otherwise always penalise the same side.
-            if rep % 2:
-                write_host(rep)
-            with fusepipe(src, mnt, sock, args.relay_readers):  # fresh mount: cold in FUSE, host cache warm
-                results["read_fp"].append(run(driver, "read", mnt / "reads", args.files, args.readers))
-                wdir = f"w{rep}"
-                (src / wdir).mkdir()
-                results["write_fp"].append(run(driver, "write", mnt / wdir, args.writes, args.writers))
-            if not rep % 2:
-                write_host(rep)
-        stat_host = run(driver, "stat", reads, args.stat_iters)
-        with fusepipe(src, mnt, sock, args.relay_readers, cache=False):
-            stat_fp = run(driver, "stat", mnt / "reads", max(1000, args.stat_iters // 10))
-        with fusepipe(src, mnt, sock, args.relay_readers, cache=True):
-            stat_fp_cached = run(driver, "stat", mnt / "reads", args.stat_iters)
-        med = {k: statistics.median(v) for k, v in results.items()}
-        print(f"fuse-pipe bench: {args.files}x4KB reads by {args.readers} readers; {args.writes}x create+4KB "
-              f"write+fsync by {args.writers} threads; median of {args.reps}; relay readers {args.relay_readers}")
-        print(f"  parallel reads   host {med['read_host']:8.1f} ms   fuse-pipe {med['read_fp']:8.1f} ms   "
-              f"ratio {med['read_fp'] / med['read_host']:5.1f}x  (goal <= 5x)")
-        print(f"  write+fsync      host {med['write_host']:8.1f} ms   fuse-pipe {med['write_fp']:8.1f} ms   "
-              f"ratio {med['write_fp'] / med['write_host']:5.1f}x  (goal <= 2.5x)")
-        print(f"  stat, no cache   host {stat_host:8.2f} us   fuse-pipe {stat_fp:8.1f} us   "
-              f"ratio {stat_fp / stat_host:5.0f}x")
-        print(f"  stat, cached     host {stat_host:8.2f} us   fuse-pipe {stat_fp_cached:8.2f} us   "
-              f"ratio {stat_fp_cached / stat_host:5.1f}x")
-        print("  raw: " + ", ".join(f"{k}={[round(x, 1) for x in v]}" for k, v in results.items()))
+        with fresh_ext4(base) as backing:
+            bench(args, base, backing)
     finally:
         if _mounted(base / "mnt"):
             subprocess.run(["umount", "-l", str(base / "mnt")], check=False)
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def bench(args: argparse.Namespace, base: Path, backing: Path) -> None:
+    driver = build_driver(base)
+    src, mnt, sock = backing / "src", base / "mnt", base / "sock"
+    src.mkdir()
+    mnt.mkdir()
+    reads = src / "reads"
+    reads.mkdir()
+    for i in range(args.files):
+        (reads / f"f{i:05d}").write_bytes(os.urandom(4096))
+    results: dict[str, list[float]] = {k: [] for k in ("read_host", "read_fp", "write_host", "write_fp")}
+    def write_host(rep: int) -> None:
+        (src / f"h{rep}").mkdir()
+        results["write_host"].append(run(driver, "write", src / f"h{rep}", args.writes, args.writers))
+
+    for rep in range(args.reps):
+        results["read_host"].append(run(driver, "read", reads, args.files, args.readers))
+        # Alternate which write run goes first: ext4's inode allocator gets slower for a while after many
+        # deletions (recently_deleted()), which would otherwise always penalise the same side.
+        if rep % 2:
+            write_host(rep)
+        with fusepipe(src, mnt, sock, args.relay_readers):  # fresh mount: cold in FUSE, host cache warm
+            results["read_fp"].append(run(driver, "read", mnt / "reads", args.files, args.readers))
+            wdir = f"w{rep}"
+            (src / wdir).mkdir()
+            results["write_fp"].append(run(driver, "write", mnt / wdir, args.writes, args.writers))
+        if not rep % 2:
+            write_host(rep)
+    stat_host = run(driver, "stat", reads, args.stat_iters)
+    with fusepipe(src, mnt, sock, args.relay_readers, cache=False):
+        stat_fp = run(driver, "stat", mnt / "reads", max(1000, args.stat_iters // 10))
+    with fusepipe(src, mnt, sock, args.relay_readers, cache=True):
+        stat_fp_cached = run(driver, "stat", mnt / "reads", args.stat_iters)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"fuse-pipe bench: {args.files}x4KB reads by {args.readers} readers; {args.writes}x create+4KB "
+          f"write+fsync by {args.writers} threads; median of {args.reps}; relay readers {args.relay_readers}")
+    print(f"  parallel reads   host {med['read_host']:8.1f} ms   fuse-pipe {med['read_fp']:8.1f} ms   "
+          f"ratio {med['read_fp'] / med['read_host']:5.1f}x  (goal <= 5x)")
+    print(f"  write+fsync      host {med['write_host']:8.1f} ms   fuse-pipe {med['write_fp']:8.1f} ms   "
+          f"ratio {med['write_fp'] / med['write_host']:5.1f}x  (goal <= 2.5x)")
+    print(f"  stat, no cache   host {stat_host:8.2f} us   fuse-pipe {stat_fp:8.1f} us   "
+          f"ratio {stat_fp / stat_host:5.0f}x")
+    print(f"  stat, cached     host {stat_host:8.2f} us   fuse-pipe {stat_fp_cached:8.2f} us   "
+          f"ratio {stat_fp_cached / stat_host:5.1f}x")
+    print("  raw: " + ", ".join(f"{k}={[round(x, 1) for x in v]}" for k, v in results.items()))
 
 
 if __name__ == "__main__":

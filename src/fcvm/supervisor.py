@@ -185,7 +185,8 @@ class VmSupervisor:
             kernel, initrd = self._admit(kernel), initrd and self._admit(initrd)
             drives = [replace(d, path=self._admit(d.path, writable=not d.read_only)) for d in drives]
         vsock_uds = (self.jail.root if self.jail else self.workdir) / "v.sock"
-        self.store.update_vm(self.vm.id, config={**self.vm.config, "vsock_uds": str(vsock_uds)})
+        jail_info = {"jail": {"root": str(self.jail.root), "uid": self.jail.uid}} if self.jail else {}
+        self.store.update_vm(self.vm.id, config={**self.vm.config, "vsock_uds": str(vsock_uds), **jail_info})
         plan = Plan(
             name=request.name,
             image=ImageSpec(ref=request.image, disk="/dev/vdb" if image_disk else "",

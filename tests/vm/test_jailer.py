@@ -3,6 +3,7 @@ and the VM's network namespace; the trunk still works through it, and nothing is
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -60,10 +61,13 @@ def test_jailed_firecracker_runs_the_trunk_and_leaves_nothing(guest_assets: None
         assert (site / "out.txt").read_text() == "from-guest\n"
 
         jail_root = paths.data_dir() / "jail" / "firecracker" / vm_id / "root"
+        inspected = json.loads(fcvm("inspect", "jailed").stdout)[0]["config"]["jail"]
+        assert inspected["root"] == str(jail_root)
         root_id = (jail_root.stat().st_dev, jail_root.stat().st_ino)
         [vmm] = [pid for pid in _processes_with(f"--id\0{vm_id}\0")
                  if (lambda st: (st.st_dev, st.st_ino))(os.stat(f"/proc/{pid}/root")) == root_id]
         uid = int(_status(vmm)["Uid"].split()[0])
+        assert uid == inspected["uid"]
         assert JAIL_UID_BASE <= uid < JAIL_UID_BASE + JAIL_UID_COUNT
         assert _status(vmm)["Gid"].split()[0] == str(uid)
         cgroup = Path(f"/proc/{vmm}/cgroup").read_text().splitlines()

@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from fcvm.core import paths
+from fcvm.state import Store
 from fcvm.vmm.firecracker.jail import JAIL_UID_BASE, JAIL_UID_COUNT, cgroup2_mount
 from tests.hoststate import HostState
 from tests.support import require
@@ -33,8 +38,9 @@ def _processes_with(marker: str) -> list[int]:
     return found
 
 
-def test_jailed_firecracker_runs_the_trunk_and_leaves_nothing(guest_assets: None, host_port: int,
-                                                               tmp_path: Path) -> None:
+@pytest.fixture
+def jailed_env(tmp_path: Path) -> dict[str, str]:
+    """fc-mock as the Firecracker binary and the stand-in jailer around it."""
     scripts = Path(sys.executable).parent  # pip's entry scripts (PATH may hold wrappers that cannot run jailed)
     jailer, mock = scripts / "fcvm-jailer-mock", scripts / "fcvm-fc-mock"
     require(jailer.is_file() and mock.is_file(), f"fcvm-jailer-mock and fcvm-fc-mock are not in {scripts}")
@@ -42,7 +48,18 @@ def test_jailed_firecracker_runs_the_trunk_and_leaves_nothing(guest_assets: None
     firecracker = tmp_path / "bin" / "firecracker"  # the jailer runs only binaries of that name
     firecracker.parent.mkdir()
     shutil.copy(mock, firecracker)
-    env = {**hypervisor_env("firecracker"), "FCVM_FIRECRACKER_BIN": str(firecracker), "FCVM_JAILER_BIN": str(jailer)}
+    return {**hypervisor_env("firecracker"), "FCVM_FIRECRACKER_BIN": str(firecracker), "FCVM_JAILER_BIN": str(jailer)}
+
+
+def assert_jail_gone(vm_id: str) -> None:
+    assert vm_id and not (paths.data_dir() / "jail" / "firecracker" / vm_id).exists()
+    mount = cgroup2_mount()
+    assert mount is not None and not (mount / "fcvm" / vm_id).exists()
+
+
+def test_jailed_firecracker_runs_the_trunk_and_leaves_nothing(guest_assets: None, host_port: int,
+                                                               tmp_path: Path, jailed_env: dict[str, str]) -> None:
+    env = jailed_env
     site = tmp_path / "site"
     site.mkdir()
     (site / "index.html").write_text("served from the host\n")
@@ -80,6 +97,23 @@ def test_jailed_firecracker_runs_the_trunk_and_leaves_nothing(guest_assets: None
         fcvm("stop", "jailed")
     assert vm_row("jailed")["status"] == "exited"
     assert HostState.capture().diff(before) == {}
-    assert not (paths.data_dir() / "jail" / "firecracker" / vm_id).exists()
-    mount = cgroup2_mount()
-    assert mount is not None and not (mount / "fcvm" / vm_id).exists()
+    assert_jail_gone(vm_id)
+    assert Store().allocations(vm_id) == {}  # the jail uid, the subnet and the ports are free again
+
+
+def test_a_killed_owner_of_a_jailed_vm_is_cleaned_up_by_the_next_ls(guest_assets: None,
+                                                                    jailed_env: dict[str, str]) -> None:
+    before = HostState.capture()
+    fcvm("podman", "run", "-d", "--name", "jailkill", "--hypervisor", "firecracker", "--jailer",
+         "localhost/fcvm-demo-httpd", env=jailed_env)
+    row = vm_row("jailkill")
+    vm_id, pid = str(row["id"]), row["pid"]
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert "jailkill" not in fcvm("ls").stdout
+    assert vm_row("jailkill")["status"] == "exited"
+    assert not _processes_with(f"--id\0{vm_id}\0"), "the jailed VMM outlived its owner's cleanup"
+    assert HostState.capture().diff(before) == {}
+    assert_jail_gone(vm_id)
+    assert Store().allocations(vm_id) == {}  # the jail uid, the subnet and the ports are free again

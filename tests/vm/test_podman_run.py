@@ -150,6 +150,30 @@ def test_sigkill_of_the_owner_is_cleaned_up_by_the_next_ls(guest_assets: None, h
     assert HostState.capture().diff(before) == {}
 
 
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()] if tasks.exists() else []
+
+
+def test_a_vmm_killed_under_the_supervisor_takes_its_guest_along(guest_assets: None) -> None:
+    """fc-mock boots its guest in a QEMU child; SIGKILL fc-mock, and no QEMU may outlive it."""
+    env = hypervisor_env("firecracker")
+    before = HostState.capture()
+    fcvm("podman", "run", "-d", "--name", "vmmkill", "--hypervisor", "firecracker", "localhost/fcvm-demo-httpd",
+         env=env)
+    supervisor = vm_row("vmmkill")["pid"]
+    assert isinstance(supervisor, int)
+    [vmm] = [c for c in _children(supervisor) if b"fcvm-fc-mock" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    [qemu] = [c for c in _children(vmm) if b"qemu-system" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    os.kill(vmm, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while vm_row("vmmkill")["status"] != "exited" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vm_row("vmmkill")["status"] == "exited"
+    assert not Path(f"/proc/{qemu}").exists() or b") Z" in Path(f"/proc/{qemu}/stat").read_bytes()
+    assert HostState.capture().diff(before) == {}
+
+
 def test_a_guest_that_does_not_start_in_time_fails_clearly_and_leaves_nothing(guest_assets: None) -> None:
     before = HostState.capture()
     result = fcvm("podman", "run", "--name", "slow", "--boot-timeout", "1", "localhost/fcvm-busybox", "true",

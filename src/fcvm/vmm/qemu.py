@@ -71,8 +71,11 @@ def serial_socket(spec: MachineSpec) -> Path:
 
 
 class QemuVm:
-    def __init__(self, spec: MachineSpec, *, use_kvm: bool | None = None) -> None:
+    def __init__(self, spec: MachineSpec, *, use_kvm: bool | None = None, own_session: bool = True) -> None:
+        """`own_session=False` keeps QEMU in its parent's process group (fc-mock's): whoever kills that group
+        takes the guest along, as a guest dies with a real Firecracker process."""
         self.spec = spec
+        self.own_session = own_session
         self.use_kvm = host.kvm_status().usable if use_kvm is None else use_kvm
         self.name = "qemu"
         self._log = log.get(f"vm.{spec.name}")
@@ -96,7 +99,8 @@ class QemuVm:
         self._console = open(spec.console_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the VM
         # Its own session: a terminal's Ctrl-C reaches fcvm, which stops the container first, not QEMU.
         self._popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=self.own_session,
         )
         self._process = ProcessRef.of(self._popen.pid)
         assert self._popen.stdout is not None

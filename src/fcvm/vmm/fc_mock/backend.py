@@ -98,6 +98,8 @@ def default_factory() -> BackendFactory:
         except ImportError as exc:
             raise RuntimeError(f"the QEMU backend is not available: {exc}") from exc
         spec.kernel = qemu_kernel(spec.kernel)
-        return cast(Backend, QemuVm(spec))
+        # In fc-mock's process group: fcvm kills Firecracker's group when it reaps the VMM, so a SIGKILLed
+        # fc-mock never leaves its guest running (a real Firecracker's guest dies with it).
+        return cast(Backend, QemuVm(spec, own_session=False))
 
     return qemu

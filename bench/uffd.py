@@ -1,6 +1,6 @@
 """UFFD page server benchmark: prints every ratio in one run (see docs/PERFORMANCE.md).
 
-    python bench/uffd.py [--size-mib 512] [--clients 8] [--json results.json]
+    python bench/uffd.py [--size-mib 512] [--clients 8] [--cases single,prefetch,many,sparse] [--json results.json]
 
 1. One client touching all of the memory file, sequentially and randomly, with one touch thread:
    throughput and per-touch latency for the kernel baseline (Firecracker's File backend: MAP_PRIVATE of
@@ -11,6 +11,9 @@
    after its handshake while the server prefetches it; a third waits for the prefetch first.
 3. N clients at once: aggregate throughput and worst p99; then, with all of them holding their memory,
    RSS/PSS of the server and each client, against N File-backend clients (which really share pages).
+4. Sparse vs dense: a memory file that is 25 % data in 2 MiB chunks, the rest holes, against the same
+   bytes written out densely (what Firecracker writes before holes are dug). One client touching all of
+   it: throughput, and the client's private memory while it holds it (holes map the shared zero page).
 """
 
 from __future__ import annotations
@@ -48,6 +51,39 @@ def make_file(path: Path, size: int) -> None:
         for _ in range(size // (8 * MiB)):
             f.write(rng.randbytes(8 * MiB))
     path.read_bytes()  # warm the page cache: both sides read from it
+
+
+def make_sparse_pair(work: Path, size: int, chunk: int = 2 * MiB, share: float = 0.25) -> tuple[Path, Path, int]:
+    """(sparse file, dense file with the same bytes, data bytes): `share` of the chunk slots hold random
+    bytes, chosen at random through the file; the other slots are holes in the sparse file."""
+    rng = random.Random(42)
+    slots = size // chunk
+    chosen = sorted(rng.sample(range(slots), round(slots * share)))
+    sparse, dense = work / "sparse", work / "dense"
+    with sparse.open("wb") as f:
+        f.truncate(size)
+        for slot in chosen:
+            os.pwrite(f.fileno(), rng.randbytes(chunk), slot * chunk)
+    with sparse.open("rb") as src, dense.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 8 * MiB)  # writes the zeros too: no holes
+    for path in (sparse, dense):
+        path.read_bytes()  # warm the page cache
+    return sparse, dense, len(chosen) * chunk
+
+
+def guest_anon(pid: int, region: dict[str, int]) -> int:
+    """`Anonymous` bytes of the client's guest-memory mapping alone (zero-page mappings count 0)."""
+    lo = region["base_host_virt_addr"]
+    hi = lo + region["size"]
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start < hi and lo < end
+        elif inside and line.startswith("Anonymous:"):
+            total += int(line.split()[1]) * 1024
+    return total
 
 
 def smaps(pid: int) -> dict[str, int]:
@@ -245,6 +281,52 @@ def many(mem: Path, work: Path, n: int, size: int) -> dict[str, Any]:
     return out
 
 
+def sparse_vs_dense(work: Path, size: int) -> dict[str, Any]:
+    """One client (one touch thread, 64K fault-around) touching all of a sparse file vs its dense twin."""
+    sparse, dense, data = make_sparse_pair(work, size)
+    out: dict[str, Any] = {"data_mib": data / MiB, "size_mib": size / MiB}
+    for kind, mem in (("sparse", sparse), ("dense", dense)):
+        server = Server(work, mem, "--prefetch", "off", "--fault-around", "64K")
+        runs: dict[str, Any] = {}
+        try:
+            for pattern in ("sequential", "random"):
+                proc = client(mem, server, "--pattern", pattern, hold=True)
+                rep = report_of(proc)
+                rollup = smaps(proc.pid)
+                runs[pattern] = {
+                    "pid": rep["pid"], "mb_s": rep["mb_s"], "touch": rep["touch_latency"],
+                    "guest_anon_mib": round(guest_anon(proc.pid, rep["regions"][0]) / MiB, 1),
+                    "client_pss_mib": round(rollup["Pss"] / MiB, 1),
+                    "client_anon_mib": round(rollup["Anonymous"] / MiB, 1),
+                }
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+            server_pss = round(smaps(server.proc.pid)["Pss"] / MiB, 1)
+        finally:
+            metrics = server.stop()
+        by_pid = {c["pid"]: c for c in metrics["clients"]}
+        for pattern, run in runs.items():
+            c = by_pid[run.pop("pid")]
+            run.update(faults=c["faults"], zero_faults=c["zero_faults"], copied_mib=c["bytes_copied"] / MiB,
+                       zero_mib=c["zero_bytes"] / MiB, fault_p50_us=c["latency"]["p50_us"],
+                       fault_p99_us=c["latency"]["p99_us"])
+            log(f"  {kind:6} {pattern:10} {run['mb_s']:8.0f} MB/s, guest memory anonymous {run['guest_anon_mib']} MiB, "
+                f"client PSS {run['client_pss_mib']} MiB; {run['faults']} faults ({run['zero_faults']} zero-page), "
+                f"copied {run['copied_mib']:.0f} MiB, zero {run['zero_mib']:.0f} MiB, "
+                f"fault p50 {run['fault_p50_us']} us p99 {run['fault_p99_us']} us")
+        out[kind] = {**runs, "server_pss_mib": server_pss}
+    for pattern in ("sequential", "random"):
+        s, d = out["sparse"][pattern], out["dense"][pattern]
+        out[f"{pattern}_ratios"] = {
+            "mb_s": round(s["mb_s"] / d["mb_s"], 2),
+            "guest_anon": round(s["guest_anon_mib"] / max(d["guest_anon_mib"], 0.1), 3),
+            "client_pss": round(s["client_pss_mib"] / d["client_pss_mib"], 3),
+        }
+        log(f"  {pattern}: sparse / dense = {out[f'{pattern}_ratios']}")
+    out["server_pss_ratio"] = round(out["sparse"]["server_pss_mib"] / out["dense"]["server_pss_mib"], 3)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mib", type=int, default=512)
@@ -253,44 +335,66 @@ def main() -> int:
     parser.add_argument("--write-windows", default="64K,1M", help="fault-around sizes for write touches")
     parser.add_argument("--ws-fraction", type=float, default=0.02,
                         help="share of random pages the recording client touches")
+    parser.add_argument("--cases", default="single,prefetch,many,sparse",
+                        help="which cases to run (comma-separated: single, prefetch, many, sparse)")
     parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one under /var/tmp)")
     parser.add_argument("--json", type=Path, help="also write all results here")
     args = parser.parse_args()
     size = args.size_mib * MiB
+    cases = set(args.cases.split(","))
+    if not cases <= {"single", "prefetch", "many", "sparse"}:
+        parser.error(f"unknown case in --cases {args.cases}")
     work = Path(tempfile.mkdtemp(prefix="fcvm-uffd-bench-", dir=args.dir or "/var/tmp"))
     os.environ["FCVM_DATA_DIR"] = str(work / "data")
     results: dict[str, Any] = {"size_mib": args.size_mib, "cpus": os.cpu_count(),
                                "loadavg_before": os.getloadavg()[0]}
     try:
         mem = work / "memory"
-        log(f"memory file: {args.size_mib} MiB of random bytes in {work}")
-        make_file(mem, size)
-        log("ceilings (in-process):")
-        results["ceilings"] = in_process_ceilings(mem, size)
-        log(f"  {results['ceilings']}")
-        log("one client, one touch thread, all pages:")
-        results["single"] = single_client(mem, work, args.windows.split(","), args.write_windows.split(","))
-        log("working-set prefetch:")
-        results["prefetch"] = prefetch(mem, work, args.ws_fraction)
-        log(f"{args.clients} concurrent clients (random, 64K fault-around), then memory:")
-        results["many"] = many(mem, work, args.clients, size)
+        if cases & {"single", "prefetch", "many"}:
+            log(f"memory file: {args.size_mib} MiB of random bytes in {work}")
+            make_file(mem, size)
+        if "single" in cases:
+            log("ceilings (in-process):")
+            results["ceilings"] = in_process_ceilings(mem, size)
+            log(f"  {results['ceilings']}")
+            log("one client, one touch thread, all pages:")
+            results["single"] = single_client(mem, work, args.windows.split(","), args.write_windows.split(","))
+        if "prefetch" in cases:
+            log("working-set prefetch:")
+            results["prefetch"] = prefetch(mem, work, args.ws_fraction)
+        if "many" in cases:
+            log(f"{args.clients} concurrent clients (random, 64K fault-around), then memory:")
+            results["many"] = many(mem, work, args.clients, size)
+        mem.unlink(missing_ok=True)  # the sparse case needs the page cache, not this file
+        if "sparse" in cases:
+            log(f"sparse vs dense ({args.size_mib} MiB, 25 % data in 2 MiB chunks), one client, all pages:")
+            results["sparse"] = sparse_vs_dense(work, size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["loadavg_after"] = os.getloadavg()[0]
-    single = results["single"]
-    ratios = {
-        f"{name}_{w}_vs_kernel": row[w]["ratio"] for name, row in single.items() for w in row if w != "kernel"
-    }
-    pf = results["prefetch"]["replay_immediate"]
-    summary = {
-        **ratios,
-        "prefetch_effective_population_gb_s": (pf["effective_population_mb_s"] or 0) / 1000,
-        "prefetch_replay_client_gb_s": pf["client_mb_s"] / 1000,
-        f"{args.clients}_clients_aggregate_gb_s": results["many"]["aggregate_mb_s"] / 1000,
-        f"{args.clients}_clients_worst_touch_p99_us": results["many"]["worst_touch_p99_us"],
-        "pss_uffd_over_file_backend": round(results["many"]["uffd_total_pss_mib"]
-                                            / max(1, results["many"]["file_total_pss_mib"]), 2),
-    }
+    summary: dict[str, Any] = {}
+    if "single" in results:
+        single = results["single"]
+        summary.update({
+            f"{name}_{w}_vs_kernel": row[w]["ratio"] for name, row in single.items() for w in row if w != "kernel"
+        })
+    if "prefetch" in results:
+        pf = results["prefetch"]["replay_immediate"]
+        summary["prefetch_effective_population_gb_s"] = (pf["effective_population_mb_s"] or 0) / 1000
+        summary["prefetch_replay_client_gb_s"] = pf["client_mb_s"] / 1000
+    if "many" in results:
+        summary.update({
+            f"{args.clients}_clients_aggregate_gb_s": results["many"]["aggregate_mb_s"] / 1000,
+            f"{args.clients}_clients_worst_touch_p99_us": results["many"]["worst_touch_p99_us"],
+            "pss_uffd_over_file_backend": round(results["many"]["uffd_total_pss_mib"]
+                                                / max(1, results["many"]["file_total_pss_mib"]), 2),
+        })
+    if "sparse" in results:
+        sp = results["sparse"]
+        for pattern in ("sequential", "random"):
+            for key, value in sp[f"{pattern}_ratios"].items():
+                summary[f"sparse_over_dense_{pattern}_{key}"] = value
+        summary["sparse_over_dense_server_pss"] = sp["server_pss_ratio"]
     results["summary"] = summary
     print(json.dumps(summary, indent=1))
     if args.json:

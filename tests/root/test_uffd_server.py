@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ from hypothesis import strategies as st
 
 from fcvm.core.proc import ProcessRef
 from fcvm.state.store import Store
-from fcvm.uffd import ioctls
+from fcvm.uffd import holes, ioctls, workingset
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, parse_regions
 from tests.support import require, require_root
 
 MiB = 1 << 20
 GiB = 1 << 30
+PAGE = 4096
 
 
 def _uffd_works() -> bool:
@@ -475,3 +477,218 @@ def test_snapshot_form_and_snapshot_ls(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         store.close()
+
+
+# --- holes: zero pages instead of private copies ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparsePair:
+    sparse: Path  # data extents written into a truncated file: everything else is a hole
+    dense: Path  # the same bytes with the zeros written out (what Firecracker writes before holes are dug)
+    data: list[tuple[int, int]]  # (offset, length) of each data extent, page-aligned
+
+    @property
+    def size(self) -> int:
+        return self.sparse.stat().st_size
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(n for _, n in self.data)
+
+
+def _data_extents(pages: int, seed: int) -> list[tuple[int, int]]:
+    """About 25 % data, page-aligned but not 64 KiB-aligned, with the cases fault-around must split."""
+    extents = [
+        (0, 3),  # a data run shorter than a window; the hole after it starts mid-window
+        (20, 1),  # one data page alone inside an otherwise empty window
+        (16 * 5 + 7, 50),  # starts mid-window, spans several windows
+    ]
+    rng = random.Random(seed)
+    pos = 200
+    while True:
+        pos += rng.randint(1, 700)  # a hole of 1 page to ~2.7 MiB
+        length = rng.randint(1, 250)
+        if pos + length >= pages - 40:
+            break  # the file ends in a hole
+        extents.append((pos, length))
+        pos += length
+    return [(p * PAGE, n * PAGE) for p, n in extents]
+
+
+@pytest.fixture(scope="module")
+def sparse96(tmp_path_factory: pytest.TempPathFactory) -> SparsePair:
+    work = tmp_path_factory.mktemp("uffd-holes")
+    size = 96 * MiB
+    data = _data_extents(size // PAGE, 96)
+    rng = random.Random(97)
+    sparse = work / "sparse"
+    with sparse.open("wb") as f:
+        f.truncate(size)
+        for offset, length in data:
+            os.pwrite(f.fileno(), rng.randbytes(length), offset)
+    dense = work / "dense"
+    dense.write_bytes(sparse.read_bytes())
+    fd = os.open(sparse, os.O_RDONLY)
+    try:
+        found = holes.find(fd, size).total
+    finally:
+        os.close(fd)
+    require(found > 0, f"the filesystem under {work} reports no holes (no SEEK_HOLE)")
+    return SparsePair(sparse, dense, data)
+
+
+def _is_data_page(pair: SparsePair, page: int) -> bool:
+    return any(o <= page * PAGE < o + n for o, n in pair.data)
+
+
+@pytest.mark.parametrize("pattern", ["sequential", "random"])
+def test_sparse_file_one_client_byte_exact(serve: Any, sparse96: SparsePair, pattern: str) -> None:
+    served = serve(sparse96.sparse, "--prefetch", "off", "--fault-around", "64K")
+    report = run_client(served, "--pattern", pattern, "--threads", "4")
+    assert report["verify"]["pages"] == sparse96.size // PAGE and report["verify"]["mismatches"] == 0
+    metrics = served.stop()
+    assert metrics["server"]["mem_hole_bytes"] == sparse96.size - sparse96.data_bytes
+    (client,) = metrics["clients"]
+    # every data page copied exactly once, every hole page zero-filled, none the other way round
+    assert client["bytes_copied"] == sparse96.data_bytes
+    assert client["zero_bytes"] == client["hole_bytes"] == sparse96.size - sparse96.data_bytes
+    assert client["zero_faults"] > 0 and client["errors"] == 0
+
+
+def test_sparse_file_concurrent_clients(serve: Any, sparse96: SparsePair) -> None:
+    served = serve(sparse96.sparse, "--prefetch", "off", "--fault-around", "64K")
+    procs = [start_client(served, "--pattern", pattern, "--seed", str(i), "--threads", "2", "--no-latency")
+             for i, pattern in enumerate(["random", "sequential", "random", "sequential"])]
+    for proc in procs:
+        code, reports = finish_client(proc, timeout=180)
+        assert code == 0 and reports[-1]["ok"], reports
+        assert reports[-1]["verify"]["pages"] == sparse96.size // PAGE
+    metrics = served.stop()
+    assert len(metrics["clients"]) == 4
+    for client in metrics["clients"]:
+        assert client["bytes_copied"] == sparse96.data_bytes
+        assert client["zero_bytes"] == sparse96.size - sparse96.data_bytes
+        assert client["errors"] == 0
+
+
+def _guest_anon_bytes(pid: int, region: dict[str, int]) -> int:
+    """`Anonymous` of the client's guest-memory mapping, from /proc/PID/smaps (zero-page PTEs count 0)."""
+    lo = region["base_host_virt_addr"]
+    hi = lo + region["size"]
+    total = 0
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start < hi and lo < end
+        elif inside and line.startswith("Anonymous:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def _held_client(served: Served) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = start_client(served, "--pattern", "sequential", "--threads", "2", "--hold", "-1")
+    assert proc.stdout is not None
+    report = json.loads(proc.stdout.readline())  # touched and verified, now holding its memory
+    assert report["ok"], report
+    return proc, report
+
+
+def test_holes_cost_a_clone_no_private_memory(serve: Any, sparse96: SparsePair) -> None:
+    """After touching all its memory, a clone of the sparse file privately holds about its data; a clone
+    of the dense file (same bytes) holds all of it."""
+    anon: dict[str, int] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    for kind, mem in (("sparse", sparse96.sparse), ("dense", sparse96.dense)):
+        served = serve(mem, "--prefetch", "off")
+        proc, report = _held_client(served)
+        try:
+            anon[kind] = _guest_anon_bytes(proc.pid, report["regions"][0])
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        (metrics[kind],) = served.stop()["clients"]
+    size, data = sparse96.size, sparse96.data_bytes
+    assert data < size * 0.35  # the fixture's premise: mostly holes
+    assert anon["dense"] >= size * 0.95, anon
+    assert anon["sparse"] <= data + size * 0.05, anon  # the holes map the shared zero page
+    assert metrics["sparse"]["zero_faults"] > 0 and metrics["sparse"]["zero_bytes"] == size - data
+    assert metrics["dense"]["zero_faults"] == 0 and metrics["dense"]["hole_bytes"] == 0
+    assert metrics["dense"]["bytes_copied"] == size
+
+
+def test_working_set_skips_holes(serve: Any, sparse96: SparsePair, tmp_path: Path) -> None:
+    """The recorder keeps only copied (data) windows, and the prefetch never fills a hole."""
+    mem = tmp_path / "memory"
+    os.link(sparse96.sparse, mem)  # the working set is written next to the memory file: keep it here
+    served = serve(mem, "--prefetch", "on")
+    first = run_client(served, "--pattern", "random", "--fraction", "0.1", "--seed", "4")
+    ws = workingset.path_for_mem_file(mem)
+    deadline = time.monotonic() + 10
+    while not ws.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    runs = workingset.load(ws, mem)
+    assert runs
+    recorded = [p for off, n in runs for p in range(off // PAGE, (off + n) // PAGE)]
+    assert all(_is_data_page(sparse96, p) for p in recorded)
+    second = run_client(served, "--pattern", "sequential", "--delay", "0.5", "--threads", "2")
+    metrics = served.stop()
+    recorder, replay = metrics["clients"]
+    assert recorder["pid"] == first["pid"] and replay["pid"] == second["pid"]
+    assert replay["prefetch"] == "done" and replay["prefetch_bytes"] == len(recorded) * PAGE
+    assert replay["prefetch_bytes"] + replay["bytes_copied"] == sparse96.data_bytes
+    assert replay["zero_bytes"] == sparse96.size - sparse96.data_bytes
+
+
+_HUGE_2M = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+
+
+@pytest.fixture
+def huge_pages_2m() -> Iterator[int]:
+    """Reserve 40 more 2 MiB pages for one test (this machine keeps none), then give them back."""
+    require(_HUGE_2M.is_dir(), "needs 2 MiB hugetlb pages")
+    count = _HUGE_2M / "nr_hugepages"
+    before = int(count.read_text())
+    count.write_text(str(before + 40))
+    try:
+        free = int((_HUGE_2M / "free_hugepages").read_text())
+        require(free >= 40, f"could reserve only {free} free 2 MiB pages")
+        yield free
+    finally:
+        count.write_text(str(before))
+
+
+def test_huge_regions_copy_their_holes(serve: Any, tmp_path: Path, huge_pages_2m: int) -> None:
+    """hugetlbfs has no UFFDIO_ZEROPAGE: a hole in a 2 MiB region is copied (zeros) like data."""
+    size = 64 * MiB
+    mem = tmp_path / "memory"
+    rng = random.Random(2)
+    with mem.open("wb") as f:
+        f.truncate(size)
+        # not 2 MiB-aligned: some huge pages are part data, part hole; most are all hole
+        for offset in (0, 3 * MiB + 12 * PAGE, 31 * MiB, 40 * MiB + 5 * PAGE, size - PAGE):
+            os.pwrite(f.fileno(), rng.randbytes(100 * PAGE if offset < size - PAGE else PAGE), offset)
+    served = serve(mem, "--prefetch", "off", "--fault-around", "64K")
+    report = run_client(served, "--page-size", "2M", "--regions", "2", "--split", "32M", "--gap", "1G",
+                        "--pattern", "random", "--threads", "4")
+    assert all(r["page_size"] == 2 * MiB for r in report["regions"])
+    assert report["verify"]["pages"] == size // PAGE
+    metrics = served.stop()
+    assert metrics["server"]["mem_hole_bytes"] > size // 2
+    (client,) = metrics["clients"]
+    assert client["errors"] == 0 and client["hole_bytes"] == 0 and client["zero_faults"] == 0
+    assert client["bytes_copied"] == size  # every huge page copied once, holes included
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+def test_removed_huge_pages_read_as_zero(serve: Any, mem64: Path, huge_pages_2m: int, when: str) -> None:
+    """hugetlbfs has no UFFDIO_ZEROPAGE: removed huge pages are refilled with copied zeros, never left blocked."""
+    served = serve(mem64, "--prefetch", "off")
+    report = run_client(served, "--page-size", "2M", "--pattern", "sequential", "--threads", "4",
+                        "--remove", "8M:4M", "--remove", "40M:2M", "--remove-when", when)
+    assert report["verify"]["zero_pages"] == 6 * MiB // PAGE
+    (client,) = served.stop()["clients"]
+    assert client["removes"] >= 2 and client["zero_faults"] > 0 and client["errors"] == 0

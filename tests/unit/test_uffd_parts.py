@@ -1,11 +1,13 @@
 """UFFD server pieces that need no kernel: handshake framing and validation (fuzzed), metrics,
-working-set files, and `fcvm snapshot ls`."""
+working-set files, hole maps and fault windows over holes, and `fcvm snapshot ls`."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,14 @@ from fcvm.commands import snapshot_ls, snapshot_serve
 from fcvm.core.errors import FcvmError
 from fcvm.core.proc import ProcessRef
 from fcvm.state.store import Store
-from fcvm.uffd import ioctls, workingset
+from fcvm.uffd import holes, ioctls, workingset
 from fcvm.uffd.handshake import MAX_HANDSHAKE, HandshakeError, JsonFramer, Region, parse_regions
-from fcvm.uffd.metrics import Histogram
-from fcvm.uffd.server import _segments_for, parse_size
+from fcvm.uffd.metrics import ClientMetrics, Histogram
+from fcvm.uffd.server import HOLE, MISSING, Client, ServeConfig, Server, _segments_for, parse_size
 
 MiB = 1 << 20
+KiB = 1 << 10
+PAGE = 4096
 
 
 def region(base: int, size: int, offset: int, page: int = 4096) -> dict[str, int]:
@@ -225,3 +229,123 @@ def test_snapshot_ls_groups_servers_under_their_snapshot(capsys: pytest.CaptureF
     assert snapshot_ls.run(argparse.Namespace(json=False)) == 0
     text = capsys.readouterr().out
     assert "web" in text and "42-1" in text
+
+
+# --- holes -----------------------------------------------------------------------------------------
+
+
+def _file_with_data(path: Path, size: int, data: list[tuple[int, int]]) -> Path:
+    """A sparse file (truncate) holding random bytes at the given (offset, length) ranges (pwrite)."""
+    with path.open("wb") as f:
+        f.truncate(size)
+        for offset, length in data:
+            os.pwrite(f.fileno(), os.urandom(length), offset)
+    return path
+
+
+def _holes_of(path: Path) -> list[tuple[int, int]]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return holes.find(fd, path.stat().st_size).ranges()
+    finally:
+        os.close(fd)
+
+
+def test_hole_map_is_exact(tmp_path: Path) -> None:
+    # 64 KiB-aligned, so exact on any filesystem block size up to 64 KiB
+    data = [(64 * KiB, 64 * KiB), (512 * KiB, 192 * KiB), (960 * KiB, 64 * KiB)]
+    mem = _file_with_data(tmp_path / "m", MiB, data)
+    assert _holes_of(mem) == [(0, 64 * KiB), (128 * KiB, 512 * KiB), (704 * KiB, 960 * KiB)]
+    tail = _file_with_data(tmp_path / "tail", MiB, [(0, 64 * KiB)])  # data first, a hole up to EOF
+    assert _holes_of(tail) == [(64 * KiB, MiB)]
+
+
+def test_hole_map_of_an_all_hole_and_a_dense_file(tmp_path: Path) -> None:
+    assert _holes_of(_file_with_data(tmp_path / "empty", 4 * MiB, [])) == [(0, 4 * MiB)]
+    dense = tmp_path / "dense"
+    dense.write_bytes(bytes(MiB))  # zeros written out are data, not holes
+    assert _holes_of(dense) == []
+    fd = os.open(dense, os.O_RDONLY)
+    try:
+        assert holes.find(fd, MiB).total == 0
+    finally:
+        os.close(fd)
+
+
+def test_without_seek_hole_support_the_whole_file_is_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mem = _file_with_data(tmp_path / "m", MiB, [(64 * KiB, 64 * KiB)])
+
+    def no_seek_hole(fd: int, pos: int, how: int) -> int:
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return os.lseek(fd, pos, how)
+
+    monkeypatch.setattr(holes.os, "lseek", no_seek_hole)
+    assert _holes_of(mem) == []
+
+
+def test_only_pages_entirely_inside_a_hole_are_holes() -> None:
+    hmap = holes.HoleMap(64 * PAGE, [(100, 3 * PAGE + 5), (8 * PAGE, 12 * PAGE), (20 * PAGE, 64 * PAGE)])
+    assert hmap.total == 3 * PAGE - 95 + 4 * PAGE + 44 * PAGE
+    # page 0 is partly data, page 3 too; page 1-2 are holes
+    assert hmap.page_runs(0, 64 * PAGE, PAGE) == [(1, 3), (8, 12), (20, 64)]
+    # a region at file offset 10 pages, 16 pages long: clipped, indices from the region's start
+    assert hmap.page_runs(10 * PAGE, 16 * PAGE, PAGE) == [(0, 2), (10, 16)]
+    # 32 KiB pages: only big pages 3-7 (4 KiB pages 24-63) lie wholly inside a hole
+    assert hmap.page_runs(0, 64 * PAGE, 8 * PAGE) == [(3, 8)]
+    assert holes.HoleMap(PAGE).page_runs(0, PAGE, PAGE) == []
+
+
+class _RecordingCopier:
+    """Stands in for ioctls.Copier: records each fill as ("copy" | "zero", first page, pages)."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.calls: list[tuple[str, int, int]] = []
+
+    def copy(self, fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
+        self.calls.append(("copy", (dst - self.base) // PAGE, length // PAGE))
+        return length
+
+    def zeropage(self, fd: int, dst: int, length: int, mode: int = 0) -> int:
+        self.calls.append(("zero", (dst - self.base) // PAGE, length // PAGE))
+        return length
+
+
+def test_fault_windows_split_holes_from_data(tmp_path: Path) -> None:
+    """64 KiB windows (16 pages) never mix copied and zero pages; huge regions copy their holes."""
+    # data at pages 0-2, 20 and 40-49 of the 4 KiB region; the 2 MiB region is all hole
+    size = 64 * PAGE + 2 * MiB
+    hole_map = holes.HoleMap(size, [(3 * PAGE, 20 * PAGE), (21 * PAGE, 40 * PAGE), (50 * PAGE, size)])
+    mem = _file_with_data(tmp_path / "m", size, [])
+    server = Server(ServeConfig(mem_file=mem, socket=tmp_path / "s", prefetch=False))
+    try:
+        base, huge_base = 0x7F00_0000_0000, 0x7F10_0000_0000
+        regions = [Region(base, 64 * PAGE, 0, PAGE), Region(huge_base, 2 * MiB, 64 * PAGE, 2 * MiB)]
+        metrics = ClientMetrics("t-1", 1, 0, 0)
+        client = Client("t-1", None, -1, None, regions, metrics, hole_map)
+        states = client.states[0]
+        assert states[:3] == bytes([MISSING]) * 3 and states[3:20] == bytes([HOLE]) * 17
+        assert states[20] == MISSING and states[50:] == bytes([HOLE]) * 14
+        assert client.states[1] == bytes([MISSING])  # hugetlbfs: no zero page, its hole is data
+        assert metrics.hole_bytes == (64 - 3 - 1 - 10) * PAGE
+        copier = _RecordingCopier(base)
+        client.copier = copier  # type: ignore[assignment]
+        for page in (1, 5, 20, 17, 45, 33, 60):
+            assert server._serve_fault(client, base + page * PAGE)
+        assert copier.calls == [
+            ("copy", 0, 3),  # data shorter than its window; the hole starts mid-window
+            ("zero", 3, 13),  # the rest of window 0
+            ("copy", 20, 1),  # one data page alone in a hole window
+            ("zero", 16, 4),  # the hole before it, in the same window
+            ("copy", 40, 8),  # data run crossing a window edge: this window's part ...
+            ("zero", 32, 8),  # ... the hole before it
+            ("zero", 50, 14),  # the hole at the end: up to the window edge, never past the region
+        ]
+        assert metrics.zero_faults == 4 and metrics.zero_bytes == (13 + 4 + 8 + 14) * PAGE
+        assert metrics.bytes_copied == 12 * PAGE
+        copier.base = huge_base
+        assert server._serve_fault(client, huge_base + 4096)
+        assert copier.calls[-1] == ("copy", 0, 512)  # copied from the file's zeros
+    finally:
+        server._shutdown()

@@ -1,11 +1,12 @@
 """`fcvm-uffd-client`: a faithful stand-in for Firecracker's side of the UFFD handshake.
 
 It maps anonymous "guest memory" of the memory file's size (one region, or two with an x86-style gap
-between them), creates a userfaultfd with UFFDIO_API(EVENT_REMOVE) and registers every region MISSING,
-connects to the server and sends the JSON regions plus the uffd in one sendmsg, keeps the socket and
-the uffd open (as Firecracker does), then touches pages from several threads and verifies every touched
-page byte for byte against the memory file. It can madvise(DONTNEED) ranges to produce REMOVE events
-and check that they then read as zero.
+between them; base pages, or hugetlbfs pages with --page-size 2M like Firecracker's huge_pages "2M"),
+creates a userfaultfd with UFFDIO_API(EVENT_REMOVE) and registers every region MISSING, connects to the
+server and sends the JSON regions plus the uffd in one sendmsg, keeps the socket and the uffd open (as
+Firecracker does), then touches pages from several threads and verifies every touched page byte for
+byte against the memory file. It can madvise(DONTNEED) ranges to produce REMOVE events and check that
+they then read as zero.
 
 `--backend file` maps the memory file MAP_PRIVATE instead (Firecracker's File backend): the kernel
 baseline, touched and verified by exactly the same code.
@@ -45,6 +46,7 @@ class Options:
     socket: Path | None = None
     backend: str = "uffd"  # uffd | file
     regions: int = 1
+    page_size: int = PAGE  # > PAGE: MAP_HUGETLB regions of that page size (needs reserved huge pages)
     split: int | None = None  # size of the first region when regions == 2
     gap: int = GIB
     pattern: str = "sequential"  # sequential | random | working-set | none
@@ -65,14 +67,14 @@ class Options:
     touch: str = "read"  # read | write (writes each page's own first byte back: a write fault, same content)
 
 
-def layout(mem_size: int, count: int, split: int | None) -> list[tuple[int, int]]:
+def layout(mem_size: int, count: int, split: int | None, page_size: int = PAGE) -> list[tuple[int, int]]:
     """(file offset, size) per region. Two regions split the file like x86 splits RAM around 3 GiB."""
     if count == 1:
         return [(0, mem_size)]
     if count != 2:
         raise ValueError("--regions must be 1 or 2")
     first = split if split is not None else (3 * GIB if mem_size > 3 * GIB else mem_size // 2)
-    first -= first % PAGE
+    first -= first % page_size
     if not 0 < first < mem_size:
         raise ValueError(f"--split {first} must fall inside the memory file")
     return [(0, first), (first, mem_size - first)]
@@ -83,13 +85,18 @@ class GuestMemory:
 
     def __init__(self, opts: Options, mem_size: int) -> None:
         self.mem_size = mem_size
-        parts = layout(mem_size, opts.regions, opts.split)
+        ps = opts.page_size
+        parts = layout(mem_size, opts.regions, opts.split, ps)
         gap = opts.gap if len(parts) == 2 else 0
-        self.reserved = mem_size + gap
-        self.base = memory.map_memory(
+        if gap % ps:
+            raise ValueError(f"--gap must be a multiple of the page size {ps}")
+        # hugetlb mappings must start on a huge-page boundary: reserve one page more and align up
+        self.reserved = mem_size + gap + (ps if ps > PAGE else 0)
+        self.reservation = memory.map_memory(
             self.reserved, memory.PROT_NONE,
             mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | memory.MAP_NORESERVE,
         )
+        self.base = -(-self.reservation // ps) * ps
         self.regions: list[Region] = []
         fd = os.open(opts.mem_file, os.O_RDONLY) if opts.backend == "file" else -1
         try:
@@ -98,10 +105,15 @@ class GuestMemory:
                 rw = mmap.PROT_READ | mmap.PROT_WRITE
                 if fd >= 0:
                     memory.map_memory(size, rw, mmap.MAP_PRIVATE | memory.MAP_FIXED, fd, offset, addr)
+                elif ps > PAGE:
+                    # reserved at mmap time (no MAP_NORESERVE): too few huge pages fail here, not as SIGBUS
+                    flags = (mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | memory.MAP_FIXED | memory.MAP_HUGETLB
+                             | (ps.bit_length() - 1) << memory.MAP_HUGE_SHIFT)
+                    memory.map_memory(size, rw, flags, -1, 0, addr)
                 else:
                     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | memory.MAP_NORESERVE | memory.MAP_FIXED
                     memory.map_memory(size, rw, flags, -1, 0, addr)
-                self.regions.append(Region(addr, size, offset, PAGE))
+                self.regions.append(Region(addr, size, offset, ps))
                 addr += size + gap
         finally:
             if fd >= 0:
@@ -114,7 +126,7 @@ class GuestMemory:
         raise ValueError(f"file offset {file_offset} outside the regions")
 
     def close(self) -> None:
-        memory.unmap(self.base, self.reserved)
+        memory.unmap(self.reservation, self.reserved)
 
 
 def handshake_json(regions: list[Region]) -> bytes:
@@ -252,8 +264,13 @@ class Harness:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.mem_size = opts.mem_file.stat().st_size
-        if self.mem_size % PAGE:
-            raise SystemExit("fcvm-uffd-client: the memory file's size must be a multiple of 4096")
+        ps = opts.page_size
+        if ps < PAGE or ps & (ps - 1):
+            raise SystemExit("fcvm-uffd-client: --page-size must be a power of two >= 4096")
+        if ps > PAGE and opts.backend != "uffd":
+            raise SystemExit("fcvm-uffd-client: huge pages need --backend uffd (a file mapping cannot be hugetlb)")
+        if self.mem_size % ps:
+            raise SystemExit(f"fcvm-uffd-client: the memory file's size must be a multiple of {ps}")
         self.report: dict[str, Any] = {
             "pid": os.getpid(), "backend": opts.backend, "pattern": opts.pattern, "threads": opts.threads,
             "mem_size": self.mem_size, "stalled": False, "ok": False,
@@ -492,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", type=Path, help="the server's Unix socket (uffd backend)")
     p.add_argument("--backend", choices=["uffd", "file"], default="uffd")
     p.add_argument("--regions", type=int, choices=[1, 2], default=1)
+    p.add_argument("--page-size", type=_size, default=PAGE,
+                   help="guest page size; above 4K, hugetlbfs pages (e.g. 2M; needs vm.nr_hugepages)")
     p.add_argument("--split", type=_size, help="size of the first region (default: 3G, or half)")
     p.add_argument("--gap", type=_size, default=GIB, help="hole between the regions (default 1G)")
     p.add_argument("--pattern", choices=["sequential", "random", "working-set", "none"], default="sequential")

@@ -81,8 +81,9 @@ class ClientMetrics:
     regions: int = 0
     faults: int = 0  # demand faults answered (copy or zero page)
     bytes_copied: int = 0  # demand bytes filled from the memory file
-    zero_faults: int = 0
+    zero_faults: int = 0  # demand faults answered with zero pages: holes of the memory file, removed ranges
     zero_bytes: int = 0
+    hole_bytes: int = 0  # memory lying in holes of the memory file (served as zero pages, never copied)
     eexist: int = 0
     eagain: int = 0
     removes: int = 0

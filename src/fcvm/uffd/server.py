@@ -6,6 +6,9 @@ around each batch, and the loop takes the same lock around reading that client's
 never land in a range whose REMOVE has already been read (the kernel zaps the range right after that
 read). Demand faults never wait for more than one batch.
 
+Holes of the memory file are served with UFFDIO_ZEROPAGE (the kernel's shared zero page) and never
+prefetched or recorded; everything else is copied from the server's read-only mapping of the file.
+
 Fail closed: a uffd is closed only once its VM process has exited (pidfd), never while it lives.
 """
 
@@ -16,6 +19,7 @@ import collections
 import contextlib
 import errno
 import functools
+import mmap
 import os
 import re
 import select
@@ -31,14 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from fcvm.core import log
-from fcvm.uffd import ioctls, memory, workingset
+from fcvm.uffd import holes, ioctls, memory, workingset
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, Region, parse_regions
 from fcvm.uffd.metrics import ClientMetrics
 
 _log = log.get("uffd")
 
-MISSING, PRESENT, REMOVED, ZEROED = 0, 1, 2, 3
+# Per-page states. HOLE: missing, and inside a hole of the memory file (zero-page kind, not copied).
+MISSING, PRESENT, REMOVED, ZEROED, HOLE = 0, 1, 2, 3, 4
+_ZERO_KIND = (REMOVED, ZEROED, HOLE)
+# Prefetch fills MISSING runs only: HOLE pages cost nothing to fault on demand (a zero-page mapping),
+# so prefetching them would only allocate private zeros.
 _MISSING_RUN = re.compile(b"\x00+")
+_HUGE_ZEROS = 1 << 30  # the largest huge page: one copy from the zero source fills at least one page
 _CRED = struct.Struct("3i")
 _READ_MSGS = 64
 _MAX_ENDED = 256
@@ -90,7 +99,7 @@ class Client:
 
     def __init__(
         self, key: str, conn: socket.socket | None, uffd: int, pidfd: int | None, regions: list[Region],
-        metrics: ClientMetrics,
+        metrics: ClientMetrics, hole_map: holes.HoleMap,
     ) -> None:
         self.key = key
         self.conn = conn
@@ -100,6 +109,14 @@ class Client:
         self.bases = [r.base for r in regions]
         self.states = [bytearray(r.size // r.page_size) for r in regions]
         self.metrics = metrics
+        for state, region in zip(self.states, regions, strict=True):
+            # UFFDIO_ZEROPAGE exists only for base pages (hugetlbfs rejects it with EINVAL, and has no
+            # shared zero page to gain): in huge regions a hole is data, copied from the file's zeros.
+            if region.page_size != mmap.PAGESIZE:
+                continue
+            for lo, hi in hole_map.page_runs(region.offset, region.size, region.page_size):
+                state[lo:hi] = bytes([HOLE]) * (hi - lo)
+                metrics.hole_bytes += (hi - lo) * region.page_size
         self.lock = threading.Lock()
         self.closed = False
         self.polling_uffd = True
@@ -150,9 +167,14 @@ class Server:
         self._threads: list[threading.Thread] = []
         fd = os.open(self.mem_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            self.holes = holes.find(fd, self.mem_size)
             self.src_base = memory.map_file_readonly(fd, self.mem_size)
         finally:
             os.close(fd)
+        # Removed huge pages must read as zeros, but hugetlbfs has no UFFDIO_ZEROPAGE: they are copied from
+        # this never-written anonymous mapping (reads of it see the zero page; reserving it costs nothing).
+        self.zeros = memory.map_memory(_HUGE_ZEROS, mmap.PROT_READ,
+                                       mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | memory.MAP_NORESERVE)
         if config.prefetch:
             self._ws = workingset.load(self.ws_path, self.mem_file)
 
@@ -179,6 +201,7 @@ class Server:
                 "socket": str(self.config.socket),
                 "mem_file": str(self.mem_file),
                 "mem_size": self.mem_size,
+                "mem_hole_bytes": self.holes.total,
                 "fault_around": self.config.fault_around,
                 "prefetch": self.config.prefetch,
                 "working_set": str(self.ws_path) if self.config.prefetch else None,
@@ -205,8 +228,9 @@ class Server:
             self.state = "serving"
             self.note("listening", socket=str(self.config.socket))
             _log.info(
-                "serving %s (%d MiB) on %s, fault-around %d KiB, prefetch %s",
-                self.mem_file, self.mem_size >> 20, self.config.socket, self.config.fault_around >> 10,
+                "serving %s (%d MiB, %d MiB of it holes) on %s, fault-around %d KiB, prefetch %s",
+                self.mem_file, self.mem_size >> 20, self.holes.total >> 20, self.config.socket,
+                self.config.fault_around >> 10,
                 ("on, working set " + (f"{workingset.total(self._ws) >> 20} MiB" if self._ws else "to record"))
                 if self.config.prefetch else "off",
             )
@@ -357,6 +381,7 @@ class Server:
         _close(self._wake_w)
         with contextlib.suppress(OSError):
             memory.unmap(self.src_base, self.mem_size)
+            memory.unmap(self.zeros, _HUGE_ZEROS)
 
     # --- handshakes -------------------------------------------------------------------------------
 
@@ -467,7 +492,7 @@ class Server:
         metrics = ClientMetrics(key, pid, uid, gid)
         metrics.regions = len(regions)
         metrics.memory_bytes = sum(r.size for r in regions)
-        client = Client(key, pending.conn, uffd, pidfd, regions, metrics)
+        client = Client(key, pending.conn, uffd, pidfd, regions, metrics, self.holes)
         self._clients[key] = client
         self._watch(uffd, functools.partial(self._on_uffd, client))
         self._watch(pending.conn.fileno(), functools.partial(self._on_conn, client))
@@ -594,7 +619,9 @@ class Server:
         ps = region.page_size
         idx = (addr - region.base) // ps
         state = states[idx]
-        if state in (MISSING, REMOVED):
+        if state in (MISSING, REMOVED, HOLE):
+            # the run of pages in the fault's state around it, within its aligned window: a window
+            # never mixes copied pages with zero pages, nor missing pages with present ones
             window = max(1, self.config.fault_around // ps)
             ws = idx - idx % window
             we = min(ws + window, len(states))
@@ -606,7 +633,7 @@ class Server:
             hi = idx + 1 + (len(right) - len(right.lstrip(mark)))
         else:  # believed present: stale after a race; fill just this page
             lo, hi = idx, idx + 1
-        zero = state in (REMOVED, ZEROED)
+        zero = state in _ZERO_KIND
         filled = self._fill(client, ri, lo, hi, zero=zero, fault_page=idx)
         if filled is None:
             return False
@@ -634,8 +661,10 @@ class Server:
             dst = region.base + pos * ps
             length = (hi - pos) * ps
             try:
-                if zero:
+                if zero and ps == mmap.PAGESIZE:
                     n = copier.zeropage(fd, dst, length)
+                elif zero:
+                    n = copier.copy(fd, dst, self.zeros, min(length, _HUGE_ZEROS))
                 else:
                     n = copier.copy(fd, dst, self.src_base + region.offset + pos * ps, length)
             except ioctls.UffdError as exc:
@@ -693,8 +722,8 @@ class Server:
         self._ended.append(m)
         self.note("client-end", client=client.key, pid=m.pid, reason=reason)
         _log.info(
-            "client %s ended (%s): %d faults, %d MiB copied, %d MiB prefetched, p99 %.0f us",
-            client.key, reason, m.faults, m.bytes_copied >> 20, m.prefetch_bytes >> 20,
+            "client %s ended (%s): %d faults, %d MiB copied, %d MiB zero pages, %d MiB prefetched, p99 %.0f us",
+            client.key, reason, m.faults, m.bytes_copied >> 20, m.zero_bytes >> 20, m.prefetch_bytes >> 20,
             m.latency.percentile(0.99) / 1000,
         )
         if client is self._recording:

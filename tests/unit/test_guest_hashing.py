@@ -166,22 +166,33 @@ def test_agent_change_rebuilds_only_the_initramfs(fake_deb: Path, agent_tree: Pa
 def test_a_read_only_assets_dir_is_used_but_never_built_into(
     fake_deb: Path, agent_tree: Path, fake_busybox: Path, private_assets: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A user sharing root's assets (FCVM_ASSETS_DIR) cannot write there: existing assets work, a missing one is
-    a clear error, not a traceback about a lock file."""
+    """A user sharing root's assets (FCVM_ASSETS_DIR) cannot write there: existing assets work; an fcvm whose
+    agent differs builds its own initramfs in the user's data dir; what cannot be built anywhere is a clear
+    error, not a traceback about a lock file."""
     built = kernel.ensure_kernel(fake_deb, progress=False)
     real_ensure_dir = paths.ensure_dir
+    unwritable = [private_assets]
 
     def read_only(path: Path, mode: int = 0o755) -> Path:
-        if Path(path).is_relative_to(private_assets):
+        if any(Path(path).is_relative_to(d) for d in unwritable):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real_ensure_dir(path, mode)
 
     monkeypatch.setattr(paths, "ensure_dir", read_only)
     assert kernel.find_kernel(refresh_initramfs=True) == built
     (agent_tree / "fc_agent" / "__main__.py").write_text("print('agent v2')\n")
+    own = kernel.find_kernel(refresh_initramfs=True)
+    assert own is not None and own.initramfs.parent == paths.data_dir() / "assets"
+    assert own.vmlinux == built.vmlinux  # the kernel stays shared
+    assert b"agent v2" in gzip.decompress(own.initramfs.read_bytes())
+    assert not any(p.name == own.initramfs.name for p in private_assets.iterdir())
+    assert kernel.find_kernel() == own  # found again without a build
+
+    (agent_tree / "fc_agent" / "__main__.py").write_text("print('agent v3')\n")
+    unwritable.append(paths.data_dir())
     with pytest.raises(assets.AssetsNotWritable) as info:
         kernel.find_kernel(refresh_initramfs=True)
-    assert str(private_assets) in str(info.value) and paths.ASSETS_DIR_ENV in str(info.value)
+    assert "cannot write there to build it" in str(info.value)
 
 
 def test_rootfs_name_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,12 +120,12 @@ class AssetsNotWritable(FcvmError):
 
 
 @contextlib.contextmanager
-def build_lock(name: str) -> Iterator[None]:
-    """Serialise builders of the same asset (two `fcvm setup` runs, or setup and a test).
+def build_lock(name: str, root: Path | None = None) -> Iterator[None]:
+    """Serialise builders of the same asset in `root` (default: the assets dir), e.g. two `fcvm setup` runs.
 
     Only a build takes it: using assets that exist never writes to the assets dir, so a user can share one
     that root built (`FCVM_ASSETS_DIR`). Building one there without write access is a clear error."""
-    root = paths.assets_dir()
+    root = root or paths.assets_dir()
     try:
         lock_dir = paths.ensure_dir(root / ".locks")
         handle = (lock_dir / f"{name}.lock").open("a")

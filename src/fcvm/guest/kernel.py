@@ -22,6 +22,7 @@ from fcvm.core import log, paths, proc
 from fcvm.core.errors import FcvmError
 from fcvm.guest import debs
 from fcvm.guest.assets import (
+    AssetsNotWritable,
     Steps,
     build_lock,
     digest,
@@ -147,11 +148,35 @@ def _build_kernel_dir(deb: Path, busybox: Path, final: Path, steps: Steps) -> No
         raise
 
 
+def _initramfs_dirs() -> list[Path]:
+    """Where an initramfs is looked up: the assets dir, then the user's own data dir. The initramfs carries this
+    fcvm's agent, so a user of shared read-only assets whose fcvm differs from the builder's gets one of their
+    own (0.2 s) instead of an error; the kernel and modules stay shared."""
+    shared, own = paths.assets_dir(), paths.data_dir() / "assets"
+    return [shared] if shared == own else [shared, own]
+
+
+def _existing_initramfs(name: str) -> Path | None:
+    return next((d / name for d in _initramfs_dirs() if (d / name).is_file()), None)
+
+
 def _ensure_initramfs(kdir: Path, sources: list[tuple[str, bytes]]) -> Path:
-    final = paths.assets_dir() / initramfs_name(kdir.name, sources)
-    if final.exists():
-        return final
-    with build_lock(final.name):
+    name = initramfs_name(kdir.name, sources)
+    existing = _existing_initramfs(name)
+    if existing is not None:
+        return existing
+    shared, *own = _initramfs_dirs()
+    try:
+        return _build_initramfs(kdir, sources, shared / name)
+    except AssetsNotWritable:
+        if not own:
+            raise
+        _log.info("%s is not writable: building this fcvm's initramfs in %s", shared, own[0])
+        return _build_initramfs(kdir, sources, own[0] / name)  # build_lock creates the directory
+
+
+def _build_initramfs(kdir: Path, sources: list[tuple[str, bytes]], final: Path) -> Path:
+    with build_lock(final.name, final.parent):
         if final.exists():
             return final
         version = kernel_meta(kdir)["version"]
@@ -210,8 +235,8 @@ def find_kernel(*, refresh_initramfs: bool = False) -> KernelAssets | None:
         sources = agent_sources()
     except FcvmError:
         return None
-    initramfs = paths.assets_dir() / initramfs_name(dirs[0].name, sources)
-    if not initramfs.is_file():
+    initramfs = _existing_initramfs(initramfs_name(dirs[0].name, sources))
+    if initramfs is None:
         if not refresh_initramfs:
             return None
         initramfs = _ensure_initramfs(dirs[0], sources)

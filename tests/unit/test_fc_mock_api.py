@@ -480,3 +480,17 @@ def test_module_entry_point_runs() -> None:
     result = subprocess.run([sys.executable, "-m", "fcvm.vmm.fc_mock.main", "--version"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0 and "(fc-mock)" in result.stdout
+
+
+def test_a_relative_spec_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FCVM_FC_SPEC=../shared/... as a user types it: resolved against their directory, then absolute, so the
+    stand-in jailer can hand it on into a jail whose working directory is /."""
+    from fcvm.vmm.fc_mock.spec import SPEC_ENV, find_spec
+
+    spec = tmp_path / "shared" / "spec.yaml"
+    spec.parent.mkdir()
+    spec.write_text("openapi: 3.0.1\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv(SPEC_ENV, "../shared/spec.yaml")
+    assert find_spec() == spec

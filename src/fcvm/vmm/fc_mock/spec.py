@@ -37,7 +37,7 @@ def find_spec(explicit: str | os.PathLike[str] | None = None) -> Path:
         path = Path(chosen)
         if not path.is_file():
             raise SpecNotFoundError(f"Firecracker API spec {path} does not exist")
-        return path
+        return path.resolve()  # absolute: the stand-in jailer hands it on into a jail with another cwd
     repo = Path(__file__).resolve().parents[4]  # src/fcvm/vmm/fc_mock/spec.py -> checkout
     cwd = Path.cwd().resolve()
     candidates = [repo / _RELATIVE] + [d / _RELATIVE for d in (cwd, *cwd.parents)]

@@ -186,12 +186,13 @@ class FirecrackerVm:
         argv = self.argv()
         _log.debug("launch: %s", " ".join(argv))
         try:
+            # The caller's working directory: every path fcvm passes is absolute, and a relative one the user
+            # put in the environment (FCVM_FC_SPEC=../shared/... for fc-mock) keeps meaning what they typed.
             self._proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                cwd=self.spec.workdir,
                 start_new_session=True,
             )
         except OSError as exc:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fcvm.uffd import ioctls, memory
-from fcvm.uffd.harness import Toucher, percentiles
+from fcvm.uffd.harness import Toucher, anonymous_bytes, percentiles
 
 MiB = 1 << 20
 PAGE = 4096
@@ -69,21 +69,6 @@ def make_sparse_pair(work: Path, size: int, chunk: int = 2 * MiB, share: float =
     for path in (sparse, dense):
         path.read_bytes()  # warm the page cache
     return sparse, dense, len(chosen) * chunk
-
-
-def guest_anon(pid: int, region: dict[str, int]) -> int:
-    """`Anonymous` bytes of the client's guest-memory mapping alone (zero-page mappings count 0)."""
-    lo = region["base_host_virt_addr"]
-    hi = lo + region["size"]
-    total, inside = 0, False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(x, 16) for x in head.split("-"))
-            inside = start < hi and lo < end
-        elif inside and line.startswith("Anonymous:"):
-            total += int(line.split()[1]) * 1024
-    return total
 
 
 def smaps(pid: int) -> dict[str, int]:
@@ -295,7 +280,7 @@ def sparse_vs_dense(work: Path, size: int) -> dict[str, Any]:
                 rollup = smaps(proc.pid)
                 runs[pattern] = {
                     "pid": rep["pid"], "mb_s": rep["mb_s"], "touch": rep["touch_latency"],
-                    "guest_anon_mib": round(guest_anon(proc.pid, rep["regions"][0]) / MiB, 1),
+                    "guest_anon_mib": round(anonymous_bytes(proc.pid, rep["regions"][0]) / MiB, 1),
                     "client_pss_mib": round(rollup["Pss"] / MiB, 1),
                     "client_anon_mib": round(rollup["Anonymous"] / MiB, 1),
                 }

@@ -25,6 +25,7 @@ from fcvm.core.proc import ProcessRef
 from fcvm.state.store import Store
 from fcvm.uffd import holes, ioctls, workingset
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, parse_regions
+from fcvm.uffd.harness import anonymous_bytes
 from tests.support import require, require_root
 
 MiB = 1 << 20
@@ -572,22 +573,6 @@ def test_sparse_file_concurrent_clients(serve: Any, sparse96: SparsePair) -> Non
         assert client["errors"] == 0
 
 
-def _guest_anon_bytes(pid: int, region: dict[str, int]) -> int:
-    """`Anonymous` of the client's guest-memory mapping, from /proc/PID/smaps (zero-page PTEs count 0)."""
-    lo = region["base_host_virt_addr"]
-    hi = lo + region["size"]
-    total = 0
-    inside = False
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if "-" in head and ":" not in head:
-            start, end = (int(x, 16) for x in head.split("-"))
-            inside = start < hi and lo < end
-        elif inside and line.startswith("Anonymous:"):
-            total += int(line.split()[1]) * 1024
-    return total
-
-
 def _held_client(served: Served) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     proc = start_client(served, "--pattern", "sequential", "--threads", "2", "--hold", "-1")
     assert proc.stdout is not None
@@ -605,7 +590,7 @@ def test_holes_cost_a_clone_no_private_memory(serve: Any, sparse96: SparsePair) 
         served = serve(mem, "--prefetch", "off")
         proc, report = _held_client(served)
         try:
-            anon[kind] = _guest_anon_bytes(proc.pid, report["regions"][0])
+            anon[kind] = anonymous_bytes(proc.pid, report["regions"][0])
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)

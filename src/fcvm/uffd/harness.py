@@ -182,6 +182,22 @@ def _pattern_pages(opts: Options, mem_size: int) -> list[int]:
     raise ValueError(f"unknown pattern {opts.pattern!r}")
 
 
+def anonymous_bytes(pid: int, region: dict[str, int]) -> int:
+    """`Anonymous` bytes of a client's guest-memory mapping alone, from /proc/PID/smaps: private pages the
+    server copied in (zero-page mappings count 0)."""
+    lo = region["base_host_virt_addr"]
+    hi = lo + region["size"]
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start < hi and lo < end
+        elif inside and line.startswith("Anonymous:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
 def percentiles(values: array.array, qs: tuple[float, ...] = (0.5, 0.9, 0.99)) -> dict[str, float]:
     if not values:
         return {}

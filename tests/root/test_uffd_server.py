@@ -105,6 +105,19 @@ class Served:
             self.proc.kill()
             self.proc.wait(10)
 
+    def wait_for_faults(self, pid: int, timeout: float = 60) -> None:
+        """Until the metrics the server publishes to its row (about every second) show faults by `pid`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            store = Store()
+            row = store.get_vm(self.row_id)
+            store.close()
+            clients = row.config.get("metrics", {}).get("clients", []) if row else []
+            if any(c["pid"] == pid and c["faults"] > 0 for c in clients):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"client {pid} made no fault within {timeout} s:\n{self.output()}")
+
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Any]:
@@ -243,7 +256,7 @@ def test_client_killed_mid_stream(serve: Any, mem512: Path) -> None:
     served = serve(mem512, "--prefetch", "off", "--fault-around", "4K")
     victim = start_client(served, "--pattern", "random", "--threads", "2", "--no-verify", "--hold", "-1")
     survivor = start_client(served, "--pattern", "random", "--threads", "2", "--fraction", "0.5", "--seed", "9")
-    time.sleep(0.4)
+    served.wait_for_faults(victim.pid)  # mid-stream: faulting, far from done (4K windows over 512 MiB)
     victim.kill()
     victim.wait(10)
     code, reports = finish_client(survivor)

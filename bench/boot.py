@@ -46,7 +46,7 @@ def anchor_boot() -> float:
     with tempfile.TemporaryDirectory(dir=paths.data_dir()) as scratch:
         disk = Path(scratch) / "disk.ext4"
         subprocess.run(["cp", "--reflink=auto", rootfs, disk], check=True)
-        argv = ["qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-M", "microvm", "-m", "1024",
+        argv = ["qemu-system-x86_64", "-accel", "tcg,thread=single", "-cpu", "max", "-M", "microvm", "-m", "1024",
                 "-smp", "2", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
                 "-kernel", str(kernel.bzimage), "-initrd", str(kernel.initramfs),
                 "-append", f"{qemu_boot_args()} fcvm_init=poweroff",

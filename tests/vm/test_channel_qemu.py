@@ -89,7 +89,7 @@ def vm() -> Iterator[Vm]:
     serial = workdir / "serial.sock"
     hook = f'fcvm_init="{SELFTEST}; {SELFTEST}; {SELFTEST}; poweroff -f"'
     accel = ["-accel", "kvm", "-cpu", "host"] if os.access("/dev/kvm", os.R_OK | os.W_OK) and _kvm_ok() else [
-        "-accel", "tcg,thread=multi", "-cpu", "max"]  # fmt: skip
+        "-accel", "tcg,thread=single", "-cpu", "max"]  # fmt: skip
     argv = [
         "qemu-system-x86_64", *accel, "-M", "microvm", "-m", "512", "-smp", "2",
         "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",

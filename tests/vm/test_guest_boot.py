@@ -25,7 +25,7 @@ from fcvm.guest.vmlinux import elf_info
 from tests.support import require, require_root, require_tool
 
 QEMU = [
-    "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max", "-M", "microvm", "-m", "1024",
+    "qemu-system-x86_64", "-accel", "tcg,thread=single", "-cpu", "max", "-M", "microvm", "-m", "1024",
     "-smp", "2", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
 ]  # fmt: skip
 

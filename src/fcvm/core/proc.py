@@ -30,30 +30,30 @@ class CommandError(FcvmError):
         self.stderr = stderr
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None when the pid does not exist."""
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None when the pid does not exist."""
     try:
         data = Path(f"/proc/{pid}/stat").read_bytes()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name may hold spaces and parentheses; fields resume after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19])
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None when the pid does not exist."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def _live_members(pgid: int) -> list[int]:
     """Pids in process group `pgid` that are not zombies (a zombie holds no resources)."""
     members = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            data = (entry / "stat").read_bytes()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
+        if entry.name.isdigit():
+            fields = _stat_fields(entry.name)
+            if fields and fields[0] != b"Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
     return members
 
 
@@ -87,13 +87,8 @@ class ProcessRef:
         return cls.of(os.getpid())
 
     def alive(self) -> bool:
-        if start_time(self.pid) != self.start:
-            return False
-        try:
-            state = Path(f"/proc/{self.pid}/stat").read_bytes()
-        except FileNotFoundError:
-            return False
-        return state[state.rindex(b")") + 2 : state.rindex(b")") + 3] != b"Z"
+        fields = _stat_fields(self.pid)  # one read: start time and state from the same snapshot
+        return fields is not None and int(fields[19]) == self.start and fields[0] != b"Z"
 
     def signal(self, sig: int) -> bool:
         """Send `sig` only if this is still the same process; True if it was sent."""

@@ -45,6 +45,15 @@ class Malformed(Exception):
     pass
 
 
+def _xattr_reply(size: int, data: bytes) -> bytes:
+    """GETXATTR/LISTXATTR: a size-0 request probes for the length (fuse_getxattr_out); else the data, if it fits."""
+    if size == 0:
+        return struct.pack("<II", len(data), 0)
+    if len(data) > size:
+        raise OSError(errno.ERANGE, "buffer too small")
+    return data
+
+
 class Handle:
     """An open file or directory (a FUSE file handle)."""
 
@@ -621,23 +630,13 @@ class Filesystem:
         ino = self.inodes.get(h.nodeid)
         if ino.fmt == stat.S_IFLNK:
             raise OSError(errno.ENODATA, "no xattrs on symlinks")
-        value = os.getxattr(self._proc(ino), name)
-        if size == 0:
-            return struct.pack("<II", len(value), 0)
-        if len(value) > size:
-            raise OSError(errno.ERANGE, "buffer too small")
-        return value
+        return _xattr_reply(size, os.getxattr(self._proc(ino), name))
 
     def op_listxattr(self, h: InHeader, b: memoryview) -> bytes:
         size, _ = struct.unpack_from("<II", b, 0)
         ino = self.inodes.get(h.nodeid)
         names = [] if ino.fmt == stat.S_IFLNK else os.listxattr(self._proc(ino))
-        data = b"".join(os.fsencode(n) + b"\0" for n in names)
-        if size == 0:
-            return struct.pack("<II", len(data), 0)
-        if len(data) > size:
-            raise OSError(errno.ERANGE, "buffer too small")
-        return data
+        return _xattr_reply(size, b"".join(os.fsencode(n) + b"\0" for n in names))
 
     def op_removexattr(self, h: InHeader, b: memoryview) -> bytes:
         (name,) = _cstrings(b, 1)

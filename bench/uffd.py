@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from fcvm.uffd import ioctls, memory
-from fcvm.uffd.harness import Toucher, anonymous_bytes, percentiles
+from fcvm_standins.uffd_client import Toucher, anonymous_bytes, percentiles
 
 MiB = 1 << 20
 PAGE = 4096
@@ -99,7 +99,7 @@ class Server:
 
 
 def client(mem: Path, server: Server | None, *args: str, hold: bool = False) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "fcvm.uffd.harness", "--mem-file", str(mem), "--threads", "1", *args]
+    cmd = [sys.executable, "-m", "fcvm_standins.uffd_client", "--mem-file", str(mem), "--threads", "1", *args]
     if server is None:
         cmd += ["--backend", "file"]
     else:

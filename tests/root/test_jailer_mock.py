@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 import fcvm
-from fcvm.vmm.fc_mock import caps
-from fcvm.vmm.fc_mock.spec import SpecNotFoundError, find_spec
+from fcvm_standins.fc_mock import caps
+from fcvm_standins.fc_mock.spec import SpecNotFoundError, find_spec
 from tests.support import require, require_root
 
 JAILER = Path(sys.executable).parent / "fcvm-jailer-mock"
@@ -78,7 +78,7 @@ print(json.dumps({
 CAPS_PROBE = r'''
 import contextlib, io, json, socket, subprocess, sys
 from pyroute2 import IPRoute
-from fcvm.vmm.fc_mock import main as fc_mock_main
+from fcvm_standins.fc_mock import main as fc_mock_main
 
 CHILD = """
 import json, socket

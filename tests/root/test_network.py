@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 
-from fcvm import cleanup, network
+from fcvm import network
 from fcvm.core.errors import FcvmError
 from fcvm.core.proc import ProcessRef
 from fcvm.network import VmNetwork, parse_publish, setup_network, teardown_network
+from fcvm.run import cleanup
 from fcvm.state.journal import Journal
 from fcvm.state.store import Store
 from tests.support import require, require_root, require_tool

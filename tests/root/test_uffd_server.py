@@ -25,7 +25,7 @@ from fcvm.core.proc import ProcessRef
 from fcvm.state.store import Store
 from fcvm.uffd import holes, ioctls, workingset
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, parse_regions
-from fcvm.uffd.harness import anonymous_bytes
+from fcvm_standins.uffd_client import anonymous_bytes
 from tests.support import require, require_root
 
 MiB = 1 << 20
@@ -136,7 +136,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
 
 
 def _client_cmd(served: Served, *args: str) -> list[str]:
-    return [sys.executable, "-m", "fcvm.uffd.harness", "--mem-file", str(served.mem),
+    return [sys.executable, "-m", "fcvm_standins.uffd_client", "--mem-file", str(served.mem),
             "--socket", str(served.socket), *args]
 
 

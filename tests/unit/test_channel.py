@@ -21,7 +21,7 @@ import pytest
 
 from fc_agent.channel import SerialChannel
 from fcvm.channel import HOST_PORT_BASE, SerialVsockBridge, VsockConnectError, connect_vsock
-from fcvm.channel.loopback import LoopbackQemu
+from fcvm_standins.loopback import LoopbackQemu
 from fcvm_wire import mux
 
 pytestmark = pytest.mark.timeout(120)

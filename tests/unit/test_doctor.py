@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from fcvm import host
 from fcvm.commands.doctor import Check, _hypervisor
+from fcvm.core import host
 
 EXPECTED = {"kvm", "firecracker", "jailer", "qemu", "podman", "host runtime", "storage", "userfaultfd", "fuse", "tun",
             "iptables", "slirp4netns", "guest kernel", "guest rootfs", "hypervisor"}

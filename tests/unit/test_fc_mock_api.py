@@ -24,12 +24,12 @@ import pytest
 
 from fcvm.core.proc import ProcessRef
 from fcvm.vmm.base import MachineSpec
-from fcvm.vmm.fc_mock import api as fc_api
-from fcvm.vmm.fc_mock.api import FcMock
-from fcvm.vmm.fc_mock.mmds import TOKEN_HEADER, TOKEN_TTL_HEADER, MmdsServer, merge_patch
-from fcvm.vmm.fc_mock.server import ApiServer
-from fcvm.vmm.fc_mock.spec import Spec
 from fcvm.vmm.firecracker.binary import describe_binary, identify
+from fcvm_standins.fc_mock import api as fc_api
+from fcvm_standins.fc_mock.api import FcMock
+from fcvm_standins.fc_mock.mmds import TOKEN_HEADER, TOKEN_TTL_HEADER, MmdsServer, merge_patch
+from fcvm_standins.fc_mock.server import ApiServer
+from fcvm_standins.fc_mock.spec import Spec
 from tests.support import require
 
 SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"
@@ -477,7 +477,7 @@ def test_executable_boots_with_config_file_and_exits_on_ctrl_alt_del(tmp_path: P
 
 
 def test_module_entry_point_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "fcvm.vmm.fc_mock.main", "--version"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "fcvm_standins.fc_mock.main", "--version"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0 and "(fc-mock)" in result.stdout
 
@@ -485,7 +485,7 @@ def test_module_entry_point_runs() -> None:
 def test_a_relative_spec_path_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """FCVM_FC_SPEC=../shared/... as a user types it: resolved against their directory, then absolute, so the
     stand-in jailer can hand it on into a jail whose working directory is /."""
-    from fcvm.vmm.fc_mock.spec import SPEC_ENV, find_spec
+    from fcvm_standins.fc_mock.spec import SPEC_ENV, find_spec
 
     spec = tmp_path / "shared" / "spec.yaml"
     spec.parent.mkdir()

@@ -9,9 +9,9 @@ import pytest
 
 from fcvm.core.errors import FcvmError
 from fcvm.vmm.base import Drive, MachineSpec
-from fcvm.vmm.fc_mock.spec import Spec
 from fcvm.vmm.firecracker import FirecrackerVm
 from fcvm.vmm.firecracker import models as m
+from fcvm_standins.fc_mock.spec import Spec
 from tests.support import require
 
 SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"

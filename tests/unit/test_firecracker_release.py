@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fcvm.core.errors import FcvmError
-from fcvm.vmm import firecracker_release as release
+from fcvm.vmm.firecracker import release
 
 
 def _release(tmp_path: Path, version: str = "1.16.1", *, sums: bool = True, corrupt: bool = False) -> Path:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.cleanup import reap_stale, replay
 from fcvm.core.proc import ProcessRef
+from fcvm.run.cleanup import reap_stale, replay
 from fcvm.state import NameInUse, Store
 from fcvm.state.journal import Journal
 

@@ -1,6 +1,6 @@
 """The agent channel through a real QEMU virtio-serial port: bridge <-> QEMU chardev <-> guest mux.
 
-The guest runs `python3 -m fc_agent.channel selftest` twice in a row (fcvm_init hook) instead of the
+The guest runs `python3 -m fc_agent.selftest` twice in a row (fcvm_init hook) instead of the
 agent, so the second run is a real guest-side restart on the same port while the bridge stays connected.
 Prints throughput and round-trip figures (informational; bench/channel.py is the benchmark).
 """
@@ -29,7 +29,7 @@ from tests.support import require, require_tool
 pytestmark = pytest.mark.timeout(600)
 
 REPORT, ECHO = 1000, 1024
-SELFTEST = "python3 -m fc_agent.channel selftest"
+SELFTEST = "python3 -m fc_agent.selftest"
 
 
 class Vm:
@@ -125,7 +125,7 @@ def vm() -> Iterator[Vm]:
 def _kvm_ok() -> bool:
     """KVM is usable only if the host's fcvm.host says so (nested setups may expose a broken /dev/kvm)."""
     try:
-        from fcvm import host
+        from fcvm.core import host
 
         return bool(host.kvm_status().usable)
     except Exception:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from fcvm import __version__
 from fcvm.core import log
 from fcvm.core.errors import FcvmError, NotBuiltError
+from fcvm.core.kinds import HYPERVISOR_CHOICES, NetworkMode
 
 
 def _handler(parser: argparse.ArgumentParser, target: str) -> None:
@@ -36,9 +37,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--map", action="append", default=[], metavar="HOSTDIR:GUESTDIR[:ro]",
         help="share a host directory into the container over fuse-pipe",
     )
-    parser.add_argument("--network", default=None, choices=None, help="bridged (root) or rootless")
+    parser.add_argument("--network", default=None, choices=list(NetworkMode),
+                        help="bridged (root's default) or rootless (everyone else's)")
     parser.add_argument("--health-check", metavar="URL", help="HTTP URL polled through the VM's network")
-    parser.add_argument("--hypervisor", default="auto", help="firecracker, qemu or auto")
+    parser.add_argument("--hypervisor", default="auto", choices=HYPERVISOR_CHOICES,
+                        help="firecracker, qemu or auto (default: firecracker where KVM can boot it)")
     parser.add_argument("--firecracker-bin", help="firecracker binary (also FCVM_FIRECRACKER_BIN)")
     parser.add_argument("--jailer", action="store_true",
                         help="run firecracker under its jailer: chroot, own uid and cgroup (root, bridged)")

@@ -8,15 +8,15 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
-from fcvm import host
-from fcvm.core import paths, proc
+from fcvm.core import host, paths, proc
 from fcvm.core.errors import FcvmError
+from fcvm.core.kinds import CheckStatus
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # "ok", "warn" or "missing"
+    status: CheckStatus
     detail: str
     fix: str = ""
     essential: bool = False
@@ -34,8 +34,10 @@ def _version(argv: list[str]) -> str:
 def _kvm() -> Check:
     kvm = host.kvm_status()
     if kvm.usable:
-        return Check("kvm", "ok", kvm.detail)
-    return Check("kvm", "warn", kvm.detail, "QEMU falls back to TCG (slower); Firecracker needs a real KVM host")
+        return Check("kvm", CheckStatus.OK, kvm.detail)
+    return Check(
+        "kvm", CheckStatus.WARN, kvm.detail, "QEMU falls back to TCG (slower); Firecracker needs a real KVM host"
+    )
 
 
 def _firecracker() -> Check:
@@ -44,10 +46,12 @@ def _firecracker() -> Check:
     binary = find_firecracker(None)
     if binary is None:
         return Check(
-            "firecracker", "missing", "no firecracker binary (FCVM_FIRECRACKER_BIN, PATH)",
+            "firecracker",
+            CheckStatus.MISSING,
+            "no firecracker binary (FCVM_FIRECRACKER_BIN, PATH)",
             "fcvm setup firecracker, or FCVM_FIRECRACKER_BIN=$(which fcvm-fc-mock) for the mock",
         )
-    return Check("firecracker", "ok", describe_binary(binary))
+    return Check("firecracker", CheckStatus.OK, describe_binary(binary))
 
 
 def _jailer() -> Check:
@@ -58,23 +62,31 @@ def _jailer() -> Check:
 
     firecracker = find_firecracker(None)
     if firecracker is None:
-        return Check("jailer", "missing", "no firecracker binary (needed for --jailer)", "fcvm setup firecracker")
+        return Check(
+            "jailer", CheckStatus.MISSING, "no firecracker binary (needed for --jailer)", "fcvm setup firecracker"
+        )
     try:
         jailer = find_jailer(None, firecracker)
     except FcvmError as exc:
-        return Check("jailer", "missing", f"{exc} (needed for --jailer)", exc.hint or "fcvm setup firecracker")
+        return Check(
+            "jailer", CheckStatus.MISSING, f"{exc} (needed for --jailer)", exc.hint or "fcvm setup firecracker"
+        )
     mount = cgroup2_mount()
     if mount is None:
-        return Check("jailer", "warn", f"{jailer}, but no cgroup v2 hierarchy is mounted",
-                     "mount -t cgroup2 none /sys/fs/cgroup/unified")
-    return Check("jailer", "ok", f"{jailer} (for --jailer; cgroup v2 at {mount})")
+        return Check(
+            "jailer",
+            CheckStatus.WARN,
+            f"{jailer}, but no cgroup v2 hierarchy is mounted",
+            "mount -t cgroup2 none /sys/fs/cgroup/unified",
+        )
+    return Check("jailer", CheckStatus.OK, f"{jailer} (for --jailer; cgroup v2 at {mount})")
 
 
 def _qemu() -> Check:
     binary = host.which("qemu-system-x86_64")
     if binary is None:
-        return Check("qemu", "missing", "qemu-system-x86_64 not found", "apt-get install qemu-system-x86")
-    return Check("qemu", "ok", _version([binary, "--version"]))
+        return Check("qemu", CheckStatus.MISSING, "qemu-system-x86_64 not found", "apt-get install qemu-system-x86")
+    return Check("qemu", CheckStatus.OK, _version([binary, "--version"]))
 
 
 def _podman() -> list[Check]:
@@ -82,25 +94,53 @@ def _podman() -> list[Check]:
     reported, but fcvm never runs containers on the host."""
     binary = host.which("podman")
     if binary is None:
-        return [Check("podman", "missing", "podman not found (needed to export local images)",
-                      "apt-get install podman", essential=True)]
+        return [
+            Check(
+                "podman",
+                CheckStatus.MISSING,
+                "podman not found (needed to export local images)",
+                "apt-get install podman",
+                essential=True,
+            )
+        ]
     result = proc.run([binary, "info", "--format", "{{.Host.OCIRuntime.Name}}"], check=False, timeout=60)
     runtime = result.stdout.decode().strip()
     version = _version([binary, "--version"])
     if result.returncode != 0 or not runtime:
-        return [Check("podman", "missing", f"{version}; `podman info` failed", "check podman's configuration",
-                      essential=True)]
-    podman = Check("podman", "ok", f"{version} (exports local images)", essential=True)
+        return [
+            Check(
+                "podman",
+                CheckStatus.MISSING,
+                f"{version}; `podman info` failed",
+                "check podman's configuration",
+                essential=True,
+            )
+        ]
+    podman = Check("podman", CheckStatus.OK, f"{version} (exports local images)", essential=True)
     if proc.run([binary, "image", "exists", "localhost/fcvm-busybox"], check=False, timeout=30).returncode != 0:
-        return [podman, Check("host runtime", "warn", f"{runtime}: not tried (no local test image)",
-                              "fcvm setup demo-image")]
-    probe = proc.run([binary, "run", "--rm", "--network", "none", "--runtime", runtime, "localhost/fcvm-busybox",
-                      "true"], check=False, timeout=120)
+        return [
+            podman,
+            Check(
+                "host runtime", CheckStatus.WARN, f"{runtime}: not tried (no local test image)", "fcvm setup demo-image"
+            ),
+        ]
+    probe = proc.run(
+        [binary, "run", "--rm", "--network", "none", "--runtime", runtime, "localhost/fcvm-busybox", "true"],
+        check=False,
+        timeout=120,
+    )
     if probe.returncode == 0:
-        return [podman, Check("host runtime", "ok", f"{runtime} runs containers on the host")]
+        return [podman, Check("host runtime", CheckStatus.OK, f"{runtime} runs containers on the host")]
     error = (probe.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
-    return [podman, Check("host runtime", "warn", f"{runtime} cannot run containers on the host: {error}",
-                          "not needed by fcvm (containers run in the guest, whose podman uses crun)")]
+    return [
+        podman,
+        Check(
+            "host runtime",
+            CheckStatus.WARN,
+            f"{runtime} cannot run containers on the host: {error}",
+            "not needed by fcvm (containers run in the guest, whose podman uses crun)",
+        ),
+    ]
 
 
 def _storage() -> Check:
@@ -111,23 +151,24 @@ def _storage() -> Check:
     try:
         works = reflink_works(data)
     except OSError as exc:
-        return Check("storage", "missing", f"{data}: {exc.strerror}", "check permissions on the data dir")
+        return Check("storage", CheckStatus.MISSING, f"{data}: {exc.strerror}", "check permissions on the data dir")
     if works:
-        return Check("storage", "ok", f"{data} on {fstype}, reflinks work")
-    return Check("storage", "warn", f"{data} on {fstype}, no reflinks: disks are full copies",
-                 "fcvm setup storage")
+        return Check("storage", CheckStatus.OK, f"{data} on {fstype}, reflinks work")
+    return Check(
+        "storage", CheckStatus.WARN, f"{data} on {fstype}, no reflinks: disks are full copies", "fcvm setup storage"
+    )
 
 
 def _device(name: str, path: str, fix: str, essential: bool = False) -> Check:
     ok, detail = host.device_usable(path)
-    return Check(name, "ok" if ok else "missing", detail, "" if ok else fix, essential)
+    return Check(name, CheckStatus.OK if ok else CheckStatus.MISSING, detail, "" if ok else fix, essential)
 
 
 def _tool(name: str, candidates: tuple[str, ...], fix: str, essential: bool = False) -> Check:
     found = host.which(*candidates)
     if found:
-        return Check(name, "ok", found)
-    return Check(name, "missing", f"none of {', '.join(candidates)} found", fix, essential)
+        return Check(name, CheckStatus.OK, found)
+    return Check(name, CheckStatus.MISSING, f"none of {', '.join(candidates)} found", fix, essential)
 
 
 def _assets() -> list[Check]:
@@ -136,23 +177,34 @@ def _assets() -> list[Check]:
     kernel = find_kernel()
     rootfs = find_rootfs()
     return [
-        Check("guest kernel", "ok" if kernel else "missing",
-              f"{kernel.version}: {kernel.bzimage.parent}" if kernel else "not built",
-              "" if kernel else "fcvm setup kernel", essential=True),
-        Check("guest rootfs", "ok" if rootfs else "missing", str(rootfs) if rootfs else "not built",
-              "" if rootfs else "fcvm setup rootfs", essential=True),
+        Check(
+            "guest kernel",
+            CheckStatus.OK if kernel else CheckStatus.MISSING,
+            f"{kernel.version}: {kernel.bzimage.parent}" if kernel else "not built",
+            "" if kernel else "fcvm setup kernel",
+            essential=True,
+        ),
+        Check(
+            "guest rootfs",
+            CheckStatus.OK if rootfs else CheckStatus.MISSING,
+            str(rootfs) if rootfs else "not built",
+            "" if rootfs else "fcvm setup rootfs",
+            essential=True,
+        ),
     ]
 
 
 def _hypervisor(found: dict[str, Check]) -> Check:
     """A VM needs some hypervisor that can really boot a guest here (fc-mock boots through QEMU)."""
-    kvm = found["kvm"].status == "ok"
+    kvm = found["kvm"].status == CheckStatus.OK
     firecracker = found["firecracker"]
-    if firecracker.status == "ok" and (kvm or "fc-mock" in firecracker.detail):
-        return Check("hypervisor", "ok", firecracker.detail, essential=True)
-    if found["qemu"].status == "ok":
-        return Check("hypervisor", "ok", f"qemu ({'kvm' if kvm else 'tcg'})", essential=True)
-    return Check("hypervisor", "missing", "none can boot a guest", "apt-get install qemu-system-x86", essential=True)
+    if firecracker.status == CheckStatus.OK and (kvm or "fc-mock" in firecracker.detail):
+        return Check("hypervisor", CheckStatus.OK, firecracker.detail, essential=True)
+    if found["qemu"].status == CheckStatus.OK:
+        return Check("hypervisor", CheckStatus.OK, f"qemu ({'kvm' if kvm else 'tcg'})", essential=True)
+    return Check(
+        "hypervisor", CheckStatus.MISSING, "none can boot a guest", "apt-get install qemu-system-x86", essential=True
+    )
 
 
 def checks() -> list[Check]:
@@ -176,14 +228,14 @@ def checks() -> list[Check]:
 
 def run(args: argparse.Namespace) -> int:
     results = checks()
-    ready = all(c.status == "ok" for c in results if c.essential)
+    ready = all(c.status == CheckStatus.OK for c in results if c.essential)
     if args.json:
         print(json.dumps({"ready": ready, "checks": [asdict(c) for c in results]}, indent=2))
         return 0 if ready else 1
     from rich.console import Console
     from rich.table import Table
 
-    styles = {"ok": "green", "warn": "yellow", "missing": "red"}
+    styles = {CheckStatus.OK: "green", CheckStatus.WARN: "yellow", CheckStatus.MISSING: "red"}
     table = Table(title=f"fcvm doctor ({'root' if os.geteuid() == 0 else 'user'}; data dir {paths.data_dir()})")
     for column in ("check", "status", "detail", "fix"):
         table.add_column(column, overflow="fold")

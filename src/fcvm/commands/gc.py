@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from fcvm.cleanup import reap_stale, replay
 from fcvm.core import log, paths
+from fcvm.run.cleanup import reap_stale, replay
 from fcvm.state import Store
 
 _log = log.get("gc")

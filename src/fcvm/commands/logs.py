@@ -6,8 +6,8 @@ import argparse
 import sys
 import time
 
-from fcvm.cleanup import reap_stale
 from fcvm.core import paths
+from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from fcvm.cleanup import reap_stale
 from fcvm.core import table
+from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store, VmRecord
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import shutil
 
-from fcvm.cleanup import reap_stale
 from fcvm.commands.stop import each_vm, stop_vm
 from fcvm.core import paths
 from fcvm.core.errors import FcvmError
+from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store
 
 

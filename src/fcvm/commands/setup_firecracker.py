@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 from fcvm.core.errors import UsageError
-from fcvm.vmm.firecracker_release import DEFAULT_VERSION, download_and_install, install_tarball
+from fcvm.vmm.firecracker.release import DEFAULT_VERSION, download_and_install, install_tarball
 
 
 def run(args: argparse.Namespace) -> int:

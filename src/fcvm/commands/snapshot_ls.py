@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from fcvm.core.kinds import RowKind
 from fcvm.state.store import Store, VmRecord
 
 
@@ -34,7 +35,7 @@ def _server_json(vm: VmRecord) -> dict[str, Any]:
 
 
 def collect(store: Store) -> dict[str, Any]:
-    servers = [_server_json(vm) for vm in store.list_vms(kind="serve")]
+    servers = [_server_json(vm) for vm in store.list_vms(kind=RowKind.SERVE)]
     snapshots = []
     claimed: set[str] = set()
     for snap in store.list_snapshots():

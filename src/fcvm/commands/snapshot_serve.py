@@ -16,10 +16,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fcvm import cleanup
 from fcvm.core import log
 from fcvm.core.errors import FcvmError, NotFoundError, UsageError
+from fcvm.core.kinds import RowKind
 from fcvm.core.proc import ProcessRef
+from fcvm.run import cleanup
 from fcvm.state.journal import Journal
 from fcvm.state.store import NameInUse, Store, VmRecord
 from fcvm.uffd.server import ServeConfig, Server, parse_size
@@ -47,7 +48,7 @@ def _resolve(args: argparse.Namespace, store: Store) -> tuple[str, Path, Path, P
 
 def _create_row(store: Store, name: str, config: dict[str, Any]) -> VmRecord:
     try:
-        return store.create_vm(name, kind="serve", process=ProcessRef.self(), config=config)
+        return store.create_vm(name, kind=RowKind.SERVE, process=ProcessRef.self(), config=config)
     except NameInUse:
         existing = store.get_vm(name)
         if existing is None or not existing.is_stale():
@@ -56,14 +57,14 @@ def _create_row(store: Store, name: str, config: dict[str, Any]) -> VmRecord:
                 hint="stop it first, or serve on another socket",
             ) from None
         cleanup.reap_stale(store)
-        return store.create_vm(name, kind="serve", process=ProcessRef.self(), config=config)
+        return store.create_vm(name, kind=RowKind.SERVE, process=ProcessRef.self(), config=config)
 
 
 def stop_clones(store_path: Path, serve_id: str, server: Server) -> None:
     """Stop every live clone served by `serve_id`, all at once, while the server keeps serving."""
     store = Store(store_path)
     try:
-        clones = [vm for vm in store.list_vms(kind="clone") if vm.serve_id == serve_id]
+        clones = [vm for vm in store.list_vms(kind=RowKind.CLONE) if vm.serve_id == serve_id]
         threads = []
         for vm in clones:
             proc = vm.process

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import time
 from collections.abc import Callable
 
-from fcvm.cleanup import reap_stale
 from fcvm.core.errors import FcvmError
+from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store
 
 
@@ -18,16 +16,10 @@ def stop_vm(store: Store, name: str, grace: float) -> None:
     if not vm.live:
         return
     process = vm.process
-    if process is not None and process.signal(signal.SIGTERM):
-        # The owner cleans up on SIGTERM (stops the guest, replays its journal); give it the grace
-        # period plus time to tear down, then kill it and clean up for it.
-        deadline = time.monotonic() + grace + 15
-        while process.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if process.alive():
-            process.signal(signal.SIGKILL)
-            while process.alive():
-                time.sleep(0.02)
+    if process is not None:
+        # The owner cleans up on SIGTERM (stops the container within `grace`, then the guest, and replays its
+        # journal); after that and time to tear down it is killed, and we clean up for it.
+        process.terminate(timeout=grace + 15)
     reap_stale(store)
 
 

@@ -7,13 +7,14 @@ import os
 import shlex
 import signal
 import subprocess
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
+from fcvm.core.wait import wait_until
 
 _log = log.get("proc")
 
@@ -28,6 +29,10 @@ class CommandError(FcvmError):
         self.argv = list(argv)
         self.returncode = returncode
         self.stderr = stderr
+
+
+class SpawnError(FcvmError):
+    """A long-lived child could not even be started (no such binary, not executable)."""
 
 
 def _stat_fields(pid: int | str) -> list[bytes] | None:
@@ -61,11 +66,8 @@ def kill_group(pgid: int, timeout: float = 5.0) -> None:
     """SIGKILL every process in a group and wait until none runs: kill() returns before death."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while (left := _live_members(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if left:
-        _log.warning("process group %d: %s still running %.0fs after SIGKILL", pgid, left, timeout)
+    if not wait_until(lambda: not _live_members(pgid), timeout, interval=0.01):
+        _log.warning("process group %d: %s still running %.0fs after SIGKILL", pgid, _live_members(pgid), timeout)
 
 
 @dataclass(frozen=True)
@@ -104,15 +106,10 @@ class ProcessRef:
         """SIGTERM, wait up to `timeout`, then SIGKILL."""
         if not self.signal(signal.SIGTERM):
             return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                return
-            time.sleep(0.05)
+        if wait_until(lambda: not self.alive(), timeout, interval=0.05):
+            return
         self.signal(signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not self.alive(), 5)
 
 
 def run(
@@ -147,3 +144,103 @@ def run(
     if check and result.returncode != 0:
         raise CommandError(args, result.returncode, (result.stderr or b"").decode(errors="replace"))
     return result
+
+
+class Child:
+    """A long-lived child process and the one way to end it: SIGTERM, SIGKILL after a grace period, then its
+    whole process group (when it leads one) and the zombie."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], *, own_group: bool) -> None:
+        self.popen = popen
+        self.own_group = own_group
+        try:
+            self.ref = ProcessRef.of(popen.pid)
+        except ProcessLookupError:  # it died already and nobody reaped it yet: the pid is still ours
+            self.ref = ProcessRef(popen.pid, 0)
+        self._reaped = False
+        self._released = False
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def exited(self) -> bool:
+        """True once it is a zombie or gone. Does not reap it, so its pid (and group id) stay reserved."""
+        if self._reaped:
+            return True
+        try:
+            return os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit code once it has exited (then reaped, with its group), or None after `timeout`."""
+        if timeout is None:
+            wait_until(self.exited, float("inf"), interval=0.05)
+        elif not wait_until(self.exited, timeout, interval=0.05):
+            return None
+        return self.reap()
+
+    def reap(self) -> int:
+        if not self._reaped:
+            if self.own_group:  # what it spawned (fc-mock's QEMU) goes with it
+                kill_group(self.popen.pid)
+            self.popen.wait()
+            self._reaped = True
+        assert self.popen.returncode is not None
+        return self.popen.returncode
+
+    def signal(self, sig: int) -> None:
+        if not self.exited():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, sig)
+
+    def release(self) -> None:
+        """Let it outlive us (a detached supervisor): stopping it becomes a no-op."""
+        self._released = True
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, SIGKILL if it is still running after `grace` seconds, then reap."""
+        if self._released:
+            return
+        if not self.exited():
+            self.signal(signal.SIGTERM)
+            if not wait_until(self.exited, grace, interval=0.05):
+                self.signal(signal.SIGKILL)
+        self.reap()
+
+
+@contextlib.contextmanager
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+    stdout: int | IO[bytes] | None = None,
+    stderr: int | IO[bytes] | None = None,
+    own_group: bool = True,
+    pass_fds: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
+    stop_grace: float = 5.0,
+) -> Iterator[Child]:
+    """Start a long-lived child; leaving the block stops it (`Child.stop`), whatever happened inside.
+
+    `own_group` puts it in a session of its own: a terminal's Ctrl-C reaches fcvm, which shuts down in order,
+    and cleanup can kill everything the child spawned. Objects that hold a child across calls enter this into
+    a `contextlib.ExitStack` and close the stack to stop it.
+    """
+    args = [os.fspath(a) for a in argv]
+    _log.debug("spawn: %s", shlex.join(args))
+    try:
+        popen = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=own_group,
+                                 pass_fds=tuple(pass_fds), env=None if env is None else {**os.environ, **env})
+    except OSError as exc:
+        raise SpawnError(f"cannot run {args[0]}: {exc.strerror or exc}") from exc
+    child = Child(popen, own_group=own_group)
+    try:
+        yield child
+    finally:
+        child.stop(stop_grace)

@@ -10,13 +10,13 @@ import os
 
 from fcvm.core import log
 from fcvm.core.errors import UsageError
+from fcvm.core.kinds import NetworkMode
 from fcvm.network.base import (
     GATEWAY_IP,
     GUEST_IP,
     GUEST_MAC,
     GUEST_NET,
     GUEST_PREFIX,
-    MODES,
     TAP_NAME,
     VmNetwork,
     release_network_allocations,
@@ -26,7 +26,7 @@ from fcvm.state.journal import Journal
 from fcvm.state.store import Store
 
 __all__ = [
-    "GATEWAY_IP", "GUEST_IP", "GUEST_MAC", "GUEST_NET", "GUEST_PREFIX", "MODES", "TAP_NAME",
+    "GATEWAY_IP", "GUEST_IP", "GUEST_MAC", "GUEST_NET", "GUEST_PREFIX", "TAP_NAME",
     "PortMapping", "VmNetwork", "default_mode", "parse_publish", "parse_publish_all", "setup_network",
     "teardown_network",
 ]
@@ -34,23 +34,21 @@ __all__ = [
 _log = log.get("network")
 
 
-def default_mode() -> str:
-    return "bridged" if os.geteuid() == 0 else "rootless"
+def default_mode() -> NetworkMode:
+    return NetworkMode.BRIDGED if os.geteuid() == 0 else NetworkMode.ROOTLESS
 
 
-def setup_network(mode: str, *, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping],
+def setup_network(mode: NetworkMode, *, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping],
                   tap_uid: int | None = None) -> VmNetwork:
     """Build the VM's network. On any failure everything this call built (and claimed) is gone again.
 
     `tap_uid` owns the TAP, so a VMM running as that uid (a jailed Firecracker) may attach to it."""
-    if mode not in MODES:
-        raise UsageError(f"unknown network mode {mode!r}", hint="use --network bridged or --network rootless")
     from fcvm.network import bridged, rootless
 
-    if tap_uid is not None and mode != "bridged":
+    if tap_uid is not None and mode != NetworkMode.BRIDGED:
         raise UsageError("a TAP owned by another uid needs --network bridged")
     try:
-        if mode == "bridged":
+        if mode == NetworkMode.BRIDGED:
             return bridged.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports), tap_uid=tap_uid)
         return rootless.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports))
     except BaseException:

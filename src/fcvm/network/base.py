@@ -15,13 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fcvm.core import log
-from fcvm.core.errors import FcvmError
+from fcvm.core.errors import FcvmError, UsageError
 from fcvm.core.proc import ProcessRef
 from fcvm.network.ports import PortMapping
 from fcvm.state.journal import Journal
@@ -40,7 +40,6 @@ TAP_NAME = "tap0"
 UPLINK_NAME = "uplink0"
 IFNAMSIZ = 15  # usable characters
 
-MODES = ("bridged", "rootless")
 NETNS_DIR = Path("/run/netns")
 # Host-global runtime state (lock, shared chains/sysctl bookkeeping). /run is cleared on reboot, and so
 # are the iptables rules and sysctls it describes.
@@ -211,33 +210,35 @@ def port_in_use_error(m: PortMapping, detail: str) -> FcvmError:
     )
 
 
-def claim_port(store: Store, vm_id: str, protocol: str, addr: str, port: int) -> str | None:
-    """Claim `protocol:addr:port` in the store ("*" = every address). Returns the holder's vm id on a clash.
+def check_ports(store: Store, vm_id: str, ports: Sequence[PortMapping], *, default_addr: str,
+                published_elsewhere: Callable[[PortMapping], bool] = lambda _m: False) -> None:
+    """Fail before creating anything if a host port is taken; claims the ports in the store.
 
-    A wildcard clashes with every address and vice versa, so the check and the insert share a transaction.
-    """
-    value = f"{protocol}:{addr}:{port}"
-    with store.transaction() as db:
-        rows = db.execute(
-            "SELECT value, vm_id FROM allocations WHERE kind = 'port' AND value LIKE ?",
-            (f"{protocol}:%:{port}",),
-        ).fetchall()
-        for other, owner in rows:
-            other_addr = other.split(":")[1]
-            if addr == "*" or other_addr == "*" or other_addr == addr:
-                return str(owner)
-        db.execute("INSERT INTO allocations (kind, value, vm_id) VALUES ('port', ?, ?)", (value, vm_id))
-    return None
+    `default_addr` is where a mapping without a host address listens: every address (bridged) or the VM's own
+    loopback address (rootless)."""
+    for m in ports:
+        addr = m.host_ip or default_addr
+        holder = store.claim_port(vm_id, m.protocol, "*" if addr == "0.0.0.0" else addr, m.host_port)
+        if holder is not None:
+            raise port_in_use_error(m, f"VM {holder} publishes it")
+        if published_elsewhere(m):
+            raise port_in_use_error(m, "another fcvm VM publishes it")
+        problem = check_bindable(addr, m.host_port, m.protocol)
+        if problem is None:
+            continue
+        if problem.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"cannot publish on {addr}: it is not an address of this host", hint=f"fix -p {m}")
+        if problem.errno == errno.EACCES:
+            raise FcvmError(f"host port {m.host_port} is privileged and this user may not bind it",
+                            hint="use a host port >= 1024 or lower net.ipv4.ip_unprivileged_port_start")
+        raise port_in_use_error(m, "a process on this host listens on it")
 
 
 NETWORK_ALLOCATION_KINDS = ("port", "subnet", "loopback")
 
 
 def release_network_allocations(store: Store, vm_id: str) -> None:
-    marks = ",".join("?" * len(NETWORK_ALLOCATION_KINDS))
-    with store.transaction() as db:
-        db.execute(f"DELETE FROM allocations WHERE vm_id = ? AND kind IN ({marks})",
-                   (vm_id, *NETWORK_ALLOCATION_KINDS))
+    store.release_allocations(vm_id, NETWORK_ALLOCATION_KINDS)
 
 
 def spawn_journaled(journal: Journal, argv: Sequence[str], *, what: str, pass_fds: Sequence[int] = (),

@@ -59,24 +59,6 @@ def _subnet_candidates() -> Iterator[str]:
             yield str(net)
 
 
-def _check_ports(store: Store, vm_id: str, ports: list[PortMapping]) -> None:
-    """Fail before creating anything if a host port is taken; claims the ports in the store."""
-    dnat = {p: ipt.published_ports(p) for p in ("tcp", "udp")}
-    for m in ports:
-        addr = m.host_ip if m.host_ip and m.host_ip != "0.0.0.0" else "*"
-        holder = base.claim_port(store, vm_id, m.protocol, addr, m.host_port)
-        if holder is not None:
-            raise base.port_in_use_error(m, f"VM {holder} publishes it")
-        if m.host_port in dnat[m.protocol]:
-            raise base.port_in_use_error(m, "another fcvm VM publishes it")
-        bind_addr = "0.0.0.0" if addr == "*" else addr
-        problem = base.check_bindable(bind_addr, m.host_port, m.protocol)
-        if problem is not None and problem.errno == errno.EADDRNOTAVAIL:
-            raise UsageError(f"cannot publish on {addr}: it is not an address of this host", hint=f"fix -p {m}")
-        if problem is not None:
-            raise base.port_in_use_error(m, "a process on this host listens on it")
-
-
 def _host_rules(net: base.VmNetwork) -> list[tuple[str, str, list[str]]]:
     tag = ipt.comment(net.vm_id)
     rules: list[tuple[str, str, list[str]]] = []
@@ -110,7 +92,9 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     net = base.VmNetwork(mode="bridged", vm_id=vm_id, ports=list(ports), netns=base.netns_name(vm_id),
                          host_if=base.host_ifname(vm_id), dns=base.host_dns())
     with ipt.host_lock():
-        _check_ports(store, vm_id, ports)
+        dnat = {p: ipt.published_ports(p) for p in ("tcp", "udp")}
+        base.check_ports(store, vm_id, ports, default_addr="0.0.0.0",
+                         published_elsewhere=lambda m: m.host_port in dnat[m.protocol])
         net.subnet = store.allocate("subnet", vm_id, _subnet_candidates())
         ipt.acquire_host(journal, vm_id)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fcvm.core import log, paths, proc
-from fcvm.core.errors import FcvmError, UsageError
+from fcvm.core.errors import FcvmError
 from fcvm.network import base
 from fcvm.network.ports import PortMapping
 from fcvm.state.journal import Journal
@@ -37,25 +37,6 @@ def loopback_candidates() -> Iterator[str]:
     for b in range(256):
         for c in range(2, 255):
             yield f"127.{first}.{b}.{c}"
-
-
-def _check_ports(store: Store, vm_id: str, loopback: str, ports: list[PortMapping]) -> None:
-    for m in ports:
-        addr = m.host_ip or loopback
-        holder = base.claim_port(store, vm_id, m.protocol, "*" if addr == "0.0.0.0" else addr, m.host_port)
-        if holder is not None:
-            raise base.port_in_use_error(m, f"VM {holder} publishes it")
-        problem = base.check_bindable(addr, m.host_port, m.protocol)
-        if problem is None:
-            continue
-        if problem.errno == 99:
-            raise UsageError(f"cannot publish on {addr}: it is not an address of this host", hint=f"fix -p {m}")
-        if problem.errno == 13:
-            raise FcvmError(
-                f"host port {m.host_port} is privileged and this user may not bind it",
-                hint="use a host port >= 1024 or lower net.ipv4.ip_unprivileged_port_start",
-            )
-        raise base.port_in_use_error(m, "a process on this host listens on it")
 
 
 def slirp_api(path: str, execute: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -86,7 +67,7 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
         base.tool(tool)
     net = base.VmNetwork(mode="rootless", vm_id=vm_id, ports=list(ports), dns=[base.SLIRP_DNS])
     net.loopback = store.allocate("loopback", vm_id, loopback_candidates())
-    _check_ports(store, vm_id, net.loopback, ports)
+    base.check_ports(store, vm_id, ports, default_addr=net.loopback)
 
     # The holder owns the namespaces; it lives until the journal's undo terminates it.
     holder = base.spawn_journaled(

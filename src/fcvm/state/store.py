@@ -18,10 +18,11 @@ from typing import Any
 
 from fcvm.core import paths
 from fcvm.core.errors import FcvmError, NotFoundError
+from fcvm.core.kinds import RowKind, VmStatus
 from fcvm.core.proc import ProcessRef
 
 SCHEMA_VERSION = 1
-LIVE_STATUSES = ("creating", "running", "stopping")
+LIVE_STATUSES = (VmStatus.CREATING, VmStatus.RUNNING, VmStatus.STOPPING)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -183,7 +184,7 @@ class Store:
         self,
         name: str,
         *,
-        kind: str = "vm",
+        kind: RowKind = RowKind.VM,
         image: str = "",
         hypervisor: str = "",
         config: dict[str, Any] | None = None,
@@ -256,7 +257,7 @@ class Store:
             raise NotFoundError(f"no VM named {name_or_id!r}", hint="see `fcvm ls -a`")
         return record
 
-    def list_vms(self, *, include_exited: bool = False, kind: str | None = None) -> list[VmRecord]:
+    def list_vms(self, *, include_exited: bool = False, kind: RowKind | None = None) -> list[VmRecord]:
         query = "SELECT * FROM vms"
         clauses: list[str] = []
         params: list[Any] = []
@@ -297,9 +298,33 @@ class Store:
             result.setdefault(kind, []).append(value)
         return result
 
-    def release_allocations(self, vm_id: str) -> None:
+    def release_allocations(self, vm_id: str, kinds: Iterable[str] | None = None) -> None:
+        """Release what `vm_id` holds: everything, or only allocations of `kinds`."""
         with self.transaction() as db:
-            db.execute("DELETE FROM allocations WHERE vm_id = ?", (vm_id,))
+            if kinds is None:
+                db.execute("DELETE FROM allocations WHERE vm_id = ?", (vm_id,))
+                return
+            wanted = list(kinds)
+            marks = ",".join("?" * len(wanted))
+            db.execute(f"DELETE FROM allocations WHERE vm_id = ? AND kind IN ({marks})", (vm_id, *wanted))
+
+    def claim_port(self, vm_id: str, protocol: str, addr: str, port: int) -> str | None:
+        """Claim `protocol:addr:port` ("*" = every address). Returns the holder's vm id on a clash.
+
+        A wildcard clashes with every address and vice versa, so the check and the insert share a transaction.
+        """
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT value, vm_id FROM allocations WHERE kind = 'port' AND value LIKE ?",
+                (f"{protocol}:%:{port}",),
+            ).fetchall()
+            for other, owner in rows:
+                other_addr = other.split(":")[1]
+                if addr == "*" or other_addr == "*" or other_addr == addr:
+                    return str(owner)
+            db.execute("INSERT INTO allocations (kind, value, vm_id) VALUES ('port', ?, ?)",
+                       (f"{protocol}:{addr}:{port}", vm_id))
+        return None
 
     def allocation_owners(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT DISTINCT vm_id FROM allocations")}

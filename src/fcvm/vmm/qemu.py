@@ -7,17 +7,15 @@ vsock Unix-socket semantics at `spec.vsock_uds`, so nothing above the channel kn
 from __future__ import annotations
 
 import contextlib
-import logging
-import subprocess
-import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from fcvm import host
-from fcvm.core import log
+from fcvm.core import host, log
 from fcvm.core.errors import FcvmError
 from fcvm.core.proc import ProcessRef
+from fcvm.core.wait import wait_until
 from fcvm.vmm.base import MachineSpec
+from fcvm.vmm.process import VmmProcess
 
 AGENT_PORT_NAME = "org.fcvm.agent"
 
@@ -79,36 +77,28 @@ class QemuVm:
         """`own_session=False` keeps QEMU in its parent's process group (fc-mock's): whoever kills that group
         takes the guest along, as a guest dies with a real Firecracker process."""
         self.spec = spec
-        self.own_session = own_session
         self.use_kvm = host.kvm_status().usable if use_kvm is None else use_kvm
         self.name = "qemu"
         self._log = log.get(f"vm.{spec.name}")
-        self._popen: subprocess.Popen[bytes] | None = None
-        self._process: ProcessRef | None = None
+        # Its own session: a terminal's Ctrl-C reaches fcvm, which stops the container first, not QEMU.
+        self._vmm = VmmProcess(
+            [*spec.enter_argv, *build_argv(spec, use_kvm=self.use_kvm)],
+            console=spec.console_log, logger=self._log, own_group=own_session,
+        )
         self._bridge: Any = None
-        self._console: IO[str] | None = None
 
     @property
     def process(self) -> ProcessRef:
-        if self._process is None:
+        ref = self._vmm.ref
+        if ref is None:
             raise QemuError("QEMU has not been started")
-        return self._process
+        return ref
 
     def start(self) -> None:
         spec = self.spec
         for stale in (spec.workdir / "qmp.sock", serial_socket(spec)):
             stale.unlink(missing_ok=True)
-        argv = [*spec.enter_argv, *build_argv(spec, use_kvm=self.use_kvm)]
-        self._log.debug("starting %s", " ".join(argv))
-        self._console = open(spec.console_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the VM
-        # Its own session: a terminal's Ctrl-C reaches fcvm, which stops the container first, not QEMU.
-        self._popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=self.own_session,
-        )
-        self._process = ProcessRef.of(self._popen.pid)
-        assert self._popen.stdout is not None
-        log.relog_in_thread(self._popen.stdout, self._log, level=logging.DEBUG, sink=self._console)
+        self._vmm.start()
         if spec.vsock_uds:
             self._start_bridge()
 
@@ -117,13 +107,10 @@ class QemuVm:
 
         assert self.spec.vsock_uds is not None
         socket_path = serial_socket(self.spec)
-        deadline = time.monotonic() + 10
-        while not socket_path.exists():
-            if self.wait(0) is not None:
-                raise QemuError(f"QEMU exited during start-up; see {self.spec.console_log}")
-            if time.monotonic() > deadline:
-                raise QemuError("QEMU did not create its agent socket within 10 s")
-            time.sleep(0.01)
+        if not wait_until(lambda: socket_path.exists() or self._vmm.exited(), 10, interval=0.01):
+            raise QemuError("QEMU did not create its agent socket within 10 s")
+        if not socket_path.exists():
+            raise QemuError(f"QEMU exited during start-up: {self._vmm.output()}")
         self._bridge = SerialVsockBridge(socket_path, self.spec.vsock_uds)
         self._bridge.start()
 
@@ -141,12 +128,7 @@ class QemuVm:
             monitor.close()
 
     def wait(self, timeout: float | None = None) -> int | None:
-        if self._popen is None:
-            return None
-        try:
-            return self._popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return self._vmm.wait(timeout)
 
     def pause(self) -> None:
         self._qmp("stop")
@@ -155,15 +137,11 @@ class QemuVm:
         self._qmp("cont")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._popen is not None and self._popen.poll() is None:
+        if not self._vmm.exited():
             with contextlib.suppress(QemuError):
                 self._qmp("quit")
-            if self.wait(timeout) is None and self._process is not None:
-                self._process.terminate(timeout=5)
-            self._popen.wait()
+            self._vmm.wait(timeout)
+        self._vmm.stop()
         if self._bridge is not None:
             self._bridge.close()
             self._bridge = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None

@@ -38,7 +38,7 @@ def find_firecracker(explicit: str | None = None) -> Path | None:
     env = os.environ.get(BIN_ENV)
     if env:
         return _resolve(env, BIN_ENV)
-    from fcvm.vmm.firecracker_release import installed_binary
+    from fcvm.vmm.firecracker.release import installed_binary
 
     installed = installed_binary()
     if installed is not None:

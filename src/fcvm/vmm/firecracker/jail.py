@@ -21,8 +21,10 @@ VMMs never share an identity.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +110,27 @@ class Jail:
         for directory in (self.root, self.api_socket.parent):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chown(directory, self.uid, self.gid)
+
+    def admit(self, path: Path, *, writable: bool = False) -> Path:
+        """`path` made visible in the jail: a hard link (the jail is on the data dir's filesystem). The VM's own
+        writable disk is given to the jail uid; a shared asset the jail uid could not read is copied, never
+        re-owned, so other VMs keep theirs."""
+        from fcvm.storage.btrfs import clone_file
+
+        target = self.root / path.name
+        private = writable or not path.stat().st_mode & stat.S_IROTH
+        if private and not writable:
+            clone_file(path, target)
+        else:
+            try:
+                os.link(path, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                clone_file(path, target)
+        if private:
+            os.chown(target, self.uid, self.gid)
+        return target
 
     def argv(self, firecracker_args: list[str]) -> list[str]:
         argv = [

@@ -15,26 +15,24 @@ and vsock sockets are unlinked.
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import logging
 import os
 import re
-import signal
 import socket
-import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
-from fcvm.core.proc import ProcessRef, kill_group
+from fcvm.core.proc import ProcessRef, SpawnError
 from fcvm.vmm.base import MachineSpec
 from fcvm.vmm.firecracker import models as m
 from fcvm.vmm.firecracker.client import Client, FirecrackerConnectionError, FirecrackerError
 from fcvm.vmm.firecracker.jail import API_SOCKET, Jail
+from fcvm.vmm.process import VmmProcess
 
 _log = log.get("vmm.firecracker")
 
@@ -42,36 +40,6 @@ IFACE_ID = "eth0"
 MMDS_ADDRESS = "169.254.169.254"
 _SOCKET_NAME = "firecracker.sock"
 _UNIX_PATH_MAX = 107
-
-
-class _TailSink:
-    """The VM log file, remembering the last lines for error messages."""
-
-    def __init__(self, path: Path, keep: int = 20) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
-        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            self.tail.extend(line for line in text.splitlines() if line)
-            if not self._file.closed:
-                self._file.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            if not self._file.closed:
-                self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
-
-    def summary(self, lines: int = 3) -> str:
-        recent = list(self.tail)[-lines:]
-        return "; ".join(recent) if recent else "no output"
 
 
 def instance_id(name: str) -> str:
@@ -109,25 +77,22 @@ class FirecrackerVm:
         self.api_timeout = api_timeout
         self.log_level = log_level
         self.version: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._ref: ProcessRef | None = None
         self._client: Client | None = None
-        self._sink: _TailSink | None = None
-        self._relog: threading.Thread | None = None
         self._started = False  # InstanceStart accepted
-        self._reaped = False
-        self._logger = log.get(f"vm.{spec.name}")
+        self._vmm = VmmProcess(self.argv(), console=spec.console_log, logger=log.get(f"vm.{spec.name}"),
+                               level=logging.INFO, transform=log.strip_vmm_prefix)
 
     # -- Hypervisor protocol ------------------------------------------------------------------
 
     @property
     def process(self) -> ProcessRef:
-        if self._ref is None:
+        ref = self._vmm.ref
+        if ref is None:
             raise FcvmError(f"Firecracker for {self.spec.name} has not been started")
-        return self._ref
+        return ref
 
     def start(self) -> None:
-        if self._proc is not None:
+        if self._vmm.child is not None:
             raise FcvmError(f"Firecracker for {self.spec.name} was already started")
         try:
             self._launch()
@@ -138,16 +103,7 @@ class FirecrackerVm:
             raise
 
     def wait(self, timeout: float | None = None) -> int | None:
-        if self._proc is None:
-            return None
-        if self._reaped:
-            return self._proc.returncode
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._exited():
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(0.05)
-        return self._reap()
+        return self._vmm.wait(timeout)
 
     def pause(self) -> None:
         self._api().patch(m.VM, m.Vm("Paused"))
@@ -182,37 +138,18 @@ class FirecrackerVm:
             if stale is not None:
                 with contextlib.suppress(FileNotFoundError):
                     stale.unlink()
-        self._sink = _TailSink(self.spec.console_log)
-        argv = self.argv()
-        _log.debug("launch: %s", " ".join(argv))
         try:
-            # The caller's working directory: every path fcvm passes is absolute, and a relative one the user
-            # put in the environment (FCVM_FC_SPEC=../shared/... for fc-mock) keeps meaning what they typed.
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise FirecrackerError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-        try:
-            self._ref = ProcessRef.of(self._proc.pid)
-        except ProcessLookupError:  # already gone and reaped by nobody yet: fall back to pid only
-            self._ref = ProcessRef(self._proc.pid, 0)
-        assert self._proc.stdout is not None
-        self._relog = log.relog_in_thread(
-            self._proc.stdout, self._logger, transform=log.strip_vmm_prefix, sink=cast(IO[str], self._sink)
-        )
+            self._vmm.start()
+        except SpawnError as exc:
+            raise FirecrackerError(str(exc)) from exc
 
     def _wait_for_socket(self) -> None:
         deadline = time.monotonic() + self.socket_timeout
         while True:
-            if self._exited():
-                code = self._reap()
+            if self._vmm.exited():
+                code = self._vmm.wait()
                 raise FirecrackerError(
-                    f"Firecracker exited with code {code} before creating its API socket: {self._output()}"
+                    f"Firecracker exited with code {code} before creating its API socket: {self._vmm.output()}"
                 )
             if self.api_socket.exists():
                 probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -226,7 +163,7 @@ class FirecrackerVm:
             if time.monotonic() >= deadline:
                 raise FirecrackerError(
                     f"Firecracker did not create its API socket {self.api_socket} "
-                    f"within {self.socket_timeout:g} s: {self._output()}"
+                    f"within {self.socket_timeout:g} s: {self._vmm.output()}"
                 )
             time.sleep(0.02)
 
@@ -290,76 +227,28 @@ class FirecrackerVm:
             code = self.wait(timeout=1.0)
             if code is not None:
                 raise FirecrackerError(
-                    f"Firecracker exited with code {code} during {what}: {self._output()}"
+                    f"Firecracker exited with code {code} during {what}: {self._vmm.output()}"
                 ) from exc
             raise
 
     def _api(self) -> Client:
-        if self._client is None or not self._started or self._reaped:
+        if self._client is None or not self._started or self._vmm.exited():
             raise FcvmError(f"{self.spec.name} is not running")
         return self._client
 
     # -- teardown -----------------------------------------------------------------------------
 
-    def _exited(self) -> bool:
-        """True once the process is a zombie or gone; does not reap (the pid stays reserved)."""
-        assert self._proc is not None
-        if self._reaped:
-            return True
-        try:
-            info = os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return True
-        return info is not None
-
-    def _reap(self) -> int:
-        """Kill what is left of the process group (e.g. fc-mock's QEMU), reap, finish the log."""
-        assert self._proc is not None
-        if not self._reaped:
-            kill_group(self._proc.pid)
-            self._proc.wait()
-            self._reaped = True
-            if self._relog is not None:
-                self._relog.join(timeout=5)
-        return self._proc.returncode
-
-    def _output(self) -> str:
-        if self._relog is not None and self._exited():
-            self._relog.join(timeout=2)
-        return self._sink.summary() if self._sink else "no output"
-
-    def _signal(self, sig: int) -> None:
-        assert self._proc is not None
-        if not self._exited():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, sig)
-
-    def _wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._exited():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
     def _cleanup(self, *, graceful: bool, timeout: float = 10.0) -> None:
-        if self._proc is not None and not self._reaped:
-            if graceful and self._started and self._client is not None and not self._exited():
-                try:
-                    self._client.put(m.ACTIONS, m.InstanceActionInfo("SendCtrlAltDel"))
-                except FirecrackerError as exc:
-                    _log.debug("SendCtrlAltDel failed: %s", exc)
-                else:
-                    self._wait_exit(timeout)
-            if not self._exited():
-                self._signal(signal.SIGTERM)
-                if not self._wait_exit(5.0 if graceful else 2.0):
-                    self._signal(signal.SIGKILL)
-            self._reap()
+        if graceful and self._started and self._client is not None and not self._vmm.exited():
+            try:
+                self._client.put(m.ACTIONS, m.InstanceActionInfo("SendCtrlAltDel"))
+            except FirecrackerError as exc:
+                _log.debug("SendCtrlAltDel failed: %s", exc)
+            else:
+                self._vmm.wait(timeout)
+        self._vmm.stop(5.0 if graceful else 2.0)
         if self._client is not None:
             self._client.close()
-        if self._sink is not None:
-            self._sink.close()
         for path in (self.api_socket, self.spec.vsock_uds):
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):

@@ -34,12 +34,12 @@ from typing import IO, Any
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
-from fcvm.vmm.fc_mock import caps
-from fcvm.vmm.fc_mock.api import MAX_PAYLOAD, FcMock
-from fcvm.vmm.fc_mock.backend import default_factory
-from fcvm.vmm.fc_mock.mmds import GuestMmds
-from fcvm.vmm.fc_mock.server import ApiServer
-from fcvm.vmm.fc_mock.spec import SPEC_NAME, Spec, find_spec
+from fcvm_standins.fc_mock import caps
+from fcvm_standins.fc_mock.api import MAX_PAYLOAD, FcMock
+from fcvm_standins.fc_mock.backend import default_factory
+from fcvm_standins.fc_mock.mmds import GuestMmds
+from fcvm_standins.fc_mock.server import ApiServer
+from fcvm_standins.fc_mock.spec import SPEC_NAME, Spec, find_spec
 
 _log = log.get("fc_mock")
 DEFAULT_API_SOCK = "/run/firecracker.socket"

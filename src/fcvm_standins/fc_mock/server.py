@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from fcvm.core import log
-from fcvm.vmm.fc_mock.api import FcMock, Response
+from fcvm_standins.fc_mock.api import FcMock, Response
 
 _log = log.get("fc_mock.http")
 

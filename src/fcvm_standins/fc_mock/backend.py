@@ -24,7 +24,7 @@ from typing import cast
 
 from fcvm.core import log
 from fcvm.vmm.base import MachineSpec
-from fcvm.vmm.fc_mock.api import Backend, BackendFactory
+from fcvm_standins.fc_mock.api import Backend, BackendFactory
 
 _log = log.get("fc_mock")
 

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 from fcvm.core import log
 from fcvm.core.proc import ProcessRef
 from fcvm.vmm.base import MachineSpec
-from fcvm.vmm.fc_mock.mmds import merge_patch
-from fcvm.vmm.fc_mock.spec import Spec
+from fcvm_standins.fc_mock.mmds import merge_patch
+from fcvm_standins.fc_mock.spec import Spec
 
 _log = log.get("fc_mock")
 

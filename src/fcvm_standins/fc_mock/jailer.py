@@ -53,8 +53,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fcvm.vmm.fc_mock import caps
-from fcvm.vmm.fc_mock.spec import SPEC_NAME, SpecNotFoundError, find_spec
+from fcvm_standins.fc_mock import caps
+from fcvm_standins.fc_mock.spec import SPEC_NAME, SpecNotFoundError, find_spec
 
 DEFAULT_CHROOT_BASE = "/srv/jailer"
 DEFAULT_NO_FILE = 2048  # the jailer's default RLIMIT_NOFILE

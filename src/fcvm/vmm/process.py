@@ -1,0 +1,113 @@
+"""The one lifecycle of a VMM process, QEMU's and Firecracker's alike.
+
+Start it (inside the VM's namespaces, in a session of its own unless told otherwise), re-log its stdout and
+stderr line by line into the VM's console file and its `fcvm.vm.<name>` logger, remember the last lines for
+error messages, and end it with SIGTERM, then SIGKILL, then its whole process group.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, cast
+
+from fcvm.core import log
+from fcvm.core.proc import Child, ProcessRef, spawn
+
+
+class ConsoleSink:
+    """The VM's console file, remembering its last lines for error messages."""
+
+    def __init__(self, path: Path, keep: int = 20) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a", encoding="utf-8")
+        self.tail: collections.deque[str] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.tail.extend(line for line in text.splitlines() if line)
+            if not self._file.closed:
+                self._file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def summary(self, lines: int = 3) -> str:
+        recent = list(self.tail)[-lines:]
+        return "; ".join(recent) if recent else "no output"
+
+
+class VmmProcess:
+    def __init__(self, argv: Sequence[str], *, console: Path, logger: logging.Logger, own_group: bool = True,
+                 level: int = logging.DEBUG, transform: Callable[[str], str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.argv = list(argv)
+        self.console = console
+        self.logger = logger
+        self.own_group = own_group
+        self.level = level
+        self.transform = transform
+        self.env = env
+        self.sink: ConsoleSink | None = None
+        self._child: Child | None = None
+        self._relog: threading.Thread | None = None
+        self._stack = contextlib.ExitStack()
+
+    def start(self) -> Child:
+        self.logger.debug("starting %s", " ".join(self.argv))
+        self.sink = self._stack.enter_context(contextlib.closing(ConsoleSink(self.console)))
+        # The caller's working directory: every path fcvm passes is absolute, and a relative one the user put in
+        # the environment (FCVM_FC_SPEC=../shared/... for fc-mock) keeps meaning what they typed.
+        child = self._child = self._stack.enter_context(spawn(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, own_group=self.own_group, env=self.env,
+        ))
+        assert child.popen.stdout is not None
+        self._relog = log.relog_in_thread(child.popen.stdout, self.logger, level=self.level,
+                                          transform=self.transform, sink=cast(IO[str], self.sink))
+        return child
+
+    @property
+    def child(self) -> Child | None:
+        return self._child
+
+    @property
+    def ref(self) -> ProcessRef | None:
+        return self._child.ref if self._child else None
+
+    def exited(self) -> bool:
+        return self._child is None or self._child.exited()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._child is None:
+            return None
+        code = self._child.wait(timeout)
+        if code is not None and self._relog is not None:
+            self._relog.join(timeout=5)  # the last lines reach the console file before anyone reads it
+        return code
+
+    def output(self) -> str:
+        """The last lines it printed, for an error message."""
+        if self._relog is not None and self.exited():
+            self._relog.join(timeout=2)
+        return self.sink.summary() if self.sink else "no output"
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, SIGKILL after `grace`, its group, the zombie; then the console file. Idempotent."""
+        if self._child is not None:
+            self._child.stop(grace)
+            if self._relog is not None:
+                self._relog.join(timeout=5)
+        self._stack.close()

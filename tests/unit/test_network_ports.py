@@ -114,17 +114,16 @@ def test_vm_network_json_round_trip_and_published_addresses() -> None:
 
 
 def test_mode_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fcvm.core.kinds import NetworkMode
     from fcvm.network import default_mode, setup_network
     from fcvm.state.journal import Journal
     from fcvm.state.store import Store
 
     store = Store()
-    with pytest.raises(UsageError, match="unknown network mode 'host'"):
-        setup_network("host", store=store, journal=Journal(store, "a"), vm_id="a", ports=[])
     monkeypatch.setattr("os.geteuid", lambda: 1000)
     assert default_mode() == "rootless"
     with pytest.raises(UsageError, match="--network bridged needs root") as info:
-        setup_network("bridged", store=store, journal=Journal(store, "a"), vm_id="a", ports=[])
+        setup_network(NetworkMode.BRIDGED, store=store, journal=Journal(store, "a"), vm_id="a", ports=[])
     assert "--network rootless" in str(info.value)
     assert store.journal_entries("a") == [] and store.allocations("a") == {}
     monkeypatch.setattr("os.geteuid", lambda: 0)

@@ -22,9 +22,9 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--network", "tcp", "localhost/x"], "unknown network mode 'tcp': use bridged or rootless"),
+        (["--network", "tcp", "localhost/x"], "argument --network: invalid choice: 'tcp'"),
         (["Bad Image!"], "invalid image name 'Bad Image!'"),
-        (["--hypervisor", "xen", "localhost/x"], "unknown --hypervisor 'xen'"),
+        (["--hypervisor", "xen", "localhost/x"], "argument --hypervisor: invalid choice: 'xen'"),
         (["-p", "99999:80", "localhost/x"], "99999"),
         (["-p", "80", "localhost/x"], "-p"),
         (["--map", "/nonexistent-dir:/data", "localhost/x"], "/nonexistent-dir is not a directory"),
@@ -35,7 +35,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 )
 def test_bad_input_is_a_one_line_error(args: list[str], message: str) -> None:
     result = run("--network", "rootless", *args) if "--network" not in args else run(*args)
-    assert result.returncode != 0
+    assert result.returncode in (1, 2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert message in lines[0]

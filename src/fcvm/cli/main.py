@@ -7,11 +7,20 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from fcvm import __version__
 from fcvm.core import log
 from fcvm.core.errors import FcvmError, NotBuiltError
 from fcvm.core.kinds import HYPERVISOR_CHOICES, NetworkMode
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are a one-line error naming the problem, like every other fcvm error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"Error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _handler(parser: argparse.ArgumentParser, target: str) -> None:
@@ -57,7 +66,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fcvm", description="Run Podman containers inside lightweight microVMs."
     )
     parser.add_argument("--version", action="version", version=f"fcvm {__version__}")

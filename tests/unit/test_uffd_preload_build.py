@@ -83,11 +83,16 @@ def _run_preloaded(library: Path, env: dict[str, str], command: str) -> subproce
                           capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.parametrize("size", ["", "abc", "1000", "0", "4096x"])
-def test_a_bad_ram_size_stops_the_process_at_load(library: Path, tmp_path: Path, size: str) -> None:
-    result = _run_preloaded(library, {"FCVM_UFFD_SOCKET": str(tmp_path / "s"), "FCVM_UFFD_MEM_SIZE": size}, "true")
+@pytest.mark.parametrize(
+    ("socket", "size", "complaint"),
+    [("s", "", "FCVM_UFFD_MEM_SIZE"), ("s", "abc", "FCVM_UFFD_MEM_SIZE"), ("s", "1000", "FCVM_UFFD_MEM_SIZE"),
+     ("s", "0", "FCVM_UFFD_MEM_SIZE"), ("s", "4096x", "FCVM_UFFD_MEM_SIZE"), ("s" * 108, "4096", "FCVM_UFFD_SOCKET"),
+     ("", "4096", "FCVM_UFFD_SOCKET")],
+)
+def test_bad_configuration_stops_the_process_at_load(library: Path, socket: str, size: str, complaint: str) -> None:
+    result = _run_preloaded(library, {"FCVM_UFFD_SOCKET": socket, "FCVM_UFFD_MEM_SIZE": size}, "true")
     assert result.returncode == 1
-    assert result.stderr.startswith("fcvm-uffd-preload: FCVM_UFFD_MEM_SIZE must be")
+    assert result.stderr.startswith(f"fcvm-uffd-preload: {complaint} must be")
     assert result.stderr.count("\n") == 1
 
 

@@ -126,8 +126,12 @@ static void send_handshake(int uffd, void *base, size_t length)
 	int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (sock < 0)
 		die("socket", errno);
-	if (connect(sock, (struct sockaddr *)&server_addr, sizeof server_addr) < 0)
-		die("connect to the page server (FCVM_UFFD_SOCKET)", errno);
+	if (connect(sock, (struct sockaddr *)&server_addr, sizeof server_addr) < 0) {
+		int err = errno;
+		char step[160];
+		snprintf(step, sizeof step, "connect to the page server at %s", server_addr.sun_path);
+		die(step, err);
+	}
 
 	union {
 		struct cmsghdr header;

@@ -27,4 +27,5 @@ fcvm setup storage
 fcvm setup kernel
 fcvm setup rootfs
 fcvm setup demo-image
+fcvm setup uffd-preload
 fcvm doctor || true

@@ -6,9 +6,9 @@ Boot contract: the initramfs switches root to `python3 -m fc_agent` with the ker
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from fc_agent import container, exec_server, mmds, network, system
 from fc_agent.channel import Channel, open_channel
+from fc_agent.host_link import HostLink
 from fcvm_wire import ports
-from fcvm_wire.control import ControlError, ControlStream
 from fcvm_wire.plan import Plan, PlanError
 
 AGENT_VERSION = "1"
@@ -35,14 +35,11 @@ class _ControlHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.control: ControlStream | None = None
+        self.link: HostLink | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.control is not None:
-            try:
-                self.control.send({"type": "log", "stream": "agent", "line": self.format(record)})
-            except OSError:
-                self.control = None
+        if self.link is not None:
+            self.link.send({"type": "log", "stream": "agent", "line": self.format(record)})
 
 
 _to_host = _ControlHandler()
@@ -58,28 +55,17 @@ def _setup_logging() -> None:
     root.propagate = False
 
 
-def _connect_control(channel: Channel, timeout: float = 60.0) -> ControlStream:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return ControlStream(channel.connect(ports.HOST_CONTROL))
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
-def _read_plan(control: ControlStream) -> Plan:
+def _read_plan(link: HostLink) -> Plan:
     if boot_param("plan") == "mmds":
         network.link_up()
         if boot_param("net"):
             network.configure_early(boot_param("net"))
         network.route_mmds(mmds.MMDS_ADDRESS)
         return Plan.from_dict(mmds.fetch("/"))
-    for message in control:
-        if message["type"] == "plan":
-            return Plan.from_dict(message["plan"])
-    raise PlanError("the host closed the control channel before sending a plan")
+    try:
+        return Plan.from_dict(link.plans.get(timeout=600))
+    except queue.Empty:
+        raise PlanError("the host sent no plan within 600 s") from None
 
 
 def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
@@ -100,32 +86,42 @@ def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
     return mounts
 
 
-def _report_health(control: ControlStream, stop: threading.Event) -> None:
-    if not container.has_healthcheck():
-        control.send({"type": "health", "health": "healthy"})
-        return
-    last = None
-    while not stop.wait(2.0):
-        health = "healthy" if container.healthcheck() else "unhealthy"
-        if health != last:
-            control.send({"type": "health", "health": health})
-            last = health
+class _Reporter:
+    """The container's state as last reported, so a restored agent can report it again to its new host side."""
+
+    def __init__(self, link: HostLink) -> None:
+        self.link = link
+        self.running = False
+        self.health = ""
+        link.current_state = self.state
+
+    def state(self) -> list[dict[str, object]]:
+        messages: list[dict[str, object]] = []
+        if self.running:
+            messages.append({"type": "status", "state": "running"})
+        if self.health:
+            messages.append({"type": "health", "health": self.health})
+        return messages
+
+    def set_running(self) -> None:
+        self.running = True
+        self.link.send({"type": "status", "state": "running"})
+
+    def set_health(self, health: str) -> None:
+        if health != self.health:
+            self.health = health
+            self.link.send({"type": "health", "health": health})
+
+    def follow_health(self, stop: threading.Event) -> None:
+        if not container.has_healthcheck():
+            self.set_health("healthy")
+            return
+        while not stop.wait(2.0):
+            self.set_health("healthy" if container.healthcheck() else "unhealthy")
 
 
-def _follow_host(control: ControlStream) -> None:
-    """Requests from the host after the plan: `shutdown` stops the container like `podman stop`."""
-    try:
-        for message in control:
-            if message["type"] == "shutdown":
-                timeout = int(message.get("timeout", 10))
-                _log.info("host asked to stop the container (timeout %d s)", timeout)
-                container.stop(timeout)
-    except (ControlError, OSError) as exc:
-        _log.warning("control stream: %s", exc)
-
-
-def run_plan(channel: Channel, control: ControlStream) -> int:
-    plan = _read_plan(control)
+def run_plan(channel: Channel, link: HostLink) -> int:
+    plan = _read_plan(link)
     _log.info("plan for %s: image %s", plan.name, plan.image.ref)
     if boot_param("plan") != "mmds":
         network.link_up()
@@ -133,20 +129,26 @@ def run_plan(channel: Channel, control: ControlStream) -> int:
     network.set_hostname(plan.hostname or plan.name)
     listener = channel.listen(ports.GUEST_EXEC)
     threading.Thread(target=exec_server.serve, args=(listener,), daemon=True, name="exec").start()
-    control.send({"type": "status", "state": "starting", "detail": "loading image"})
+    link.send({"type": "status", "state": "starting", "detail": "loading image"})
     mounts = _mount_volumes(channel, plan)
     container.load_image(plan)
     container.start(plan, mounts)
-    control.send({"type": "status", "state": "running"})
-    logs = container.stream_logs(lambda stream, line: control.send({"type": "log", "stream": stream, "line": line}))
+    reporter = _Reporter(link)
+    reporter.set_running()
+    logs = container.stream_logs(lambda stream, line: link.send({"type": "log", "stream": stream, "line": line}))
     stop = threading.Event()
-    threading.Thread(target=_report_health, args=(control, stop), daemon=True).start()
-    threading.Thread(target=_follow_host, args=(control,), daemon=True, name="control").start()
+    threading.Thread(target=reporter.follow_health, args=(stop,), daemon=True).start()
+    link.on_shutdown = _stop_container
     code = container.wait()
     stop.set()
     logs.join(timeout=10)  # `podman logs -f` ends with the container; every line must reach the host first
-    control.send({"type": "status", "state": "exited", "exit_code": code})
+    link.send({"type": "status", "state": "exited", "exit_code": code})
     return code
+
+
+def _stop_container(timeout: int) -> None:
+    _log.info("host asked to stop the container (timeout %d s)", timeout)
+    container.stop(timeout)
 
 
 def main() -> int:
@@ -156,16 +158,16 @@ def main() -> int:
         system.boot_mounts()
         system.start_orphan_reaper()
     channel = open_channel()
-    control = _connect_control(channel)
-    _to_host.control = control
-    control.send({"type": "hello", "agent": AGENT_VERSION, "epoch": 0})
+    link = HostLink(channel, AGENT_VERSION)
+    link.start()
+    _to_host.link = link
     try:
-        code = run_plan(channel, control)
+        code = run_plan(channel, link)
     except Exception as exc:  # PID 1 must never die with a traceback: that panics the guest
         _log.error("failed: %s", exc, exc_info=not isinstance(exc, (PlanError, container.ContainerError)))
-        with contextlib.suppress(OSError):
-            control.send({"type": "status", "state": "failed", "detail": str(exc)})
+        link.send({"type": "status", "state": "failed", "detail": str(exc)})
         code = 125
+    link.close()
     if pid1:
         # Give the host a moment to read the final status before the VM disappears.
         time.sleep(0.2)

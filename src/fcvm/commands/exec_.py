@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from fcvm.core.errors import FcvmError, UsageError
-from fcvm.state import Store
+from fcvm.state import Store, VmRecord
 from fcvm_wire import exec_proto as ep
 from fcvm_wire import ports
 
@@ -48,24 +48,28 @@ def run(args: argparse.Namespace) -> int:
     command = args.command
     if not command:
         raise UsageError("fcvm exec needs a command: fcvm exec NAME -- CMD [ARGS...]")
-    store = Store()
-    vm = store.require_vm(args.name)
+    vm = Store().require_vm(args.name)
+    return exec_in(vm, command, in_vm=args.vm, use_tty=args.tty and sys.stdin.isatty(), interactive=args.interactive)
+
+
+def exec_in(vm: VmRecord, command: list[str], *, in_vm: bool = False, use_tty: bool = False,
+            interactive: bool = False) -> int:
+    """Run `command` in `vm`'s container (or the VM), relaying its output; returns its exit code."""
     if not vm.live or vm.is_stale():
-        raise FcvmError(f"VM {args.name!r} is not running")
-    use_tty = args.tty and sys.stdin.isatty()
+        raise FcvmError(f"VM {vm.name!r} is not running")
     size = shutil.get_terminal_size()
-    request = ep.ExecRequest(id=uuid.uuid4().hex, argv=command, target="vm" if args.vm else "container",
-                             tty=use_tty, interactive=args.interactive, rows=size.lines, cols=size.columns)
+    request = ep.ExecRequest(id=uuid.uuid4().hex, argv=command, target="vm" if in_vm else "container",
+                             tty=use_tty, interactive=interactive, rows=size.lines, cols=size.columns)
     vsock_uds = vm.config.get("vsock_uds")
     if not vsock_uds:
-        raise FcvmError(f"VM {args.name!r} has no agent socket yet")
+        raise FcvmError(f"VM {vm.name!r} has no agent socket yet")
     sock = _open(Path(vsock_uds), request)
     saved = termios.tcgetattr(sys.stdin) if use_tty else None
     try:
         if saved is not None:
             tty.setraw(sys.stdin)
             signal.signal(signal.SIGWINCH, lambda *_: _send_size(sock))
-        if args.interactive:
+        if interactive:
             threading.Thread(target=_pump_stdin, args=(sock,), daemon=True).start()
         return _pump_output(sock)
     finally:

@@ -8,6 +8,7 @@ import shutil
 from fcvm.core import log, paths
 from fcvm.run.cleanup import reap_stale, replay
 from fcvm.state import Store
+from fcvm.state.journal import owner_alive
 
 _log = log.get("gc")
 
@@ -19,6 +20,8 @@ def collect(store: Store) -> dict[str, int]:
     orphans = 0
     # Journals and allocations whose owner is not live: a process that died before (or after) its row.
     for owner in store.journal_owners() - live:
+        if owner_alive(owner):
+            continue
         failures = replay(store, owner)
         orphans += 1
         for failure in failures:

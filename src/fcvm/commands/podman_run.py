@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.detach:
         from fcvm.run.detach import detach
 
-        return detach(request)
+        detach(request)
+        return 0
     from fcvm.run.supervisor import VmSupervisor
 
     return VmSupervisor(request).run()

@@ -54,3 +54,8 @@ def vm_logs_dir(vm_id: str) -> Path:
 def ensure_dir(path: Path, mode: int = 0o755) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=mode)
     return path
+
+
+def snapshots_dir() -> Path:
+    """One directory per snapshot: its state stream, memory file, frozen disks and description."""
+    return data_dir() / "snapshots"

@@ -8,6 +8,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,11 +31,12 @@ class AgentLink:
     every health change the agent reports (unless the host polls a health URL itself).
     """
 
-    def __init__(self, *, plan: Plan, send_plan: bool, container_log: IO[str], echo_output: bool,
+    def __init__(self, *, plan: Plan, send_plan: bool, restored: bool, container_log: IO[str], echo_output: bool,
                  agent_reports_health: bool, on_stage: Callable[[str], None],
                  on_health: Callable[[Health], None], logger: logging.Logger) -> None:
         self.plan = plan
         self.send_plan = send_plan
+        self.restored = restored  # a clone: the agent wakes up in a snapshot and must catch up with the world
         self.container_log = container_log
         self.echo_output = echo_output
         self.agent_reports_health = agent_reports_health
@@ -67,8 +69,13 @@ class AgentLink:
                 kind = message["type"]
                 if kind == "hello":
                     self.on_stage("agent_connected")
-                    if self.send_plan:
+                    if self.restored:
+                        control.send({"type": "restored", "time": time.time()})
+                    elif self.send_plan:  # once: an agent that reconnects after a channel reset has its plan
+                        self.send_plan = False
                         control.send({"type": "plan", "plan": json.loads(self.plan.to_json())})
+                elif kind == "restored":
+                    self.on_stage("restored")
                 elif kind == "log":
                     self._on_log(message.get("stream", "agent"), str(message.get("line", "")))
                 elif kind == "status":

@@ -8,6 +8,7 @@ appear in any /proc/PID/cmdline. Its output goes to `supervisor.log` in the VM's
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -17,15 +18,14 @@ from fcvm.core import paths
 from fcvm.core.errors import FcvmError
 from fcvm.core.kinds import Health, VmStatus
 from fcvm.core.proc import spawn
-from fcvm.run.request import RunRequest
+from fcvm.run.request import SUPERVISOR_LOG, RunRequest
 from fcvm.state import Store
 from fcvm.state.store import new_id
 
-SUPERVISOR_LOG = "supervisor.log"
 
-
-def detach(request: RunRequest) -> int:
-    """Start the supervisor in the background; print the VM's id once it runs (and is not still starting)."""
+def detach(request: RunRequest, *, quiet: bool = False) -> str:
+    """Start the supervisor in the background; once the VM runs (and is not still starting), print its id
+    (unless `quiet`) and return it."""
     vm_id = new_id()
     log_path = paths.ensure_dir(paths.vm_logs_dir(vm_id), 0o700) / SUPERVISOR_LOG
     store = Store()
@@ -41,10 +41,13 @@ def detach(request: RunRequest) -> int:
             vm = store.get_vm(vm_id)
             if vm is not None and vm.status == VmStatus.RUNNING and vm.health != Health.STARTING:
                 child.release()
-                print(vm.id)
-                return 0
+                if not quiet:
+                    print(vm.id)
+                return vm.id
             if child.exited():
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                if store.get_vm(vm_id) is None:  # it never booted: nothing is left for `fcvm rm` to remove
+                    shutil.rmtree(log_path.parent, ignore_errors=True)
                 raise FcvmError(f"VM {request.name} failed to start: "
                                 f"{' / '.join(tail) or f'exit code {child.reap()}'}")
             time.sleep(0.1)

@@ -13,10 +13,12 @@ from typing import Any
 from fcvm.core.errors import UsageError
 from fcvm.core.kinds import NetworkMode, VmmKind
 from fcvm.network.ports import PortMapping
+from fcvm.vmm.base import MemBackend
 
 # podman's rule for container names; it also keeps names safe in paths, logs and terminals.
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _NAME_MAX = 64
+SUPERVISOR_LOG = "supervisor.log"  # a detached run's own output, in the VM's log directory
 
 
 def validate_name(name: str) -> str:
@@ -85,6 +87,10 @@ class RunRequest:
     remove: bool = False
     boot_timeout: float = 300.0  # until the container runs; TCG guests are slow, but never wait forever
     echo_output: bool = True  # foreground: container stdout/stderr go to ours
+    # A clone: restore this snapshot instead of booting, its memory from the file or from a page server.
+    snapshot: str | None = None
+    memory: MemBackend = MemBackend.FILE
+    serve_id: str | None = None  # the page server's row (Uffd)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -104,6 +110,7 @@ class RunRequest:
         data = json.loads(text)
         for key in ("firecracker_bin", "jailer", "kernel", "initrd"):
             data[key] = Path(data[key]) if data[key] is not None else None
+        data["memory"] = MemBackend(data["memory"])
         data["maps"] = tuple(VolumeMap(Path(m["host_dir"]), m["guest_path"], bool(m["read_only"]))
                              for m in data["maps"])
         data["publish"] = tuple(PortMapping.from_json(m) for m in data["publish"])

@@ -24,7 +24,7 @@ from fcvm.core.kinds import Health, RowKind, VmmKind, VmStatus
 from fcvm.core.proc import ProcessRef
 from fcvm.run import cleanup
 from fcvm.run.agent_link import AgentLink, poll_health, published_health_target, start_thread
-from fcvm.run.request import RunRequest
+from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
 from fcvm.state import Store, VmRecord
 from fcvm.state.journal import Journal
 from fcvm.vmm.base import Drive, Hypervisor, MachineSpec
@@ -33,6 +33,7 @@ from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
 
 if TYPE_CHECKING:
     from fcvm.network import VmNetwork
+    from fcvm.snapshot.restore import OpenSnapshot
     from fcvm.vmm.firecracker.jail import Jail
 
 
@@ -95,28 +96,36 @@ class VmSupervisor:
     def _create(self) -> None:
         request = self.request
         cleanup.reap_stale(self.store)  # a dead owner's row must not hold the name
+        snapshot = self._open_snapshot() if request.snapshot else None  # checked before anything is created
+        image = snapshot.description.image if snapshot else request.image
         self.vm = self.store.create_vm(
-            request.name, kind=RowKind.VM, image=request.image, hypervisor=request.hypervisor,
-            process=ProcessRef.self(), vm_id=self.vm_id,
-            config={"cmd": list(request.cmd), "env_keys": sorted(request.env), "cpus": request.cpus,
-                    "mem_mib": request.mem_mib, "maps": [m.guest_path for m in request.maps],
-                    "health_url": request.health_url},
+            request.name, kind=RowKind.CLONE if snapshot else RowKind.VM, image=image,
+            hypervisor=request.hypervisor, process=ProcessRef.self(), vm_id=self.vm_id, serve_id=request.serve_id,
+            config={"cmd": list(snapshot.description.cmd if snapshot else request.cmd),
+                    "env_keys": sorted(request.env), "cpus": request.cpus, "mem_mib": request.mem_mib,
+                    "maps": [m.guest_path for m in request.maps], "health_url": request.health_url,
+                    **({"snapshot": request.snapshot, "memory": request.memory} if snapshot else {})},
         )
         self.journal = Journal(self.store, self.vm.id)
-        kernel, initrd, rootfs = self._assets()
         self.journal.record("dir", path=str(self.workdir))
         paths.ensure_dir(self.workdir, 0o700)
         paths.ensure_dir(self.log_dir, 0o700)
         self._container_log = open(self.log_dir / "container.log", "a", buffering=1)  # noqa: SIM115
 
-        from fcvm.storage.disks import make_vm_disk
-        from fcvm.storage.images import export_image
+        if snapshot is not None:
+            kernel, initrd, drives, maps = self._clone_disks(snapshot)
+            image_disk = None
+        else:
+            kernel, initrd, rootfs = self._assets()
+            from fcvm.storage.disks import make_vm_disk
+            from fcvm.storage.images import export_image
 
-        image_disk = export_image(request.image)
-        disk = make_vm_disk(rootfs, self.workdir)
-        drives = [Drive("rootfs", disk, root=True)]
-        if image_disk:
-            drives.append(Drive("image", image_disk.path, read_only=True))
+            image_disk = export_image(request.image)
+            disk = make_vm_disk(rootfs, self.workdir)
+            drives = [Drive("rootfs", disk, root=True)]
+            if image_disk:
+                drives.append(Drive("image", image_disk.path, read_only=True))
+            maps = request.maps
 
         from fcvm.network import setup_network
 
@@ -131,8 +140,6 @@ class VmSupervisor:
             kernel, initrd = jail.admit(kernel), initrd and jail.admit(initrd)
             drives = [replace(d, path=jail.admit(d.path, writable=not d.read_only)) for d in drives]
         vsock_uds = (self.jail.root if self.jail else self.workdir) / "v.sock"
-        jail_info = {"jail": {"root": str(self.jail.root), "uid": self.jail.uid}} if self.jail else {}
-        self.store.update_vm(self.vm.id, config={**self.vm.config, "vsock_uds": str(vsock_uds), **jail_info})
         plan = Plan(
             name=request.name,
             image=ImageSpec(ref=request.image, disk="/dev/vdb" if image_disk else "",
@@ -140,26 +147,83 @@ class VmSupervisor:
             network=NetworkSpec(**network.guest_spec()),
             cmd=list(request.cmd), env=request.env, user=request.user, workdir=request.workdir,
             volumes=[VolumeSpec(m.guest_path, wire_ports.HOST_VOLUME_BASE + i, m.read_only)
-                     for i, m in enumerate(request.maps)],
+                     for i, m in enumerate(maps)],
             hostname=request.name,
         )
         plan.validate()
         self.agent = AgentLink(
-            plan=plan, send_plan=request.hypervisor != VmmKind.FIRECRACKER, container_log=self._container_log,
+            plan=plan, send_plan=request.hypervisor != VmmKind.FIRECRACKER and snapshot is None,
+            restored=snapshot is not None, container_log=self._container_log,
             echo_output=request.echo_output, agent_reports_health=not request.health_url,
             on_stage=self._on_stage, on_health=self._set_health, logger=self._log,
         )
         self.agent.accept_forever(self._listen(Path(f"{vsock_uds}_{wire_ports.HOST_CONTROL}")), self._stop)
-        self._serve_volumes(vsock_uds)
+        self._serve_volumes(vsock_uds, maps)
 
         spec = MachineSpec(
             name=request.name, workdir=self.workdir, kernel=kernel, initrd=initrd,
             boot_args="", vcpus=request.cpus, mem_mib=request.mem_mib, drives=drives,
             tap=network.tap, guest_mac=network.guest_spec()["mac"], vsock_uds=vsock_uds,
             guest_cid=wire_ports.GUEST_CID, enter_argv=network.enter_argv(), log_dir=self.log_dir,
+            mem_file=self.workdir / "mem" if request.hypervisor == VmmKind.QEMU and snapshot is None else None,
+            restore=snapshot.restore_spec(request, self.workdir) if snapshot else None,
         )
         self.hypervisor = self._hypervisor(spec, plan)
+        jail_info = {"jail": {"root": str(self.jail.root), "uid": self.jail.uid}} if self.jail else {}
+        self.store.update_vm(self.vm.id, config={
+            **self.vm.config, "vsock_uds": str(vsock_uds), **jail_info,
+            "machine": self._machine_record(spec, maps),
+        })
         self._start_hypervisor()
+
+    def _open_snapshot(self) -> OpenSnapshot:
+        from fcvm.snapshot.restore import open_snapshot
+
+        assert self.request.snapshot is not None
+        return open_snapshot(self.store, self.request)
+
+    def _clone_disks(self, snapshot: OpenSnapshot) -> tuple[Path, Path | None, list[Drive], tuple[VolumeMap, ...]]:
+        """The clone's own reflink of every frozen writable disk; shared read-only ones in place."""
+        from fcvm.storage.btrfs import clone_file
+
+        description = snapshot.description
+        drives = []
+        for record in description.drives:
+            source = description.drive_path(snapshot.directory, record)
+            if record.read_only:
+                drives.append(Drive(record.drive_id, source, read_only=True, root=record.root))
+                continue
+            target = self.workdir / source.name
+            clone_file(source, target)
+            drives.append(Drive(record.drive_id, target, root=record.root))
+        maps = tuple(VolumeMap(Path(v.host_dir), v.guest_path, v.read_only) for v in description.volumes)
+        initrd = Path(description.initrd) if description.initrd else None
+        return Path(description.kernel), initrd, drives, maps
+
+    def _machine_record(self, spec: MachineSpec, maps: tuple[VolumeMap, ...]) -> dict[str, Any]:
+        """What `fcvm snapshot create` needs to save this VM and describe the machine a clone must rebuild."""
+        assert self.network is not None
+        machine: dict[str, Any] = {
+            "vmm": self.request.hypervisor, "vcpus": spec.vcpus, "mem_mib": spec.mem_mib,
+            "drives": [{"drive_id": d.drive_id, "read_only": d.read_only, "root": d.root, "path": str(d.path)}
+                       for d in spec.drives],
+            "guest_mac": spec.guest_mac, "tap": spec.tap, "network_mode": self.network.mode,
+            "kernel": str(spec.kernel), "initrd": str(spec.initrd or ""),
+            "volumes": [{"host_dir": str(m.host_dir), "guest_path": m.guest_path, "read_only": m.read_only}
+                        for m in maps],
+        }
+        if self.request.hypervisor == VmmKind.QEMU:
+            from fcvm.vmm.qemu import qmp_socket
+
+            if spec.mem_file is None:  # a clone's RAM is private: a snapshot of it would carry all of it
+                return {}
+            machine.update(qmp_socket=str(qmp_socket(spec)), mem_file=str(spec.mem_file))
+        else:
+            from fcvm.vmm.firecracker import FirecrackerVm
+
+            assert isinstance(self.hypervisor, FirecrackerVm)
+            machine["api_socket"] = str(self.hypervisor.api_socket)
+        return machine
 
     def _assets(self) -> tuple[Path, Path | None, Path]:
         from fcvm.guest import find_kernel, find_rootfs
@@ -269,14 +333,14 @@ class VmSupervisor:
         self._listeners.append(listener)
         return listener
 
-    def _serve_volumes(self, vsock_uds: Path) -> None:
+    def _serve_volumes(self, vsock_uds: Path, maps: tuple[VolumeMap, ...]) -> None:
         """One fuse-pipe server per --map on `<vsock uds>_<5000+i>`; the guest relay reconnects to the same
-        server (and session) after a channel reset."""
-        if not self.request.maps:
+        server (and session) after a channel reset, and a clone's relay to the clone's own servers."""
+        if not maps:
             return
         from fcvm.fusepipe import Server
 
-        for index, volume in enumerate(self.request.maps):
+        for index, volume in enumerate(maps):
             listener = self._listen(Path(f"{vsock_uds}_{wire_ports.HOST_VOLUME_BASE + index}"))
             server = Server(str(volume.host_dir), read_only=volume.read_only)
             self._volume_servers.append(server)
@@ -333,5 +397,7 @@ class VmSupervisor:
         if self.request.remove or not self._booted:
             self.store.delete_vm(self.vm.id)
             failed = self._failure or (self.agent.failure if self.agent else None)
-            if not failed:  # keep the console of a failed boot for the error message's hint
+            # Keep the console of a failed boot for the error message's hint, and a detached run's log for the
+            # parent that reports it (and then removes it).
+            if not failed and not (self.log_dir / SUPERVISOR_LOG).exists():
                 shutil.rmtree(self.log_dir, ignore_errors=True)

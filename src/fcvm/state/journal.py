@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fcvm.core.proc import ProcessRef
 from fcvm.state.store import JournalEntry, Store
 
 
@@ -27,3 +28,17 @@ class Journal:
 
     def entries(self) -> list[JournalEntry]:
         return self.store.journal_entries(self.owner)
+
+
+def process_owner(process: ProcessRef) -> str:
+    """A journal owner that is a process rather than a VM row (e.g. `fcvm snapshot create` while it works)."""
+    return f"process:{process.pid}:{process.start}"
+
+
+def owner_alive(owner: str) -> bool:
+    """Whether a process-owned journal's process still runs (then its entries are not orphans)."""
+    kind, _, rest = owner.partition(":")
+    if kind != "process":
+        return False
+    pid, _, start = rest.partition(":")
+    return ProcessRef(int(pid), int(start)).alive()

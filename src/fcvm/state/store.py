@@ -380,6 +380,10 @@ class Store:
         data["info"] = json.loads(data["info"])
         return SnapshotRecord(**data)
 
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
     def list_snapshots(self) -> list[SnapshotRecord]:
         rows = self._db.execute("SELECT id FROM snapshots ORDER BY created").fetchall()
         return [s for r in rows if (s := self.get_snapshot(r[0])) is not None]

@@ -27,6 +27,7 @@ _log = log.get("uffd")
 SOURCE = Path(__file__).parent / "native" / "uffd_preload.c"
 SOCKET_ENV = "FCVM_UFFD_SOCKET"
 MEM_SIZE_ENV = "FCVM_UFFD_MEM_SIZE"
+PROGRAM_ENV = "FCVM_UFFD_PROGRAM"
 USERFAULTFD_LINK = "anon_inode:[userfaultfd]"
 # --as-needed: glibc >= 2.34 has dlsym in libc itself, older ones need libdl; link it only where needed.
 _FLAGS = ("-O2", "-shared", "-fPIC", "-Wall", "-Werror")
@@ -86,8 +87,11 @@ def find(dest_dirs: Iterable[Path], source: Path = SOURCE) -> Path | None:
     return None
 
 
-def env_for(socket: Path, mem_bytes: int, library: Path) -> dict[str, str]:
-    """The environment variables that make QEMU hand `mem_bytes` of guest RAM to the server at `socket`."""
+def env_for(socket: Path, mem_bytes: int, library: Path, program: str | None = None) -> dict[str, str]:
+    """The environment variables that make QEMU hand `mem_bytes` of guest RAM to the server at `socket`.
+
+    `program` (an executable's file name) limits that to the process running it: wrappers that exec QEMU
+    (nsenter into the VM's namespaces) then pass the configuration on untouched."""
     library = library.absolute()
     # ld.so splits LD_PRELOAD at spaces and colons.
     if any(c in str(library) for c in " :"):
@@ -96,7 +100,10 @@ def env_for(socket: Path, mem_bytes: int, library: Path) -> dict[str, str]:
         raise ValueError(f"socket path longer than {_SOCKET_PATH_MAX} bytes: {socket}")
     if mem_bytes <= 0 or mem_bytes % mmap.PAGESIZE:
         raise ValueError(f"guest RAM size {mem_bytes} is not a positive multiple of the page size")
-    return {"LD_PRELOAD": str(library), SOCKET_ENV: str(socket), MEM_SIZE_ENV: str(mem_bytes)}
+    env = {"LD_PRELOAD": str(library), SOCKET_ENV: str(socket), MEM_SIZE_ENV: str(mem_bytes)}
+    if program is not None:
+        env[PROGRAM_ENV] = program
+    return env
 
 
 def verify_client(qemu_pid: int) -> bool:

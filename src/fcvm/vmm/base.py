@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -15,6 +16,25 @@ class Drive:
     path: Path
     read_only: bool = False
     root: bool = False
+
+
+class MemBackend(StrEnum):
+    """Where a restored VM's memory comes from (Firecracker's `mem_backend.backend_type`)."""
+
+    FILE = "File"  # the snapshot's memory file, mapped privately: clones share unmodified pages
+    UFFD = "Uffd"  # fcvm's page server, over userfaultfd
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    """Start the VM from a snapshot instead of booting its kernel."""
+
+    state: Path  # the device-state stream
+    memory: Path  # the frozen memory file
+    backend: MemBackend = MemBackend.FILE
+    uffd_socket: Path | None = None  # the page server's socket (Uffd)
+    preload: Path | None = None  # the QEMU library that hands guest RAM to the page server (Uffd under QEMU)
+    vmm_version: str = ""  # the version that took the snapshot: a different one is refused before loading
 
 
 @dataclass
@@ -35,6 +55,8 @@ class MachineSpec:
     guest_cid: int = 3
     enter_argv: list[str] = field(default_factory=list)  # runs the VMM inside the VM's namespaces
     log_dir: Path | None = None  # where console.log goes, if it must outlive `workdir`
+    mem_file: Path | None = None  # guest RAM as a shared file (snapshot-capable); None: anonymous memory
+    restore: RestoreSpec | None = None
 
     @property
     def console_log(self) -> Path:

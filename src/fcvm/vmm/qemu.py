@@ -7,6 +7,9 @@ vsock Unix-socket semantics at `spec.vsock_uds`, so nothing above the channel kn
 from __future__ import annotations
 
 import contextlib
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,7 @@ from fcvm.core import host, log
 from fcvm.core.errors import FcvmError
 from fcvm.core.proc import ProcessRef
 from fcvm.core.wait import wait_until
-from fcvm.vmm.base import MachineSpec
+from fcvm.vmm.base import MachineSpec, MemBackend, RestoreSpec
 from fcvm.vmm.process import VmmProcess
 
 AGENT_PORT_NAME = "org.fcvm.agent"
@@ -22,6 +25,102 @@ AGENT_PORT_NAME = "org.fcvm.agent"
 
 class QemuError(FcvmError):
     pass
+
+
+STATE_FILE = "state"  # the device-state stream of a snapshot
+MEMORY_FILE = "memory"  # the frozen guest RAM of a snapshot
+_STATE_FD = "fcvm-state"
+
+
+class Qmp:
+    """One QMP connection; a failed command raises QemuError naming it."""
+
+    def __init__(self, path: Path, timeout: float = 60.0) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.path = path
+        self._monitor = QEMUMonitorProtocol(str(path))
+        self._monitor.settimeout(timeout)
+
+    def __enter__(self) -> Qmp:
+        from qemu.qmp import QMPError
+
+        try:
+            self._monitor.connect()
+        except (OSError, EOFError, QMPError) as exc:
+            raise QemuError(f"cannot reach QEMU's monitor at {self.path}: {exc}") from exc
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._monitor.close()
+
+    def cmd(self, command: str, **arguments: Any) -> Any:
+        from qemu.qmp import QMPError
+
+        try:
+            return self._monitor.cmd(command, **arguments)
+        except (OSError, EOFError, QMPError) as exc:
+            raise QemuError(f"QMP {command} failed: {exc}") from exc
+
+    def pass_file(self, name: str, fd: int) -> None:
+        """Hand QEMU an open file as `fd:<name>` (no shell, no path QEMU must be able to open)."""
+        self._monitor.send_fd_scm(fd)
+        self.cmd("getfd", fdname=name)
+
+    def ignore_shared_ram(self) -> None:
+        """Leave RAM that lives in a shared file out of the migration stream: a snapshot is then only the device
+        state, and the memory file is the RAM (7.2 accepts this capability over QMP only)."""
+        self.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+    def wait_status(self, query: str, done: Callable[[str], bool], timeout: float = 60.0) -> str:
+        last = ""
+
+        def finished() -> bool:
+            nonlocal last
+            last = str(self.cmd(query).get("status", ""))
+            return done(last)
+
+        if not wait_until(finished, timeout, interval=0.005):
+            raise QemuError(f"QEMU stayed in {query} status {last!r} for {timeout:g} s")
+        return last
+
+
+def qemu_version(qmp: Qmp) -> str:
+    version = qmp.cmd("query-version")
+    qemu = version["qemu"]
+    return f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}{version.get('package', '')}"
+
+
+def save_snapshot(qmp_socket: Path, dest: Path, *, mem_file: Path, disks: dict[str, Path],
+                  resume: bool = True) -> float:
+    """Pause the VM, write its device state to `dest/state`, freeze its RAM file and writable disks into `dest`
+    (reflinks), and resume it unless told not to. Returns how long the guest was paused, in seconds."""
+    from fcvm.storage.btrfs import clone_file
+
+    with Qmp(qmp_socket) as qmp:
+        qmp.ignore_shared_ram()
+        paused_at = time.monotonic()
+        qmp.cmd("stop")
+        try:
+            fd = os.open(dest / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                qmp.pass_file(_STATE_FD, fd)
+            finally:
+                os.close(fd)
+            qmp.cmd("migrate", uri=f"fd:{_STATE_FD}")
+            status = qmp.wait_status("query-migrate", lambda s: s not in ("setup", "active", "device", ""))
+            if status != "completed":
+                raise QemuError(f"QEMU could not save the device state (migration {status})")
+            # With share=on the guest writes into its RAM file again after `cont`: the snapshot needs a frozen
+            # copy, and a reflink is one without copying (0.2 s for any size here, mostly flushing dirty pages).
+            frozen = [(mem_file, dest / MEMORY_FILE), *((disk, dest / f"{d}.img") for d, disk in disks.items())]
+            for source, target in frozen:
+                clone_file(source, target)
+                target.chmod(0o600)  # guest memory and disks: the snapshot's owner only
+        finally:
+            if resume:
+                qmp.cmd("cont")
+        return time.monotonic() - paused_at
 
 
 def qemu_binary() -> str:
@@ -39,13 +138,18 @@ def build_argv(spec: MachineSpec, *, use_kvm: bool) -> list[str]:
     accel = ["-accel", "kvm", "-cpu", "host"] if use_kvm else ["-accel", "tcg,thread=single", "-cpu", "max"]
     argv = [
         qemu_binary(), *accel,
-        "-M", "microvm", "-m", str(spec.mem_mib), "-smp", str(spec.vcpus),
+        "-M", f"microvm{_memory_backend(spec)[0]}", "-m", str(spec.mem_mib), "-smp", str(spec.vcpus),
         "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
-        "-kernel", str(spec.kernel), "-append", spec.boot_args,
-        "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
+        "-qmp", f"unix:{qmp_socket(spec)},server=on,wait=off",
+        *_memory_backend(spec)[1],
     ]
-    if spec.initrd:
-        argv += ["-initrd", str(spec.initrd)]
+    if spec.restore is not None:
+        # The kernel is already in the snapshot's RAM; the same devices in the same order are all it needs.
+        argv += ["-incoming", "defer"]
+    else:
+        argv += ["-kernel", str(spec.kernel), "-append", spec.boot_args]
+        if spec.initrd:
+            argv += ["-initrd", str(spec.initrd)]
     # Root drive first, so it is /dev/vda as under Firecracker.
     for drive in sorted(spec.drives, key=lambda d: not d.root):
         readonly = ",readonly=on" if drive.read_only else ""
@@ -68,8 +172,42 @@ def build_argv(spec: MachineSpec, *, use_kvm: bool) -> list[str]:
     return argv
 
 
+def _memory_backend(spec: MachineSpec) -> tuple[str, list[str]]:
+    """(`-M` suffix, arguments) for the guest RAM: a shared file (snapshot-capable), the snapshot's memory file
+    mapped privately (a File restore), or anonymous RAM the preload library hands to the page server (Uffd)."""
+    size = f"size={spec.mem_mib}M"
+    restore = spec.restore
+    if restore is not None and restore.backend == MemBackend.UFFD:
+        backend = f"memory-backend-ram,id=mem,{size}"
+    elif restore is not None:
+        # QEMU opens mem-path read-write even with share=off, but MAP_PRIVATE never writes back.
+        backend = f"memory-backend-file,id=mem,{size},mem-path={restore.memory},share=off"
+    elif spec.mem_file is not None:
+        backend = f"memory-backend-file,id=mem,{size},mem-path={spec.mem_file},share=on"
+    else:
+        return "", []
+    return ",memory-backend=mem", ["-object", backend]
+
+
 def serial_socket(spec: MachineSpec) -> Path:
     return spec.workdir / "serial.sock"
+
+
+def qmp_socket(spec: MachineSpec) -> Path:
+    return spec.workdir / "qmp.sock"
+
+
+def _preload_env(spec: MachineSpec) -> dict[str, str] | None:
+    restore = spec.restore
+    if restore is None or restore.backend != MemBackend.UFFD:
+        return None
+    from fcvm.uffd import preload
+
+    if restore.preload is None or restore.uffd_socket is None:
+        raise QemuError("a Uffd restore needs the page server's socket and the preload library",
+                        hint="run `fcvm setup uffd-preload`")
+    return preload.env_for(restore.uffd_socket, spec.mem_mib << 20, restore.preload,
+                           program=Path(qemu_binary()).name)
 
 
 class QemuVm:
@@ -83,9 +221,10 @@ class QemuVm:
         # Its own session: a terminal's Ctrl-C reaches fcvm, which stops the container first, not QEMU.
         self._vmm = VmmProcess(
             [*spec.enter_argv, *build_argv(spec, use_kvm=self.use_kvm)],
-            console=spec.console_log, logger=self._log, own_group=own_session,
+            console=spec.console_log, logger=self._log, own_group=own_session, env=_preload_env(spec),
         )
         self._bridge: Any = None
+        self.version = ""  # QEMU's, read over QMP on a restore
 
     @property
     def process(self) -> ProcessRef:
@@ -99,8 +238,46 @@ class QemuVm:
         for stale in (spec.workdir / "qmp.sock", serial_socket(spec)):
             stale.unlink(missing_ok=True)
         self._vmm.start()
+        if spec.restore is not None:
+            self._restore(spec.restore)
         if spec.vsock_uds:
             self._start_bridge()
+
+    def _restore(self, restore: RestoreSpec) -> None:
+        """Load the device state into the stopped machine, check where its RAM comes from, and run it."""
+        socket_path = qmp_socket(self.spec)
+        if not wait_until(lambda: socket_path.exists() or self._vmm.exited(), 10, interval=0.002):
+            raise QemuError("QEMU did not open its monitor within 10 s")
+        if self._vmm.exited():
+            raise QemuError(f"QEMU exited before the restore: {self._vmm.output()}")
+        with Qmp(socket_path) as qmp:
+            self.version = qemu_version(qmp)
+            if restore.vmm_version and restore.vmm_version != self.version:
+                raise QemuError(f"the snapshot was taken by QEMU {restore.vmm_version}, and this is QEMU "
+                                f"{self.version}: its device state cannot be loaded", hint="take the snapshot again")
+            if restore.backend == MemBackend.UFFD:
+                self._check_page_server()
+            qmp.ignore_shared_ram()
+            fd = os.open(restore.state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                qmp.pass_file(_STATE_FD, fd)
+            finally:
+                os.close(fd)
+            qmp.cmd("migrate-incoming", uri=f"fd:{_STATE_FD}")
+            status = qmp.wait_status("query-status", lambda s: s != "inmigrate")
+            if status != "paused":
+                raise QemuError(f"the snapshot did not load (QEMU status {status}): {self._vmm.output()}")
+            qmp.cmd("cont")
+
+    def _check_page_server(self) -> None:
+        """Fail closed: a clone whose RAM is not served by the page server would run on zero-filled memory."""
+        from fcvm.uffd import preload
+
+        ref = self._vmm.ref
+        assert ref is not None
+        if not preload.verify_client(ref.pid):
+            raise QemuError("QEMU's guest RAM is not registered with the page server (no userfaultfd in QEMU); "
+                            "refusing to run the clone on empty memory")
 
     def _start_bridge(self) -> None:
         from fcvm.channel import SerialVsockBridge
@@ -115,17 +292,8 @@ class QemuVm:
         self._bridge.start()
 
     def _qmp(self, command: str, **arguments: Any) -> Any:
-        from qemu.qmp import QMPError
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        monitor = QEMUMonitorProtocol(str(self.spec.workdir / "qmp.sock"))
-        try:
-            monitor.connect()
-            return monitor.cmd(command, **arguments) if arguments else monitor.cmd(command)
-        except (OSError, EOFError, QMPError) as exc:
-            raise QemuError(f"QMP {command} failed: {exc}") from exc
-        finally:
-            monitor.close()
+        with Qmp(qmp_socket(self.spec), timeout=10) as qmp:
+            return qmp.cmd(command, **arguments)
 
     def wait(self, timeout: float | None = None) -> int | None:
         return self._vmm.wait(timeout)

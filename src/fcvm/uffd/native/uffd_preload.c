@@ -63,12 +63,28 @@ static mmap_fn next_mmap(void)
 	return fn;
 }
 
+/* QEMU is started through wrappers (nsenter into the VM's namespaces): they must pass the configuration on
+ * untouched, so only the named program takes it. */
+static int is_target_program(void)
+{
+	const char *program = getenv("FCVM_UFFD_PROGRAM");
+	if (!program)
+		return 1;
+	char exe[4096];
+	ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+	if (n < 0)
+		die("readlink(/proc/self/exe)", errno);
+	exe[n] = 0;
+	const char *base = strrchr(exe, '/');
+	return strcmp(base ? base + 1 : exe, program) == 0;
+}
+
 __attribute__((constructor)) static void configure(void)
 {
 	next_mmap();
 	const char *socket_path = getenv("FCVM_UFFD_SOCKET");
 	const char *size_text = getenv("FCVM_UFFD_MEM_SIZE");
-	if (!socket_path)
+	if (!socket_path || !is_target_program())
 		return;
 	if (!*socket_path || strlen(socket_path) >= sizeof server_addr.sun_path)
 		die("FCVM_UFFD_SOCKET must be a socket path shorter than 108 bytes", 0);
@@ -83,6 +99,7 @@ __attribute__((constructor)) static void configure(void)
 	ram_bytes = (size_t)size;
 	unsetenv("FCVM_UFFD_SOCKET");
 	unsetenv("FCVM_UFFD_MEM_SIZE");
+	unsetenv("FCVM_UFFD_PROGRAM");
 }
 
 /*

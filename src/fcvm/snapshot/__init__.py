@@ -1,0 +1,1 @@
+"""Snapshots of running VMs and the machine description a clone is rebuilt from."""

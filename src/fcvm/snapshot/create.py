@@ -47,9 +47,18 @@ def _check_source(vm: VmRecord) -> dict[str, Any]:
     return machine
 
 
+def freeze_disks(directory: Path, disks: dict[str, Path]) -> None:
+    """Reflink each writable disk of a paused VM into the snapshot, private to its owner."""
+    from fcvm.storage.btrfs import clone_file
+
+    for drive_id, disk in disks.items():
+        target = directory / f"{drive_id}.img"
+        clone_file(disk, target)
+        target.chmod(0o600)
+
+
 def _save_firecracker(machine: dict[str, Any], directory: Path, disks: dict[str, Path]) -> tuple[str, float]:
     """Firecracker's own sequence: Paused, a Full snapshot, then Resumed. Returns (version, pause seconds)."""
-    from fcvm.storage.btrfs import clone_file
     from fcvm.vmm.firecracker import Client
     from fcvm.vmm.firecracker import models as m
 
@@ -61,9 +70,7 @@ def _save_firecracker(machine: dict[str, Any], directory: Path, disks: dict[str,
         try:
             client.put(m.SNAPSHOT_CREATE, m.SnapshotCreateParams(
                 snapshot_path=str(state), mem_file_path=str(memory), snapshot_type="Full"))
-            for drive_id, disk in disks.items():
-                clone_file(disk, directory / f"{drive_id}.img")
-                (directory / f"{drive_id}.img").chmod(0o600)
+            freeze_disks(directory, disks)
         finally:
             client.patch(m.VM, m.Vm("Resumed"))
         return client.version_text or "", time.monotonic() - paused_at
@@ -75,7 +82,9 @@ def _save_qemu(machine: dict[str, Any], directory: Path, disks: dict[str, Path])
     qmp_socket = Path(machine["qmp_socket"])
     with Qmp(qmp_socket) as qmp:
         version = qemu_version(qmp)
-    pause = save_snapshot(qmp_socket, directory, mem_file=Path(machine["mem_file"]), disks=disks)
+    state, memory = snapshot_files(directory)
+    pause = save_snapshot(qmp_socket, state=state, memory=memory, ram_file=Path(machine["mem_file"]),
+                          frozen=lambda: freeze_disks(directory, disks))
     return version, pause
 
 

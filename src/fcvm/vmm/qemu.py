@@ -91,10 +91,11 @@ def qemu_version(qmp: Qmp) -> str:
     return f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}{version.get('package', '')}"
 
 
-def save_snapshot(qmp_socket: Path, dest: Path, *, mem_file: Path, disks: dict[str, Path],
-                  resume: bool = True) -> float:
-    """Pause the VM, write its device state to `dest/state`, freeze its RAM file and writable disks into `dest`
-    (reflinks), and resume it unless told not to. Returns how long the guest was paused, in seconds."""
+def save_snapshot(qmp_socket: Path, *, state: Path, memory: Path, ram_file: Path,
+                  frozen: Callable[[], None] = lambda: None, resume: bool = True) -> float:
+    """Pause the VM, write its device state to `state`, freeze its shared RAM file into `memory` (a reflink),
+    call `frozen` while it is still paused (to freeze its writable disks), and resume it unless told not to.
+    Returns how long the guest was paused, in seconds."""
     from fcvm.storage.btrfs import clone_file
 
     with Qmp(qmp_socket) as qmp:
@@ -102,7 +103,7 @@ def save_snapshot(qmp_socket: Path, dest: Path, *, mem_file: Path, disks: dict[s
         paused_at = time.monotonic()
         qmp.cmd("stop")
         try:
-            fd = os.open(dest / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 qmp.pass_file(_STATE_FD, fd)
             finally:
@@ -113,10 +114,9 @@ def save_snapshot(qmp_socket: Path, dest: Path, *, mem_file: Path, disks: dict[s
                 raise QemuError(f"QEMU could not save the device state (migration {status})")
             # With share=on the guest writes into its RAM file again after `cont`: the snapshot needs a frozen
             # copy, and a reflink is one without copying (0.2 s for any size here, mostly flushing dirty pages).
-            frozen = [(mem_file, dest / MEMORY_FILE), *((disk, dest / f"{d}.img") for d, disk in disks.items())]
-            for source, target in frozen:
-                clone_file(source, target)
-                target.chmod(0o600)  # guest memory and disks: the snapshot's owner only
+            clone_file(ram_file, memory)
+            memory.chmod(0o600)  # guest memory: the snapshot's owner only
+            frozen()
         finally:
             if resume:
                 qmp.cmd("cont")

@@ -360,7 +360,12 @@ class VmSupervisor:
         assert self.hypervisor is not None and self.agent is not None
         agent = self.agent
         deadline = time.monotonic() + self.request.boot_timeout
+        server = self._page_server()
         while not self._stop.is_set() and not agent.container_done.is_set():
+            if server is not None and not server.alive():
+                # Without its page server a UFFD clone's next fault would hang the guest for good.
+                self._failure = "its memory server (fcvm snapshot serve) is gone; the clone cannot go on"
+                return
             if not agent.container_running.is_set() and time.monotonic() > deadline:
                 self._failure = (f"the container did not start within {self.request.boot_timeout:.0f} s "
                                  "(--boot-timeout); the guest may be stuck")
@@ -373,13 +378,19 @@ class VmSupervisor:
         if self._stop_reason and not agent.container_done.is_set():
             agent.stop_container(10.0, self._stop_reason)
 
+    def _page_server(self) -> ProcessRef | None:
+        if self.request.serve_id is None:
+            return None
+        server = self.store.get_vm(self.request.serve_id)
+        return server.process if server is not None else None
+
     def _teardown(self) -> None:
         self._stop.set()
         if self.hypervisor is not None:
             try:
                 self.hypervisor.stop(timeout=5)
             except Exception as exc:  # teardown goes on: the journal still stops the VMM process
-                self._log.warning("stopping the hypervisor: %s", exc)
+                self._log.warning("stopping the hypervisor: %r", exc)
         for server in self._volume_servers:
             server.close()
         for listener in self._listeners:

@@ -88,7 +88,8 @@ class Qmp:
 def qemu_version(qmp: Qmp) -> str:
     version = qmp.cmd("query-version")
     qemu = version["qemu"]
-    return f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}{version.get('package', '')}"
+    package = str(version.get("package", "")).strip()
+    return f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}" + (f" ({package})" if package else "")
 
 
 def save_snapshot(qmp_socket: Path, *, state: Path, memory: Path, ram_file: Path,

@@ -1,0 +1,197 @@
+"""Snapshots and clones under QEMU: one running VM becomes several clones, each with its own port, disk and
+memory source (the snapshot's file or the UFFD page server), and nothing is left when they stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fcvm.core.wait import wait_until
+from tests.hoststate import HostState
+from tests.vm.conftest import free_port
+
+PAGE = "fcvm demo page"
+
+
+def fcvm(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "fcvm", *args], capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fcvm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def page(port: int, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                return str(response.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def rows() -> list[dict[str, object]]:
+    return list(json.loads(fcvm("ls", "-a", "--json").stdout))
+
+
+def live_names() -> set[str]:
+    return {str(r["name"]) for r in rows() if r["status"] != "exited"}
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], result.stderr
+
+
+class Server:
+    """`fcvm snapshot serve TAG` in the background, as a user starts it with `&`."""
+
+    def __init__(self, tag: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "fcvm", "snapshot", "serve", tag],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert wait_until(lambda: any(s["pid"] == self.pid and s["status"] == "running"
+                                      for s in self.servers()), 60), "the memory server did not start"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @staticmethod
+    def servers() -> list[dict[str, object]]:
+        data = json.loads(fcvm("snapshot", "ls", "--json").stdout)
+        return [s for snap in data["snapshots"] for s in snap["servers"]] + list(data["servers"])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def source(guest_assets: None) -> Iterator[tuple[str, int]]:
+    """A running httpd VM and its snapshot `src-v1`."""
+    port = free_port()
+    fcvm("podman", "run", "-d", "--name", "src", "-p", f"{port}:80", "localhost/fcvm-demo-httpd")
+    assert PAGE in page(port)
+    assert fcvm("snapshot", "create", "src", "--tag", "src-v1").stdout.strip() == "src-v1"
+    yield "src-v1", port
+    for name in live_names():
+        fcvm("stop", name, check=False)
+
+
+def test_clones_from_file_and_page_server_each_serve_their_own_port_and_disk(source: tuple[str, int]) -> None:
+    tag, source_port = source
+    before_clones = HostState.capture()
+    server = Server(tag)
+    try:
+        ports = {}
+        for name, memory in (("f1", "file"), ("f2", "file"), ("u1", "uffd"), ("u2", "uffd")):
+            ports[name] = free_port()
+            how = ["--snapshot", tag] if memory == "file" else ["--pid", str(server.pid)]
+            fcvm("snapshot", "run", *how, "--name", name, "-p", f"{ports[name]}:80", "-d")
+        for name, port in ports.items():
+            assert PAGE in page(port), name
+            assert fcvm("exec", name, "--", "cat", "/etc/hostname").stdout.strip() == "src"
+        # The source keeps serving throughout.
+        assert PAGE in page(source_port)
+        # A write on one clone's disk is invisible to the other clones and to the source.
+        fcvm("exec", "f1", "--vm", "--", "sh", "-c", "echo mine > /root/f1-only && sync")
+        for other in ("f2", "u1", "u2", "src"):
+            assert fcvm("exec", other, "--vm", "--", "cat", "/root/f1-only", check=False).returncode != 0, other
+        # The guest wall clock was frozen at the snapshot instant; a restored agent sets it from the host's.
+        for name in ports:
+            guest = float(fcvm("exec", name, "--vm", "--", "date", "+%s").stdout)
+            assert abs(guest - time.time()) < 2, name
+        served = [s for s in Server.servers() if s["pid"] == server.pid]
+        assert served and served[0]["clients_live"] == 2
+        data = json.loads(fcvm("snapshot", "ls", "--json").stdout)
+        assert [s["name"] for s in data["snapshots"]] == [tag]
+    finally:
+        for name in ("f1", "f2", "u1", "u2"):
+            fcvm("stop", name, check=False)
+        server.stop()
+    assert HostState.capture().diff(before_clones) == {}
+
+
+def test_a_sigkilled_page_server_takes_its_clones_down_and_nothing_is_left(source: tuple[str, int]) -> None:
+    tag, _ = source
+    before = HostState.capture()
+    server = Server(tag)
+    fcvm("snapshot", "run", "--pid", str(server.pid), "--name", "u1", "-p", f"{free_port()}:80", "-d")
+    server.process.kill()
+    server.process.wait()
+    # Without its page server a clone would hang on its next fault: it stops itself (or `ls` reaps it).
+    assert wait_until(lambda: "u1" not in live_names(), 60, interval=0.5)
+    assert HostState.capture().diff(before) == {}
+
+
+def test_a_sigkilled_clone_leaves_nothing_after_ls(source: tuple[str, int]) -> None:
+    tag, _ = source
+    before = HostState.capture()
+    fcvm("snapshot", "run", "--snapshot", tag, "--name", "c1", "-p", f"{free_port()}:80", "-d")
+    clone = next(r for r in rows() if r["name"] == "c1")
+    os.kill(int(str(clone["pid"])), signal.SIGKILL)
+    assert wait_until(lambda: "c1" not in live_names(), 60, interval=0.5)
+    assert HostState.capture().diff(before) == {}
+
+
+def test_exec_one_shot_prints_the_output_returns_the_code_and_cleans_up(source: tuple[str, int]) -> None:
+    tag, _ = source
+    result = fcvm("snapshot", "run", "--snapshot", tag, "--exec", "sh -c 'cat /etc/hostname; exit 3'",
+                  check=False)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout.strip() == "src"
+    assert live_names() == {"src"}
+
+
+def test_a_snapshot_in_use_is_not_removed_unless_forced(source: tuple[str, int]) -> None:
+    tag, _ = source
+    fcvm("snapshot", "run", "--snapshot", tag, "--name", "c1", "-p", f"{free_port()}:80", "-d")
+    one_line_error(fcvm("snapshot", "rm", tag, check=False), "in use by clone c1")
+    fcvm("snapshot", "rm", "-f", tag)
+    assert "c1" not in live_names()
+    assert json.loads(fcvm("snapshot", "ls", "--json").stdout)["snapshots"] == []
+
+
+def test_bad_input_is_a_one_line_error_and_leaves_nothing(source: tuple[str, int], isolated_data_dir: Path) -> None:
+    tag, source_port = source
+    before = HostState.capture()
+    one_line_error(fcvm("snapshot", "create", "nosuchvm", check=False), "no VM named 'nosuchvm'")
+    one_line_error(fcvm("snapshot", "run", "--snapshot", "nosuchtag", check=False), "no snapshot named")
+    one_line_error(fcvm("snapshot", "run", "--pid", "999999", check=False), "no memory server runs as pid 999999")
+    # The port the source publishes is taken.
+    one_line_error(fcvm("snapshot", "run", "--snapshot", tag, "--name", "c1", "-p", f"{source_port}:80",
+                        check=False), f"host port {source_port}/tcp is already in use")
+    snapshot_dir = isolated_data_dir / "snapshots" / tag
+    # A snapshot of another QEMU version is refused before anything runs.
+    description = snapshot_dir / "snapshot.json"
+    original = description.read_text()
+    description.write_text(json.dumps({**json.loads(original), "vmm_version": "6.0.0"}))
+    one_line_error(fcvm("snapshot", "run", "--snapshot", tag, "--name", "c2", check=False),
+                   "the snapshot was taken by QEMU 6.0.0")
+    description.write_text(original)
+    # A truncated memory file is refused; so is a missing one.
+    memory = snapshot_dir / "memory"
+    with memory.open("r+b") as handle:
+        handle.truncate(memory.stat().st_size // 2)
+    one_line_error(fcvm("snapshot", "run", "--snapshot", tag, "--name", "c3", check=False), "was truncated")
+    memory.unlink()
+    one_line_error(fcvm("snapshot", "run", "--snapshot", tag, "--name", "c4", check=False), "is missing")
+    assert live_names() == {"src"}
+    assert HostState.capture().diff(before) == {}
+    # A stopped VM cannot be snapshotted.
+    fcvm("stop", "src")
+    one_line_error(fcvm("snapshot", "create", "src", "--tag", "late", check=False), "is not running")

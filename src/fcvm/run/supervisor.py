@@ -52,7 +52,7 @@ class VmSupervisor:
         self._stop_reason = ""
         self._booted = False
         self._t0 = time.monotonic()
-        self._timings: dict[str, float] = {}
+        self._timings: dict[str, float] = {"t0_wall": time.time()}  # the stages below are seconds after this
         self._failure: str | None = None
         self._container_log: IO[str] | None = None
         self._listeners: list[socket.socket] = []
@@ -290,11 +290,11 @@ class VmSupervisor:
         spec.boot_args = f"{qemu_boot_args()} fcvm_plan=channel"
         return QemuVm(spec)
 
-    def _on_stage(self, stage: str) -> None:
+    def _on_stage(self, stage: str, at: float | None = None) -> None:
         """Seconds since `fcvm podman run` began, per stage, kept in the row for `fcvm inspect` and bench/."""
         if stage in self._timings or self.vm is None:
             return
-        self._timings[stage] = round(time.monotonic() - self._t0, 3)
+        self._timings[stage] = round((at or time.monotonic()) - self._t0, 3)
         current = self.store.get_vm(self.vm.id)
         if current is not None:
             self.store.update_vm(self.vm.id, config={**current.config, "timings": self._timings})
@@ -311,6 +311,8 @@ class VmSupervisor:
         assert self.hypervisor is not None and self.journal is not None and self.vm is not None
         self._on_stage("vmm_starting")
         self.hypervisor.start()  # for Firecracker this returns once InstanceStart was sent
+        for stage, at in self.hypervisor.marks.items():
+            self._on_stage(stage, at)
         self._on_stage("vmm_started")
         self._booted = True
         vmm = self.hypervisor.process

@@ -65,6 +65,7 @@ class MachineSpec:
 
 class Hypervisor(Protocol):
     name: str  # "qemu", "firecracker", "firecracker (fc-mock)"
+    marks: dict[str, float]  # time.monotonic() at stages inside start() (e.g. "resumed"), for inspect and bench/
 
     @property
     def process(self) -> ProcessRef:

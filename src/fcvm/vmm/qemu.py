@@ -226,6 +226,7 @@ class QemuVm:
         )
         self._bridge: Any = None
         self.version = ""  # QEMU's, read over QMP on a restore
+        self.marks: dict[str, float] = {}
 
     @property
     def process(self) -> ProcessRef:
@@ -268,7 +269,9 @@ class QemuVm:
             status = qmp.wait_status("query-status", lambda s: s != "inmigrate")
             if status != "paused":
                 raise QemuError(f"the snapshot did not load (QEMU status {status}): {self._vmm.output()}")
+            self.marks["loaded"] = time.monotonic()
             qmp.cmd("cont")
+            self.marks["resumed"] = time.monotonic()
 
     def _check_page_server(self) -> None:
         """Fail closed: a clone whose RAM is not served by the page server would run on zero-filled memory."""

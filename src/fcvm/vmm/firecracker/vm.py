@@ -78,6 +78,7 @@ class FirecrackerVm:
         self.log_level = log_level
         self.version: str | None = None
         self._client: Client | None = None
+        self.marks: dict[str, float] = {}
         self._started = False  # InstanceStart accepted
         self._vmm = VmmProcess(self.argv(), console=spec.console_log, logger=log.get(f"vm.{spec.name}"),
                                level=logging.INFO, transform=log.strip_vmm_prefix)

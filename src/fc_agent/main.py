@@ -17,7 +17,21 @@ from pathlib import Path
 from fc_agent import container, exec_server, mmds, network, system
 from fc_agent.channel import Channel, open_channel
 from fcvm_wire import ports
-from fcvm_wire.control import ControlError, ControlStream
+from fcvm_wire.control import (
+    MAX_DETAIL,
+    ContainerState,
+    ControlError,
+    ControlStream,
+    HealthReport,
+    HealthState,
+    Hello,
+    LogStream,
+    PlanMessage,
+    Shutdown,
+    Status,
+    fit_text,
+    log_messages,
+)
 from fcvm_wire.plan import Plan, PlanError
 
 AGENT_VERSION = "1"
@@ -40,7 +54,8 @@ class _ControlHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.control is not None:
             try:
-                self.control.send({"type": "log", "stream": "agent", "line": self.format(record)})
+                for message in log_messages(LogStream.AGENT, self.format(record)):
+                    self.control.send(message)
             except OSError:
                 self.control = None
 
@@ -75,10 +90,11 @@ def _read_plan(control: ControlStream) -> Plan:
         if boot_param("net"):
             network.configure_early(boot_param("net"))
         network.route_mmds(mmds.MMDS_ADDRESS)
-        return Plan.from_dict(mmds.fetch("/"))
-    for message in control:
-        if message["type"] == "plan":
-            return Plan.from_dict(message["plan"])
+        return Plan.from_json(mmds.fetch("/"))
+    # A bad plan message raises ControlError: the host is trusted, so it is a bug worth failing on.
+    while (message := control.receive()) is not None:
+        if isinstance(message, PlanMessage):
+            return message.plan
     raise PlanError("the host closed the control channel before sending a plan")
 
 
@@ -102,26 +118,32 @@ def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
 
 def _report_health(control: ControlStream, stop: threading.Event) -> None:
     if not container.has_healthcheck():
-        control.send({"type": "health", "health": "healthy"})
+        control.send(HealthReport(HealthState.HEALTHY))
         return
     last = None
     while not stop.wait(2.0):
-        health = "healthy" if container.healthcheck() else "unhealthy"
+        health = HealthState.HEALTHY if container.healthcheck() else HealthState.UNHEALTHY
         if health != last:
-            control.send({"type": "health", "health": health})
+            control.send(HealthReport(health))
             last = health
 
 
 def _follow_host(control: ControlStream) -> None:
     """Requests from the host after the plan: `shutdown` stops the container like `podman stop`."""
-    try:
-        for message in control:
-            if message["type"] == "shutdown":
-                timeout = int(message.get("timeout", 10))
-                _log.info("host asked to stop the container (timeout %d s)", timeout)
-                container.stop(timeout)
-    except (ControlError, OSError) as exc:
-        _log.warning("control stream: %s", exc)
+    while True:
+        try:
+            message = control.receive()
+        except ControlError as exc:
+            _log.warning("control stream: %s", exc)
+            continue
+        except OSError as exc:
+            _log.warning("control stream: %s", exc)
+            return
+        if message is None:
+            return
+        if isinstance(message, Shutdown):
+            _log.info("host asked to stop the container (timeout %d s)", message.timeout)
+            container.stop(message.timeout)
 
 
 def run_plan(channel: Channel, control: ControlStream) -> int:
@@ -133,19 +155,24 @@ def run_plan(channel: Channel, control: ControlStream) -> int:
     network.set_hostname(plan.hostname or plan.name)
     listener = channel.listen(ports.GUEST_EXEC)
     threading.Thread(target=exec_server.serve, args=(listener,), daemon=True, name="exec").start()
-    control.send({"type": "status", "state": "starting", "detail": "loading image"})
+    control.send(Status(ContainerState.STARTING, detail="loading image"))
     mounts = _mount_volumes(channel, plan)
     container.load_image(plan)
     container.start(plan, mounts)
-    control.send({"type": "status", "state": "running"})
-    logs = container.stream_logs(lambda stream, line: control.send({"type": "log", "stream": stream, "line": line}))
+    control.send(Status(ContainerState.RUNNING))
+
+    def send_output(stream: LogStream, line: str) -> None:
+        for message in log_messages(stream, line):
+            control.send(message)
+
+    logs = container.stream_logs(send_output)
     stop = threading.Event()
     threading.Thread(target=_report_health, args=(control, stop), daemon=True).start()
     threading.Thread(target=_follow_host, args=(control,), daemon=True, name="control").start()
     code = container.wait()
     stop.set()
     logs.join(timeout=10)  # `podman logs -f` ends with the container; every line must reach the host first
-    control.send({"type": "status", "state": "exited", "exit_code": code})
+    control.send(Status(ContainerState.EXITED, code))
     return code
 
 
@@ -158,13 +185,14 @@ def main() -> int:
     channel = open_channel()
     control = _connect_control(channel)
     _to_host.control = control
-    control.send({"type": "hello", "agent": AGENT_VERSION, "epoch": 0})
+    control.send(Hello(AGENT_VERSION, 0))
     try:
         code = run_plan(channel, control)
     except Exception as exc:  # PID 1 must never die with a traceback: that panics the guest
-        _log.error("failed: %s", exc, exc_info=not isinstance(exc, (PlanError, container.ContainerError)))
+        _log.error("failed: %s", exc,
+                   exc_info=not isinstance(exc, (PlanError, ControlError, container.ContainerError)))
         with contextlib.suppress(OSError):
-            control.send({"type": "status", "state": "failed", "detail": str(exc)})
+            control.send(Status(ContainerState.FAILED, detail=fit_text(str(exc), MAX_DETAIL)))
         code = 125
     if pid1:
         # Give the host a moment to read the final status before the VM disappears.

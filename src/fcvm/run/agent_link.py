@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import sys
@@ -15,8 +14,26 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from fcvm.core.kinds import Health
-from fcvm_wire.control import ControlError, ControlStream
+from fcvm_wire.checks import printable
+from fcvm_wire.control import (
+    MAX_SHUTDOWN_TIMEOUT,
+    ContainerState,
+    ControlError,
+    ControlStream,
+    HealthReport,
+    Hello,
+    Log,
+    LogStream,
+    Message,
+    PlanMessage,
+    Shutdown,
+    Status,
+)
 from fcvm_wire.plan import Plan
+
+# A guest that sends this many malformed messages on one connection is cut off: it is broken or hostile, and
+# logging every one would let it fill the host's log.
+MAX_BAD_MESSAGES = 20
 
 
 def start_thread(target: Callable[..., object], *args: Any) -> None:
@@ -61,47 +78,73 @@ class AgentLink:
         start_thread(accept_loop)
 
     def _session(self, control: ControlStream) -> None:
+        """One connection. The guest is untrusted: a malformed message is logged (ControlError's text escapes
+        whatever it quotes) and skipped, and the connection is dropped after MAX_BAD_MESSAGES of them."""
         self._control = control
+        bad = 0
         try:
-            for message in control:
-                kind = message["type"]
-                if kind == "hello":
-                    self.on_stage("agent_connected")
-                    if self.send_plan:
-                        control.send({"type": "plan", "plan": json.loads(self.plan.to_json())})
-                elif kind == "log":
-                    self._on_log(message.get("stream", "agent"), str(message.get("line", "")))
-                elif kind == "status":
-                    self._on_status(message)
-                elif kind == "health" and self.agent_reports_health:
-                    self.on_health(Health(str(message.get("health"))))
-        except (ControlError, OSError, ValueError) as exc:
+            while True:
+                try:
+                    message = control.receive()
+                except ControlError as exc:
+                    bad += 1
+                    self.log.warning("agent sent a bad control message: %s", exc)
+                    if bad >= MAX_BAD_MESSAGES:
+                        self.log.warning("dropping the agent's control connection after %d bad messages", bad)
+                        return
+                    continue
+                if message is None:
+                    return
+                self._on_message(control, message)
+        except OSError as exc:
             self.log.warning("agent control stream: %s", exc)
         finally:
             with contextlib.suppress(OSError):
                 control.close()
 
-    def _on_log(self, stream: str, line: str) -> None:
-        if stream == "agent":
-            self.log.info("agent: %s", line)
-            return
-        self.container_log.write(line + "\n")
-        if self.echo_output:
-            print(line, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+    def _on_message(self, control: ControlStream, message: Message) -> None:
+        match message:
+            case Hello():
+                self.on_stage("agent_connected")
+                if self.send_plan:
+                    control.send(PlanMessage(self.plan))
+            case Log():
+                self._on_log(message)
+            case Status():
+                self._on_status(message)
+            case HealthReport():
+                if self.agent_reports_health:
+                    self.on_health(Health(message.health.value))
+            case PlanMessage() | Shutdown():
+                self.log.warning("agent sent a %s message, which only the host sends", message.TYPE)
 
-    def _on_status(self, message: dict[str, Any]) -> None:
-        state = message.get("state")
-        self.log.debug("agent status %s", state)
-        if state == "running":
-            self.on_stage("container_running")
-            self.container_running.set()
-        elif state == "exited":
-            self.exit_code = int(message.get("exit_code", 1))
-            self.log.info("container exited with code %d", self.exit_code)
-            self.container_done.set()
-        elif state == "failed":
-            self.failure = str(message.get("detail", "the guest agent failed"))
-            self.container_done.set()
+    def _on_log(self, message: Log) -> None:
+        if message.stream == LogStream.AGENT:
+            # Into the host's own log: escaped, so the guest cannot forge log lines or drive a terminal.
+            self.log.info("agent: %s", printable(message.line))
+            return
+        # The container's output, like `podman run` prints it.
+        self.container_log.write(message.line + "\n")
+        if self.echo_output:
+            print(message.line, file=sys.stdout if message.stream == LogStream.STDOUT else sys.stderr, flush=True)
+
+    def _on_status(self, status: Status) -> None:
+        if self.container_done.is_set():
+            # The first exit code or failure is the container's; the row must not change after it.
+            self.log.warning("agent reported %s after the container had ended; ignored", status.state)
+            return
+        self.log.debug("agent status %s", status.state)
+        match status.state:
+            case ContainerState.RUNNING:
+                self.on_stage("container_running")
+                self.container_running.set()
+            case ContainerState.EXITED:
+                self.exit_code = status.exit_code
+                self.log.info("container exited with code %d", self.exit_code)
+                self.container_done.set()
+            case ContainerState.FAILED:
+                self.failure = printable(status.detail) or "the guest agent failed"
+                self.container_done.set()
 
     def stop_container(self, grace: float, reason: str) -> None:
         """Like `podman stop`: the agent sends the container SIGTERM, then SIGKILL after `grace`; wait for its exit
@@ -111,7 +154,7 @@ class AgentLink:
             return
         self.log.info("stopping the container (%s)", reason)
         try:
-            control.send({"type": "shutdown", "timeout": int(grace)})
+            control.send(Shutdown(min(int(grace), MAX_SHUTDOWN_TIMEOUT)))
         except OSError:
             return
         self.container_done.wait(grace + 5)

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from fcvm_wire import mux
 from fcvm_wire.ports import HOST_CID
+from fcvm_wire.sockets import closed_on_error, connect
 
 AGENT_PORT_NAME = "org.fcvm.agent"
 VSOCK_DEVICE = Path("/dev/vsock")
@@ -86,13 +87,10 @@ class Channel:
 class _VsockListener:
     def __init__(self, port: int) -> None:
         self.port = port
-        self._sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        try:
-            self._sock.bind((socket.VMADDR_CID_ANY, port))
-            self._sock.listen(128)
-        except BaseException:
-            self._sock.close()
-            raise
+        with closed_on_error(socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)) as sock:
+            sock.bind((socket.VMADDR_CID_ANY, port))
+            sock.listen(128)
+        self._sock = sock
 
     def accept(self, timeout: float | None = None) -> socket.socket:
         self._sock.settimeout(timeout)
@@ -111,14 +109,8 @@ class VsockChannel(Channel):
     transport = "vsock"
 
     def connect(self, port: int, timeout: float | None = 10.0) -> socket.socket:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect((HOST_CID, port))
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
+        sock = connect((HOST_CID, port), timeout=timeout)
+        sock.settimeout(None)
         return sock
 
     def listen(self, port: int) -> Listener:
@@ -264,13 +256,7 @@ class SerialChannel(Channel):
     @staticmethod
     def _open_path(path: str) -> int:
         if stat.S_ISSOCK(os.stat(path).st_mode):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-            except BaseException:
-                sock.close()
-                raise
-            return sock.detach()
+            return connect(path).detach()
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
 
     def _attach(self, fd: int) -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 from collections.abc import Callable
+from typing import IO
 
 from fc_agent import system
+from fcvm_wire.control import MAX_LOG_LINE, LogStream
 from fcvm_wire.plan import Plan
 
 CONTAINER = "fcvm"
 _CHUNK = 1 << 20
+_EXIT_CODE = re.compile(r"[0-9]{1,3}")
 
 
 class ContainerError(RuntimeError):
@@ -65,19 +69,20 @@ def start(plan: Plan, volume_mounts: list[tuple[str, str, bool]]) -> None:
         raise ContainerError(f"podman run failed: {result.stderr.decode(errors='replace').strip()}")
 
 
-def stream_logs(emit: Callable[[str, str], None]) -> threading.Thread:
-    """Follow the container's stdout and stderr, calling emit(stream, line) per line."""
+def stream_logs(emit: Callable[[LogStream, str], None]) -> threading.Thread:
+    """Follow the container's stdout and stderr, calling emit(stream, line) per line (a line longer than one log
+    message holds arrives in pieces, so a container that never prints a newline cannot fill the agent's memory)."""
     follower = system.spawn(
         ["podman", "logs", "--follow", CONTAINER], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
 
-    def pump(stream_name: str, pipe: object) -> None:
-        for raw in iter(pipe.readline, b""):  # type: ignore[attr-defined]
-            emit(stream_name, raw.decode(errors="replace").rstrip("\n"))
+    def pump(stream: LogStream, pipe: IO[bytes]) -> None:
+        for raw in iter(lambda: pipe.readline(MAX_LOG_LINE), b""):
+            emit(stream, raw.decode(errors="replace").rstrip("\n"))
 
     threads = [
-        threading.Thread(target=pump, args=("stdout", follower.stdout), daemon=True),
-        threading.Thread(target=pump, args=("stderr", follower.stderr), daemon=True),
+        threading.Thread(target=pump, args=(LogStream.STDOUT, follower.stdout), daemon=True),
+        threading.Thread(target=pump, args=(LogStream.STDERR, follower.stderr), daemon=True),
     ]
     for thread in threads:
         thread.start()
@@ -97,7 +102,10 @@ def wait() -> int:
     result = system.run(["podman", "wait", CONTAINER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if result.returncode != 0:
         raise ContainerError(f"podman wait failed: {result.stderr.decode(errors='replace').strip()}")
-    return int(result.stdout.decode().strip().splitlines()[-1])
+    words = result.stdout.decode(errors="replace").split()
+    if not words or not _EXIT_CODE.fullmatch(words[-1]) or int(words[-1]) > 255:
+        raise ContainerError(f"podman wait printed no exit code 0..255: {' '.join(words[-1:])[:40]!r}")
+    return int(words[-1])
 
 
 def stop(timeout: int) -> None:

@@ -1,10 +1,10 @@
 """The agent's side of the control stream, kept alive across channel resets and snapshot restores.
 
-A restore (a clone waking up in a snapshot) breaks every stream to the host: the clone's host side is new.
-The link reconnects, says hello with its restore epoch, and the host answers `restored` with its wall clock.
-The agent then catches up with the world: it sets the wall clock (frozen at the snapshot instant otherwise),
-flushes the neighbour cache (the gateway's MAC is the clone's), and reports its container state again, so the
-host can call the clone running.
+A restore (a clone, or a warm run, waking up in a snapshot) breaks every stream to the host: the host side is
+new. The link reconnects and says hello; the host answers `restore` with its wall clock. The agent then catches
+up with the world: it sets the wall clock (frozen at the snapshot instant otherwise), flushes the neighbour
+cache (the gateway's MAC may differ), reports its container's state again and says `restored`, so the host can
+call the VM running (or send the run's plan, when the snapshot was taken before the run).
 """
 
 from __future__ import annotations
@@ -15,12 +15,22 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from fc_agent import network
 from fc_agent.channel import Channel
 from fcvm_wire import ports
-from fcvm_wire.control import ControlError, ControlStream
+from fcvm_wire.control import (
+    ControlError,
+    ControlStream,
+    Hello,
+    Message,
+    PlanMessage,
+    PrepareMessage,
+    Restore,
+    Restored,
+    Shutdown,
+)
+from fcvm_wire.plan import Plan
 
 _log = logging.getLogger("fc_agent.host_link")
 
@@ -36,19 +46,15 @@ def _connect(channel: Channel, timeout: float) -> ControlStream:
             time.sleep(0.05)
 
 
-def set_wall_clock(host_time: float) -> None:
-    """The clock of a restored guest stands at the snapshot instant; the host's is right."""
-    time.clock_settime(time.CLOCK_REALTIME, host_time)
-
-
 class HostLink:
     def __init__(self, channel: Channel, agent_version: str) -> None:
         self.channel = channel
         self.agent_version = agent_version
-        self.epoch = 0
-        self.plans: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.epoch = 0  # restores so far
+        self.prepares: queue.Queue[Plan] = queue.Queue()
+        self.plans: queue.Queue[Plan] = queue.Queue()
         self.on_shutdown: Callable[[int], None] = lambda _timeout: None
-        self.current_state: Callable[[], list[dict[str, Any]]] = list  # what to report again after a restore
+        self.current_state: Callable[[], list[Message]] = list  # what to report again after a restore
         self._control: ControlStream | None = None
         self._send_lock = threading.Lock()
         self._closing = False
@@ -60,17 +66,16 @@ class HostLink:
     def _attach(self, control: ControlStream) -> None:
         with self._send_lock:
             self._control = control
-        self.send({"type": "hello", "agent": self.agent_version, "epoch": self.epoch})
+        self.send(Hello(self.agent_version, self.epoch))
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: Message) -> None:
         """Send on the current stream. While the host side is away a message is dropped: after a reconnect the
         host hears the current state again, and nothing else is worth waiting for."""
         with self._send_lock:
             control = self._control
-            if control is None:
-                return
-            with contextlib.suppress(OSError):
-                control.send(message)
+            if control is not None:
+                with contextlib.suppress(OSError):
+                    control.send(message)
 
     def close(self) -> None:
         self._closing = True
@@ -79,11 +84,9 @@ class HostLink:
         while not self._closing:
             control = self._control
             assert control is not None
-            try:
-                for message in control:
+            with contextlib.suppress(OSError):
+                while (message := self._receive(control)) is not None:
                     self._dispatch(message)
-            except (ControlError, OSError) as exc:
-                _log.warning("control stream: %s", exc)
             if self._closing:
                 return
             with contextlib.suppress(OSError):
@@ -95,27 +98,36 @@ class HostLink:
                 _log.error("cannot reach the host again: %s", exc)
                 return
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "plan":
-            self.plans.put(message["plan"])
-        elif kind == "shutdown":
-            timeout = message.get("timeout", 10)
-            self.on_shutdown(timeout if isinstance(timeout, int) and 0 <= timeout <= 3600 else 10)
-        elif kind == "restored":
-            self._on_restored(message)
-
-    def _on_restored(self, message: dict[str, Any]) -> None:
-        self.epoch += 1
-        host_time = message.get("time")
-        if isinstance(host_time, (int, float)) and not isinstance(host_time, bool):
+    @staticmethod
+    def _receive(control: ControlStream) -> Message | None:
+        while True:
             try:
-                set_wall_clock(float(host_time))
-            except OSError as exc:
-                _log.warning("cannot set the clock: %s", exc)
+                return control.receive()
+            except ControlError as exc:  # the host is trusted: a bad message is a bug worth a log line
+                _log.warning("control stream: %s", exc)
+
+    def _dispatch(self, message: Message) -> None:
+        match message:
+            case PrepareMessage():
+                self.prepares.put(message.plan)
+            case PlanMessage():
+                self.plans.put(message.plan)
+            case Shutdown():
+                self.on_shutdown(message.timeout)
+            case Restore():
+                self._on_restore(message)
+            case _:
+                _log.warning("host sent a %s message, which only the agent sends", message.TYPE)
+
+    def _on_restore(self, message: Restore) -> None:
+        self.epoch += 1
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, message.time)
+        except OSError as exc:
+            _log.warning("cannot set the clock: %s", exc)
         with contextlib.suppress(RuntimeError):
             network.flush_neighbours()
-        _log.info("restored from a snapshot (epoch %d)", self.epoch)
+        _log.info("restored from a snapshot (restore %d)", self.epoch)
         for state in self.current_state():
             self.send(state)
-        self.send({"type": "restored", "epoch": self.epoch})
+        self.send(Restored(self.epoch))

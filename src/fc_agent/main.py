@@ -18,10 +18,23 @@ from fc_agent import container, exec_server, mmds, network, system
 from fc_agent.channel import Channel, open_channel
 from fc_agent.host_link import HostLink
 from fcvm_wire import ports
+from fcvm_wire.control import (
+    MAX_DETAIL,
+    ContainerState,
+    ControlError,
+    HealthReport,
+    HealthState,
+    LogStream,
+    Message,
+    Status,
+    fit_text,
+    log_messages,
+)
 from fcvm_wire.plan import Plan, PlanError
 
 AGENT_VERSION = "1"
 VOLUME_ROOT = Path("/run/fcvm/volumes")
+PLAN_TIMEOUT = 3600
 _log = logging.getLogger("fc_agent")
 
 
@@ -39,7 +52,8 @@ class _ControlHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.link is not None:
-            self.link.send({"type": "log", "stream": "agent", "line": self.format(record)})
+            for message in log_messages(LogStream.AGENT, self.format(record)):
+                self.link.send(message)
 
 
 _to_host = _ControlHandler()
@@ -55,17 +69,23 @@ def _setup_logging() -> None:
     root.propagate = False
 
 
-def _read_plan(link: HostLink) -> Plan:
+def _read_prepare(link: HostLink) -> Plan:
+    """What to prepare before the run: the image and the network (Firecracker: from MMDS)."""
     if boot_param("plan") == "mmds":
         network.link_up()
         if boot_param("net"):
             network.configure_early(boot_param("net"))
         network.route_mmds(mmds.MMDS_ADDRESS)
         return Plan.from_dict(mmds.fetch("/"))
+    return _wait(link.prepares, "what to prepare")
+
+
+def _wait(plans: queue.Queue[Plan], what: str) -> Plan:
+    # A pre-start snapshot may sit between the two steps for a long time: a restore then brings the plan.
     try:
-        return Plan.from_dict(link.plans.get(timeout=600))
+        return plans.get(timeout=PLAN_TIMEOUT)
     except queue.Empty:
-        raise PlanError("the host sent no plan within 600 s") from None
+        raise PlanError(f"the host sent no {what} within {PLAN_TIMEOUT} s") from None
 
 
 def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
@@ -92,57 +112,60 @@ class _Reporter:
     def __init__(self, link: HostLink) -> None:
         self.link = link
         self.running = False
-        self.health = ""
+        self.health: HealthState | None = None
         link.current_state = self.state
 
-    def state(self) -> list[dict[str, object]]:
-        messages: list[dict[str, object]] = []
-        if self.running:
-            messages.append({"type": "status", "state": "running"})
-        if self.health:
-            messages.append({"type": "health", "health": self.health})
-        return messages
+    def state(self) -> list[Message]:
+        messages: list[Message] = [Status(ContainerState.RUNNING)] if self.running else []
+        return messages + ([HealthReport(self.health)] if self.health else [])
 
     def set_running(self) -> None:
         self.running = True
-        self.link.send({"type": "status", "state": "running"})
-
-    def set_health(self, health: str) -> None:
-        if health != self.health:
-            self.health = health
-            self.link.send({"type": "health", "health": health})
+        self.link.send(Status(ContainerState.RUNNING))
 
     def follow_health(self, stop: threading.Event) -> None:
         if not container.has_healthcheck():
-            self.set_health("healthy")
+            self._set_health(HealthState.HEALTHY)
             return
         while not stop.wait(2.0):
-            self.set_health("healthy" if container.healthcheck() else "unhealthy")
+            self._set_health(HealthState.HEALTHY if container.healthcheck() else HealthState.UNHEALTHY)
+
+    def _set_health(self, health: HealthState) -> None:
+        if health != self.health:
+            self.health = health
+            self.link.send(HealthReport(health))
 
 
 def run_plan(channel: Channel, link: HostLink) -> int:
-    plan = _read_plan(link)
-    _log.info("plan for %s: image %s", plan.name, plan.image.ref)
+    prepare = _read_prepare(link)
     if boot_param("plan") != "mmds":
         network.link_up()
-    network.configure(plan.network)
-    network.set_hostname(plan.hostname or plan.name)
+    network.configure(prepare.network)
     listener = channel.listen(ports.GUEST_EXEC)
     threading.Thread(target=exec_server.serve, args=(listener,), daemon=True, name="exec").start()
-    link.send({"type": "status", "state": "starting", "detail": "loading image"})
+    link.send(Status(ContainerState.STARTING, detail="loading image"))
+    container.load_image(prepare)
+    link.send(Status(ContainerState.PREPARED))
+    plan = _wait(link.plans, "plan")
+    _log.info("plan for %s: image %s", plan.name, plan.image.ref)
+    network.set_hostname(plan.hostname or plan.name)
     mounts = _mount_volumes(channel, plan)
-    container.load_image(plan)
     container.start(plan, mounts)
     reporter = _Reporter(link)
     reporter.set_running()
-    logs = container.stream_logs(lambda stream, line: link.send({"type": "log", "stream": stream, "line": line}))
+
+    def send_output(stream: LogStream, line: str) -> None:
+        for message in log_messages(stream, line):
+            link.send(message)
+
+    logs = container.stream_logs(send_output)
     stop = threading.Event()
     threading.Thread(target=reporter.follow_health, args=(stop,), daemon=True).start()
     link.on_shutdown = _stop_container
     code = container.wait()
     stop.set()
     logs.join(timeout=10)  # `podman logs -f` ends with the container; every line must reach the host first
-    link.send({"type": "status", "state": "exited", "exit_code": code})
+    link.send(Status(ContainerState.EXITED, code))
     return code
 
 
@@ -164,8 +187,9 @@ def main() -> int:
     try:
         code = run_plan(channel, link)
     except Exception as exc:  # PID 1 must never die with a traceback: that panics the guest
-        _log.error("failed: %s", exc, exc_info=not isinstance(exc, (PlanError, container.ContainerError)))
-        link.send({"type": "status", "state": "failed", "detail": str(exc)})
+        _log.error("failed: %s", exc,
+                   exc_info=not isinstance(exc, (PlanError, ControlError, container.ContainerError)))
+        link.send(Status(ContainerState.FAILED, detail=fit_text(str(exc), MAX_DETAIL)))
         code = 125
     link.close()
     if pid1:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
-from typing import Any
 
 MMDS_ADDRESS = "169.254.169.254"
 
 
-def fetch(path: str = "/", *, timeout: float = 30.0) -> Any:
-    """PUT a session token, then GET `path` as JSON; retries until the metadata service answers."""
+def fetch(path: str = "/", *, timeout: float = 30.0) -> bytes:
+    """PUT a session token, then GET `path` as JSON (the document's bytes, for the caller's own decoder); retries
+    until the metadata service answers."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -27,7 +26,7 @@ def fetch(path: str = "/", *, timeout: float = 30.0) -> Any:
                 headers={"X-metadata-token": token, "Accept": "application/json"},
             )
             with urllib.request.urlopen(request, timeout=2) as response:
-                return json.loads(response.read())
+                return response.read()
         except (urllib.error.URLError, OSError):
             if time.monotonic() > deadline:
                 raise

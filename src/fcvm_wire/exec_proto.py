@@ -13,11 +13,16 @@ import json
 import socket
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any
+
+from fcvm_wire.checks import describe, is_int, is_text, loads, object_fields
+from fcvm_wire.sockets import ShortRead, read_exact
 
 STDIN, STDOUT, STDERR, EXIT, RESIZE, STDIN_EOF = range(6)
 _HEADER = struct.Struct(">BI")
 MAX_FRAME = 1 << 20
+_MAX_ARGV = 4096
+_MAX_WORD = 128 * 1024  # MAX_ARG_STRLEN
+_MAX_ID = 128
 
 
 class ExecProtocolError(ValueError):
@@ -40,15 +45,24 @@ class ExecRequest:
 
     @classmethod
     def from_line(cls, line: bytes) -> ExecRequest:
-        try:
-            data: Any = json.loads(line)
-            request = cls(**data)
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
-            raise ExecProtocolError(f"bad exec request: {exc}") from None
-        if not request.argv or not all(isinstance(a, str) for a in request.argv):
-            raise ExecProtocolError("exec needs a command")
+        """The request on `line`, or ExecProtocolError: total for any bytes."""
+        data = object_fields(loads(line, ExecProtocolError, "exec request"), cls, ExecProtocolError, "exec request")
+        request = cls(**data)
+        if not (isinstance(request.argv, list) and 0 < len(request.argv) <= _MAX_ARGV
+                and all(is_text(word, _MAX_WORD) for word in request.argv)):
+            raise ExecProtocolError("exec needs a command: a list of strings")
         if request.target not in ("container", "vm"):
-            raise ExecProtocolError(f"unknown exec target {request.target!r}")
+            raise ExecProtocolError(f"unknown exec target {describe(request.target)}")
+        if not is_text(request.id, _MAX_ID) or not request.id:
+            raise ExecProtocolError("exec id must be a short string")
+        if not (isinstance(request.tty, bool) and isinstance(request.interactive, bool)):
+            raise ExecProtocolError("exec tty and interactive must be true or false")
+        if not (is_int(request.rows, 0, 0xFFFF) and is_int(request.cols, 0, 0xFFFF)):
+            raise ExecProtocolError("exec rows and cols must be 0..65535")
+        if not (isinstance(request.env, dict) and len(request.env) <= _MAX_ARGV
+                and all(is_text(k, _MAX_WORD) and k and "=" not in k and is_text(v, _MAX_WORD)
+                        for k, v in request.env.items())):
+            raise ExecProtocolError("exec env must map variable names to strings")
         return request
 
 
@@ -60,6 +74,13 @@ def exit_frame(code: int) -> bytes:
     return frame(EXIT, str(code).encode())
 
 
+def parse_exit(payload: bytes) -> int:
+    """The exit code an EXIT frame carries (0..255), or ExecProtocolError."""
+    if not (1 <= len(payload) <= 3 and payload.isdigit()) or int(payload) > 255:
+        raise ExecProtocolError(f"exec exit frame {payload[:8]!r} is not a code 0..255")
+    return int(payload)
+
+
 def resize_frame(rows: int, cols: int) -> bytes:
     return frame(RESIZE, struct.pack(">HH", rows, cols))
 
@@ -69,27 +90,21 @@ def parse_resize(payload: bytes) -> tuple[int, int]:
     return rows, cols
 
 
-def read_exact(sock: socket.socket, size: int) -> bytes | None:
-    chunks = bytearray()
-    while len(chunks) < size:
-        chunk = sock.recv(size - len(chunks))
-        if not chunk:
-            return None
-        chunks += chunk
-    return bytes(chunks)
-
-
 def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
     """The next frame, or None at a clean end of stream."""
-    header = read_exact(sock, _HEADER.size)
-    if header is None:
-        return None
+    try:
+        header = read_exact(sock, _HEADER.size)
+    except ShortRead as exc:
+        if exc.received == 0:
+            return None
+        raise ExecProtocolError("exec stream ended inside a frame") from None
     kind, length = _HEADER.unpack(header)
     if length > MAX_FRAME:
         raise ExecProtocolError(f"exec frame of {length} bytes exceeds {MAX_FRAME}")
-    payload = read_exact(sock, length)
-    if payload is None:
-        raise ExecProtocolError("exec stream ended inside a frame")
+    try:
+        payload = read_exact(sock, length)
+    except ShortRead:
+        raise ExecProtocolError("exec stream ended inside a frame") from None
     return kind, payload
 
 

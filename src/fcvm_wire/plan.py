@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+
+from fcvm_wire.checks import describe, is_int, is_text, loads, object_fields
 
 PLAN_VERSION = 1
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+# Bounds on what a plan may hold. The plan travels in one control line (control.MAX_LINE) or MMDS anyway;
+# these keep any one field sane.
+_MAX_PATH = 4096  # PATH_MAX: paths, and every other short string (name, image ref, user)
+_MAX_ARG = 128 * 1024  # MAX_ARG_STRLEN: one argv word or environment value
+_MAX_ITEMS = 1024  # argv words, environment entries, volumes
+_MAX_DNS = 16
+_MAX_ADDRESS = 64
+_MAX_U63 = 2**63 - 1
 
 
-class PlanError(ValueError):
+class PlanError(Exception):
     """The plan is malformed; the message names the field."""
 
 
@@ -59,54 +70,109 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"plan is not JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(loads(text, PlanError, "plan"))
 
     @classmethod
-    def from_dict(cls, data: Any) -> Plan:
+    def from_dict(cls, data: object) -> Plan:
+        """The plan in a decoded JSON document, or PlanError. Only the document's shape is checked here (objects
+        with exactly the known fields); validate() checks every value, so one set of rules serves plans that
+        arrive as JSON and plans the host builds."""
         if not isinstance(data, dict):
-            raise PlanError("plan must be a JSON object")
+            raise PlanError(f"plan must be a JSON object, not {describe(data)}")
         version = data.get("version")
-        if version != PLAN_VERSION:
-            raise PlanError(f"plan version {version!r} is not supported (this agent speaks {PLAN_VERSION})")
-        try:
-            plan = cls(
-                name=data["name"],
-                image=ImageSpec(**data["image"]),
-                network=NetworkSpec(**data["network"]),
-                cmd=list(data.get("cmd", [])),
-                env=dict(data.get("env", {})),
-                user=data.get("user", ""),
-                workdir=data.get("workdir", ""),
-                volumes=[VolumeSpec(**v) for v in data.get("volumes", [])],
-                hostname=data.get("hostname", ""),
-                epoch=data.get("epoch", 0),
-            )
-        except KeyError as exc:
-            raise PlanError(f"plan is missing {exc.args[0]!r}") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise PlanError(f"plan has a bad field: {exc}") from None
+        if not is_int(version, PLAN_VERSION, PLAN_VERSION):
+            raise PlanError(f"plan version {describe(version)} is not supported (this agent speaks {PLAN_VERSION})")
+        top = object_fields(data, cls, PlanError, "plan")
+        volumes = top.get("volumes", [])
+        plan = cls(**{
+            **top,
+            "image": ImageSpec(**object_fields(top["image"], ImageSpec, PlanError, "plan.image")),
+            "network": NetworkSpec(**object_fields(top["network"], NetworkSpec, PlanError, "plan.network")),
+            # Anything but a list is left for validate() to name.
+            "volumes": [VolumeSpec(**object_fields(v, VolumeSpec, PlanError, f"plan.volumes[{i}]"))
+                        for i, v in enumerate(volumes)] if isinstance(volumes, list) else volumes,
+        })
         plan.validate()
         return plan
 
     def validate(self) -> None:
-        _check(isinstance(self.name, str) and self.name != "", "name must be a non-empty string")
-        _check(isinstance(self.image.ref, str) and self.image.ref != "", "image.ref must be set")
-        _check(isinstance(self.image.archive_size, int) and self.image.archive_size >= 0,
-               "image.archive_size must be a non-negative integer")
-        _check(all(isinstance(a, str) for a in self.cmd), "cmd must be a list of strings")
-        for key, value in self.env.items():
-            _check(bool(_ENV_KEY.match(key)), f"env key {key!r} is not a valid variable name")
-            _check(isinstance(value, str), f"env {key} must be a string")
-        _check(isinstance(self.network.prefix, int) and 0 < self.network.prefix <= 32,
-               "network.prefix must be 1..32")
+        """Raise PlanError naming the first field whose value has the wrong type or is out of range. Total: it
+        never raises anything else, whatever the attributes hold."""
+        _check(is_int(self.version, PLAN_VERSION, PLAN_VERSION), f"version must be {PLAN_VERSION}")
+        _check(is_text(self.name, _MAX_PATH) and self.name != "", "name must be a non-empty string")
+        _check(is_text(self.hostname, _MAX_PATH), "hostname must be a string")
+        _check(is_text(self.user, _MAX_PATH), "user must be a string")
+        _check(is_text(self.workdir, _MAX_PATH), "workdir must be a string")
+        _check(is_int(self.epoch, 0, _MAX_U63), "epoch must be a non-negative integer")
+        _check(isinstance(self.cmd, list) and len(self.cmd) <= _MAX_ITEMS
+               and all(is_text(word, _MAX_ARG) for word in self.cmd),
+               f"cmd must be a list of at most {_MAX_ITEMS} strings")
+        _validate_env(self.env)
+        _validate_image(self.image)
+        _validate_network(self.network)
+        _check(isinstance(self.volumes, list) and len(self.volumes) <= _MAX_ITEMS,
+               f"volumes must be a list of at most {_MAX_ITEMS} entries")
         for volume in self.volumes:
-            _check(volume.guest_path.startswith("/"), f"volume path {volume.guest_path!r} must be absolute")
-            _check(isinstance(volume.port, int) and 0 < volume.port < 2**32, "volume port out of range")
-        _check(isinstance(self.epoch, int) and self.epoch >= 0, "epoch must be a non-negative integer")
+            _validate_volume(volume)
+
+
+def _validate_env(env: object) -> None:
+    if not isinstance(env, dict) or len(env) > _MAX_ITEMS:
+        raise PlanError(f"env must be an object of at most {_MAX_ITEMS} entries")
+    for key, value in env.items():
+        _check(isinstance(key, str) and _ENV_KEY.fullmatch(key) is not None,
+               f"env key {describe(key)} is not a valid variable name")
+        _check(is_text(value, _MAX_ARG), f"env {key} must be a string")
+
+
+def _validate_image(image: object) -> None:
+    if not isinstance(image, ImageSpec):
+        raise PlanError("image must be an object")
+    _check(is_text(image.ref, _MAX_PATH) and image.ref != "", "image.ref must be set")
+    _check(is_text(image.disk, _MAX_PATH) and (image.disk == "" or image.disk.startswith("/")),
+           "image.disk must be an absolute path or empty")
+    _check(is_int(image.archive_size, 0, _MAX_U63), "image.archive_size must be a non-negative integer")
+
+
+def _validate_network(network: object) -> None:
+    if not isinstance(network, NetworkSpec):
+        raise PlanError("network must be an object")
+    _check(_is_ipv4(network.address), "network.address must be an IPv4 address")
+    _check(_is_ipv4(network.gateway), "network.gateway must be an IPv4 address")
+    _check(is_int(network.prefix, 1, 32), "network.prefix must be 1..32")
+    _check(isinstance(network.mac, str) and _MAC.fullmatch(network.mac) is not None,
+           "network.mac must be a MAC address")
+    _check(isinstance(network.dns, list) and len(network.dns) <= _MAX_DNS and all(_is_ip(a) for a in network.dns),
+           f"network.dns must be a list of at most {_MAX_DNS} IP addresses")
+
+
+def _validate_volume(volume: object) -> None:
+    if not isinstance(volume, VolumeSpec):
+        raise PlanError("each volume must be an object")
+    _check(is_text(volume.guest_path, _MAX_PATH) and volume.guest_path.startswith("/"),
+           f"volume path {describe(volume.guest_path)} must be absolute")
+    _check(is_int(volume.port, 1, 2**32 - 1), f"volume port {describe(volume.port)} out of range")
+    _check(isinstance(volume.read_only, bool), "volume read_only must be true or false")
+
+
+def _is_ipv4(value: object) -> bool:
+    if not is_text(value, _MAX_ADDRESS):
+        return False
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ip(value: object) -> bool:
+    if not is_text(value, _MAX_ADDRESS):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(condition: bool, message: str) -> None:

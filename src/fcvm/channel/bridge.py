@@ -19,12 +19,12 @@ import functools
 import os
 import socket
 import stat
-import struct
 from pathlib import Path
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
 from fcvm_wire import mux
+from fcvm_wire.sockets import closed_on_error, connect
 
 _log = log.get("channel")
 
@@ -116,8 +116,7 @@ class SerialVsockBridge:
 
     def _bind(self) -> socket.socket:
         path = str(self.uds_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        with closed_on_error(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as sock:
             try:
                 sock.bind(path)
             except OSError as exc:
@@ -130,9 +129,6 @@ class SerialVsockBridge:
             sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
             self._listener_ino = os.stat(path).st_ino
-        except BaseException:
-            sock.close()
-            raise
         return sock
 
     @staticmethod
@@ -142,15 +138,12 @@ class SerialVsockBridge:
                 return False
         except OSError:
             return False
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe.connect(path)
+            connect(path).close()
         except ConnectionRefusedError:
             return True
         except OSError:
-            return False
-        finally:
-            probe.close()
+            pass
         return False
 
     # --- loop thread ------------------------------------------------------------------------------
@@ -163,12 +156,9 @@ class SerialVsockBridge:
     def _connect_serial(self) -> None:
         if self._closed:
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
         try:
-            sock.connect(str(self.serial_socket))
+            sock = connect(self.serial_socket, timeout=0.0)  # the loop thread must not block
         except OSError as exc:
-            sock.close()
             self._log.debug("agent port %s: %s; retrying in %.2f s", self.serial_socket, exc, self._retry)
             self.engine.call_later(self._retry, self._connect_serial)
             self._retry = min(self._retry * 2, self.retry_max)
@@ -261,13 +251,9 @@ class SerialVsockBridge:
     def _on_guest_open(self, port: int) -> socket.socket | None:
         """The guest opened `port`: connect to `<uds_path>_<port>`, or refuse."""
         path = f"{self.uds_path}_{port}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # A full backlog makes a blocking connect wait up to SO_SNDTIMEO; keep that short.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
         try:
-            sock.connect(path)
+            # A full backlog makes a blocking connect wait up to SO_SNDTIMEO; keep that short.
+            return connect(path, send_timeout=1.0)
         except OSError as exc:
-            sock.close()
             self._log.debug("guest connect to %s: %s", path, exc.strerror)
             return None
-        return sock

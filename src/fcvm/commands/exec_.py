@@ -20,6 +20,8 @@ from fcvm.core.errors import FcvmError, UsageError
 from fcvm.state import Store, VmRecord
 from fcvm_wire import exec_proto as ep
 from fcvm_wire import ports
+from fcvm_wire.checks import printable
+from fcvm_wire.sockets import closed_on_error
 
 _ATTEMPTS = 3
 
@@ -31,16 +33,16 @@ def _open(uds: Path, request: ep.ExecRequest) -> socket.socket:
     last_error: Exception | None = None
     for _ in range(_ATTEMPTS):
         try:
-            sock = connect_vsock(uds, ports.GUEST_EXEC, timeout=10)
-            sock.sendall(request.to_line())
-            reply = ep.read_line(sock)
+            with closed_on_error(connect_vsock(uds, ports.GUEST_EXEC, timeout=10)) as sock:
+                sock.sendall(request.to_line())
+                reply = ep.read_line(sock)
         except (OSError, ep.ExecProtocolError, FcvmError) as exc:
             last_error = exc
             continue
         if b'"ack"' in reply:
             return sock
         sock.close()
-        raise FcvmError(f"the guest agent refused the exec: {reply.decode(errors='replace').strip()}")
+        raise FcvmError(f"the guest agent refused the exec: {printable(reply.decode(errors='replace').strip())}")
     raise FcvmError(f"cannot reach the guest agent: {last_error}")
 
 
@@ -100,11 +102,14 @@ def _pump_stdin(sock: socket.socket) -> None:
 
 def _pump_output(sock: socket.socket) -> int:
     outputs = {ep.STDOUT: sys.stdout.buffer, ep.STDERR: sys.stderr.buffer}
-    while (frame := ep.read_frame(sock)) is not None:
-        kind, payload = frame
-        if kind in outputs:
-            outputs[kind].write(payload)
-            outputs[kind].flush()
-        elif kind == ep.EXIT:
-            return int(payload)
+    try:
+        while (frame := ep.read_frame(sock)) is not None:
+            kind, payload = frame
+            if kind in outputs:
+                outputs[kind].write(payload)
+                outputs[kind].flush()
+            elif kind == ep.EXIT:
+                return ep.parse_exit(payload)
+    except ep.ExecProtocolError as exc:  # the guest is untrusted: its frames are checked, never trusted
+        raise FcvmError(f"the guest agent broke the exec protocol: {exc}") from None
     raise FcvmError("the connection to the guest closed before the command finished")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import socket
 import sys
@@ -16,8 +15,29 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from fcvm.core.kinds import Health
-from fcvm_wire.control import ControlError, ControlStream
+from fcvm_wire.checks import printable
+from fcvm_wire.control import (
+    MAX_SHUTDOWN_TIMEOUT,
+    ContainerState,
+    ControlError,
+    ControlStream,
+    HealthReport,
+    Hello,
+    Log,
+    LogStream,
+    Message,
+    PlanMessage,
+    PrepareMessage,
+    Restore,
+    Restored,
+    Shutdown,
+    Status,
+)
 from fcvm_wire.plan import Plan
+
+# A guest that sends this many malformed messages on one connection is cut off: it is broken or hostile, and
+# logging every one would let it fill the host's log.
+MAX_BAD_MESSAGES = 20
 
 
 def start_thread(target: Callable[..., object], *args: Any) -> None:
@@ -25,18 +45,27 @@ def start_thread(target: Callable[..., object], *args: Any) -> None:
 
 
 class AgentLink:
-    """What the agent tells the host about its container, and the one thing the host tells it: stop.
+    """What the agent tells the host about its container, and what the host tells the agent: how to prepare,
+    what to run, that it was restored, and to stop.
 
-    `on_stage(name)` is called once per stage reached ("agent_connected", "container_running"); `on_health` for
-    every health change the agent reports (unless the host polls a health URL itself).
+    A cold boot: hello -> `prepare` (QEMU; Firecracker's agent reads it from MMDS) -> the agent loads the image
+    and says `prepared` -> `on_prepared()` (a pre-start snapshot may be taken here) -> the run's `plan`.
+    A restore: hello -> `restore` (the wall clock) -> `restored` -> the run's `plan` if the snapshot was taken
+    before the run (`plan` is None for a snapshot of a running container).
+
+    `on_stage(name)` is called once per stage reached ("agent_connected", "prepared", "restored",
+    "container_running"); `on_health` for every health change the agent reports (unless the host polls a health
+    URL itself).
     """
 
-    def __init__(self, *, plan: Plan, send_plan: bool, restored: bool, container_log: IO[str], echo_output: bool,
-                 agent_reports_health: bool, on_stage: Callable[[str], None],
-                 on_health: Callable[[Health], None], logger: logging.Logger) -> None:
+    def __init__(self, *, plan: Plan | None, prepare: Plan | None, restored: bool, container_log: IO[str],
+                 echo_output: bool, agent_reports_health: bool, on_stage: Callable[[str], None],
+                 on_health: Callable[[Health], None], logger: logging.Logger,
+                 on_prepared: Callable[[], None] = lambda: None) -> None:
         self.plan = plan
-        self.send_plan = send_plan
-        self.restored = restored  # a clone: the agent wakes up in a snapshot and must catch up with the world
+        self.prepare = prepare
+        self.restored = restored
+        self.on_prepared = on_prepared
         self.container_log = container_log
         self.echo_output = echo_output
         self.agent_reports_health = agent_reports_health
@@ -63,52 +92,88 @@ class AgentLink:
         start_thread(accept_loop)
 
     def _session(self, control: ControlStream) -> None:
+        """One connection. The guest is untrusted: a malformed message is logged (ControlError's text escapes
+        whatever it quotes) and skipped, and the connection is dropped after MAX_BAD_MESSAGES of them."""
         self._control = control
+        bad = 0
         try:
-            for message in control:
-                kind = message["type"]
-                if kind == "hello":
-                    self.on_stage("agent_connected")
-                    if self.restored:
-                        control.send({"type": "restored", "time": time.time()})
-                    elif self.send_plan:  # once: an agent that reconnects after a channel reset has its plan
-                        self.send_plan = False
-                        control.send({"type": "plan", "plan": json.loads(self.plan.to_json())})
-                elif kind == "restored":
-                    self.on_stage("restored")
-                elif kind == "log":
-                    self._on_log(message.get("stream", "agent"), str(message.get("line", "")))
-                elif kind == "status":
-                    self._on_status(message)
-                elif kind == "health" and self.agent_reports_health:
-                    self.on_health(Health(str(message.get("health"))))
-        except (ControlError, OSError, ValueError) as exc:
+            while True:
+                try:
+                    message = control.receive()
+                except ControlError as exc:
+                    bad += 1
+                    self.log.warning("agent sent a bad control message: %s", exc)
+                    if bad >= MAX_BAD_MESSAGES:
+                        self.log.warning("dropping the agent's control connection after %d bad messages", bad)
+                        return
+                    continue
+                if message is None:
+                    return
+                self._on_message(control, message)
+        except OSError as exc:
             self.log.warning("agent control stream: %s", exc)
         finally:
             with contextlib.suppress(OSError):
                 control.close()
 
-    def _on_log(self, stream: str, line: str) -> None:
-        if stream == "agent":
-            self.log.info("agent: %s", line)
-            return
-        self.container_log.write(line + "\n")
-        if self.echo_output:
-            print(line, file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+    def _on_message(self, control: ControlStream, message: Message) -> None:
+        match message:
+            case Hello():
+                self.on_stage("agent_connected")
+                if self.restored:
+                    control.send(Restore(time.time()))
+                elif self.prepare is not None:  # once: an agent that reconnects after a channel reset has it
+                    prepare, self.prepare = self.prepare, None
+                    control.send(PrepareMessage(prepare))
+            case Restored():
+                self.on_stage("restored")
+                self._send_plan(control)
+            case Log():
+                self._on_log(message)
+            case Status():
+                self._on_status(message)
+            case HealthReport():
+                if self.agent_reports_health:
+                    self.on_health(Health(message.health.value))
+            case PlanMessage() | PrepareMessage() | Restore() | Shutdown():
+                self.log.warning("agent sent a %s message, which only the host sends", message.TYPE)
 
-    def _on_status(self, message: dict[str, Any]) -> None:
-        state = message.get("state")
-        self.log.debug("agent status %s", state)
-        if state == "running":
-            self.on_stage("container_running")
-            self.container_running.set()
-        elif state == "exited":
-            self.exit_code = int(message.get("exit_code", 1))
-            self.log.info("container exited with code %d", self.exit_code)
-            self.container_done.set()
-        elif state == "failed":
-            self.failure = str(message.get("detail", "the guest agent failed"))
-            self.container_done.set()
+    def _on_log(self, message: Log) -> None:
+        if message.stream == LogStream.AGENT:
+            # Into the host's own log: escaped, so the guest cannot forge log lines or drive a terminal.
+            self.log.info("agent: %s", printable(message.line))
+            return
+        # The container's output, like `podman run` prints it.
+        self.container_log.write(message.line + "\n")
+        if self.echo_output:
+            print(message.line, file=sys.stdout if message.stream == LogStream.STDOUT else sys.stderr, flush=True)
+
+    def _on_status(self, status: Status) -> None:
+        if self.container_done.is_set():
+            # The first exit code or failure is the container's; the row must not change after it.
+            self.log.warning("agent reported %s after the container had ended; ignored", status.state)
+            return
+        self.log.debug("agent status %s", status.state)
+        match status.state:
+            case ContainerState.PREPARED:
+                self.on_stage("prepared")
+                self.on_prepared()
+                self._send_plan(self._control)
+            case ContainerState.RUNNING:
+                self.on_stage("container_running")
+                self.container_running.set()
+            case ContainerState.EXITED:
+                self.exit_code = status.exit_code
+                self.log.info("container exited with code %d", self.exit_code)
+                self.container_done.set()
+            case ContainerState.FAILED:
+                self.failure = printable(status.detail) or "the guest agent failed"
+                self.container_done.set()
+
+    def _send_plan(self, control: ControlStream | None) -> None:
+        plan, self.plan = self.plan, None  # once
+        if plan is not None and control is not None:
+            control.send(PlanMessage(plan))
 
     def stop_container(self, grace: float, reason: str) -> None:
         """Like `podman stop`: the agent sends the container SIGTERM, then SIGKILL after `grace`; wait for its exit
@@ -118,7 +183,7 @@ class AgentLink:
             return
         self.log.info("stopping the container (%s)", reason)
         try:
-            control.send({"type": "shutdown", "timeout": int(grace)})
+            control.send(Shutdown(min(int(grace), MAX_SHUTDOWN_TIMEOUT)))
         except OSError:
             return
         self.container_done.wait(grace + 5)

@@ -13,6 +13,7 @@ from typing import Any
 from fcvm.core.errors import UsageError
 from fcvm.core.kinds import NetworkMode, VmmKind
 from fcvm.network.ports import PortMapping
+from fcvm.snapshot.cache import CacheLevel
 from fcvm.vmm.base import MemBackend
 
 # podman's rule for container names; it also keeps names safe in paths, logs and terminals.
@@ -91,6 +92,8 @@ class RunRequest:
     snapshot: str | None = None
     memory: MemBackend = MemBackend.FILE
     serve_id: str | None = None  # the page server's row (Uffd)
+    warm: CacheLevel | None = None  # a `podman run` restored from this level of the snapshot cache
+    use_cache: bool = True  # --no-snapshot: neither restore from the cache nor add to it
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -111,6 +114,7 @@ class RunRequest:
         for key in ("firecracker_bin", "jailer", "kernel", "initrd"):
             data[key] = Path(data[key]) if data[key] is not None else None
         data["memory"] = MemBackend(data["memory"])
+        data["warm"] = CacheLevel(data["warm"]) if data["warm"] else None
         data["maps"] = tuple(VolumeMap(Path(m["host_dir"]), m["guest_path"], bool(m["read_only"]))
                              for m in data["maps"])
         data["publish"] = tuple(PortMapping.from_json(m) for m in data["publish"])

@@ -25,6 +25,7 @@ from fcvm.core.proc import ProcessRef
 from fcvm.run import cleanup
 from fcvm.run.agent_link import AgentLink, poll_health, published_health_target, start_thread
 from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
+from fcvm.snapshot.cache import CacheLevel
 from fcvm.state import Store, VmRecord
 from fcvm.state.journal import Journal
 from fcvm.vmm.base import Drive, Hypervisor, MachineSpec
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from fcvm.network import VmNetwork
     from fcvm.snapshot.restore import OpenSnapshot
     from fcvm.vmm.firecracker.jail import Jail
+
+
+PRESTART_NAME = "prestart"  # the name in a prepare plan: nothing of the run may reach the guest before its plan
 
 
 class VmSupervisor:
@@ -151,11 +155,18 @@ class VmSupervisor:
             hostname=request.name,
         )
         plan.validate()
+        # What the agent needs before anything of the run: the same for every run of the image, so a pre-start
+        # snapshot taken once it is prepared holds nothing of this run.
+        prepare = replace(plan, name=PRESTART_NAME, cmd=[], env={}, user="", workdir="", volumes=[], hostname="")
+        firecracker = request.hypervisor == VmmKind.FIRECRACKER
+        restoring_before_the_run = snapshot is not None and request.warm == CacheLevel.PRESTART
         self.agent = AgentLink(
-            plan=plan, send_plan=request.hypervisor != VmmKind.FIRECRACKER and snapshot is None,
+            plan=plan if snapshot is None or restoring_before_the_run else None,
+            prepare=prepare if snapshot is None and not firecracker else None,
             restored=snapshot is not None, container_log=self._container_log,
             echo_output=request.echo_output, agent_reports_health=not request.health_url,
             on_stage=self._on_stage, on_health=self._set_health, logger=self._log,
+            on_prepared=self._on_prepared,
         )
         self.agent.accept_forever(self._listen(Path(f"{vsock_uds}_{wire_ports.HOST_CONTROL}")), self._stop)
         self._serve_volumes(vsock_uds, maps)
@@ -168,7 +179,7 @@ class VmSupervisor:
             mem_file=self.workdir / "mem" if request.hypervisor == VmmKind.QEMU and snapshot is None else None,
             restore=snapshot.restore_spec(request, self.workdir) if snapshot else None,
         )
-        self.hypervisor = self._hypervisor(spec, plan)
+        self.hypervisor = self._hypervisor(spec, prepare)
         jail_info = {"jail": {"root": str(self.jail.root), "uid": self.jail.uid}} if self.jail else {}
         self.store.update_vm(self.vm.id, config={
             **self.vm.config, "vsock_uds": str(vsock_uds), **jail_info,
@@ -271,7 +282,7 @@ class VmSupervisor:
         jail.create()
         return jail
 
-    def _hypervisor(self, spec: MachineSpec, plan: Plan) -> Hypervisor:
+    def _hypervisor(self, spec: MachineSpec, prepare: Plan) -> Hypervisor:
         from fcvm.guest import qemu_boot_args
 
         if self.request.hypervisor == VmmKind.FIRECRACKER:
@@ -284,7 +295,7 @@ class VmSupervisor:
             spec.boot_args = (f"{qemu_boot_args()} fcvm_plan=mmds "
                               f"fcvm_net={guest['address']}/{guest['prefix']},{guest['gateway']}")
             return FirecrackerVm(spec, binary=self.request.firecracker_bin,
-                                 mmds=json.loads(plan.to_json()), jail=self.jail)
+                                 mmds=json.loads(prepare.to_json()), jail=self.jail)
         from fcvm.vmm.qemu import QemuVm
 
         spec.boot_args = f"{qemu_boot_args()} fcvm_plan=channel"
@@ -300,6 +311,9 @@ class VmSupervisor:
             self.store.update_vm(self.vm.id, config={**current.config, "timings": self._timings})
         if stage == "container_running" and self.request.health_url:
             self._start_health_poll(self.request.health_url)
+
+    def _on_prepared(self) -> None:
+        """The image is loaded and podman warm, and nothing of the run has reached the guest yet."""
 
     def _set_health(self, health: Health) -> None:
         assert self.vm is not None

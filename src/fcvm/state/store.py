@@ -380,6 +380,10 @@ class Store:
         data["info"] = json.loads(data["info"])
         return SnapshotRecord(**data)
 
+    def update_snapshot_info(self, snapshot_id: str, info: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE snapshots SET info = ? WHERE id = ?", (json.dumps(info), snapshot_id))
+
     def delete_snapshot(self, snapshot_id: str) -> None:
         with self.transaction() as db:
             db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))

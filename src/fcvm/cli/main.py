@@ -63,6 +63,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rm", action="store_true", help="remove the VM's record when it exits")
     parser.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
                         help="fail if the container is not running this long after start (default 300)")
+    parser.add_argument("--no-snapshot", action="store_true",
+                        help="boot cold: neither start from the snapshot cache nor add to it (also FCVM_NO_SNAPSHOT=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

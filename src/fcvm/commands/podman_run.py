@@ -49,6 +49,7 @@ def build_request(args: argparse.Namespace) -> RunRequest:
         initrd=Path(args.initrd) if args.initrd else None,
         remove=args.rm,
         boot_timeout=args.boot_timeout,
+        use_cache=not args.no_snapshot,
     )
 
 
@@ -80,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--cpu must be at least 1 and --mem at least 128 (MiB)")
     if args.boot_timeout <= 0:
         raise UsageError("--boot-timeout must be positive")
-    request = build_request(args)
+    from fcvm.run.warm import choose_start, run_with_fallback
+    from fcvm.state import Store
+
+    request = choose_start(build_request(args), Store())
     if args.detach:
         from fcvm.run.detach import detach
 
         detach(request)
         return 0
-    from fcvm.run.supervisor import VmSupervisor
-
-    return VmSupervisor(request).run()
+    return run_with_fallback(request)

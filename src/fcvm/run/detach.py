@@ -58,13 +58,13 @@ def detach(request: RunRequest, *, quiet: bool = False) -> str:
 def main() -> None:
     """The detached child: `python3 -m fcvm.run.detach VM_ID`, the request as JSON on stdin."""
     from fcvm.core import log
-    from fcvm.run.supervisor import VmSupervisor
+    from fcvm.run.warm import run_with_fallback
 
     log.setup(None)
     request = RunRequest.from_json(sys.stdin.read())
     sys.stdin.close()
     try:
-        code = VmSupervisor(replace(request, echo_output=False), vm_id=sys.argv[1]).run()
+        code = run_with_fallback(replace(request, echo_output=False), vm_id=sys.argv[1])
     except FcvmError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         code = exc.exit_code

@@ -25,7 +25,7 @@ from fcvm.core.proc import ProcessRef
 from fcvm.run import cleanup
 from fcvm.run.agent_link import AgentLink, poll_health, published_health_target, start_thread
 from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
-from fcvm.snapshot.cache import CacheLevel
+from fcvm.snapshot.cache import CacheLevel, RunShape
 from fcvm.state import Store, VmRecord
 from fcvm.state.journal import Journal
 from fcvm.vmm.base import Drive, Hypervisor, MachineSpec
@@ -38,7 +38,12 @@ if TYPE_CHECKING:
     from fcvm.vmm.firecracker.jail import Jail
 
 
+RESTORE_TIMEOUT = 60.0  # a guest restored from a good snapshot answers in about a second, even under TCG
 PRESTART_NAME = "prestart"  # the name in a prepare plan: nothing of the run may reach the guest before its plan
+
+
+class RestoreFailed(FcvmError):
+    """The VM could not be restored from its snapshot; nothing of it is left."""
 
 
 class VmSupervisor:
@@ -58,6 +63,7 @@ class VmSupervisor:
         self._t0 = time.monotonic()
         self._timings: dict[str, float] = {"t0_wall": time.time()}  # the stages below are seconds after this
         self._failure: str | None = None
+        self._cache_shape: RunShape | None = None  # a cold run that leaves cache entries behind
         self._container_log: IO[str] | None = None
         self._listeners: list[socket.socket] = []
         self._volume_servers: list[Any] = []
@@ -71,17 +77,27 @@ class VmSupervisor:
         try:
             self._create()
             self._supervise()
+        except FcvmError as exc:
+            if self._restoring_failed():
+                raise RestoreFailed(str(exc)) from exc
+            raise
         finally:
             self._teardown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         failure = self._failure or (self.agent.failure if self.agent else None)
+        if failure and self._restoring_failed():
+            raise RestoreFailed(failure)
         if failure:
             raise FcvmError(f"VM {self.request.name}: {failure}",
                             hint=f"the guest console is in {self.log_dir / 'console.log'}")
         if self.agent is not None and self.agent.exit_code is not None:
             return self.agent.exit_code
         return {"SIGINT": 130, "SIGTERM": 143}.get(self._stop_reason, 1)
+
+    def _restoring_failed(self) -> bool:
+        """A restore that never reached the agent: the snapshot (or cache entry) is at fault, not the run."""
+        return self.request.snapshot is not None and "restored" not in self._timings and not self._stop_reason
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_reason = signal.Signals(signum).name
@@ -103,12 +119,14 @@ class VmSupervisor:
         snapshot = self._open_snapshot() if request.snapshot else None  # checked before anything is created
         image = snapshot.description.image if snapshot else request.image
         self.vm = self.store.create_vm(
-            request.name, kind=RowKind.CLONE if snapshot else RowKind.VM, image=image,
+            request.name, kind=RowKind.CLONE if snapshot and not request.warm else RowKind.VM, image=image,
             hypervisor=request.hypervisor, process=ProcessRef.self(), vm_id=self.vm_id, serve_id=request.serve_id,
             config={"cmd": list(snapshot.description.cmd if snapshot else request.cmd),
                     "env_keys": sorted(request.env), "cpus": request.cpus, "mem_mib": request.mem_mib,
                     "maps": [m.guest_path for m in request.maps], "health_url": request.health_url,
-                    **({"snapshot": request.snapshot, "memory": request.memory} if snapshot else {})},
+                    **({"snapshot": request.snapshot, "memory": request.memory} if snapshot else {}),
+                    "start": {"from": request.warm or ("clone" if snapshot else "cold"),
+                              **({"entry": request.snapshot} if request.warm else {})}},
         )
         self.journal = Journal(self.store, self.vm.id)
         self.journal.record("dir", path=str(self.workdir))
@@ -120,6 +138,9 @@ class VmSupervisor:
             kernel, initrd, drives, maps = self._clone_disks(snapshot)
             image_disk = None
         else:
+            from fcvm.run.warm import run_shape
+
+            self._cache_shape = run_shape(request) if self.vm.kind == RowKind.VM else None
             kernel, initrd, rootfs = self._assets()
             from fcvm.storage.disks import make_vm_disk
             from fcvm.storage.images import export_image
@@ -311,9 +332,18 @@ class VmSupervisor:
             self.store.update_vm(self.vm.id, config={**current.config, "timings": self._timings})
         if stage == "container_running" and self.request.health_url:
             self._start_health_poll(self.request.health_url)
+        if stage == "healthy" and self._cache_shape is not None:
+            from fcvm.run.warm import take_entry_in_background
+
+            take_entry_in_background(self.vm.id, self._cache_shape, CacheLevel.STARTUP)
 
     def _on_prepared(self) -> None:
-        """The image is loaded and podman warm, and nothing of the run has reached the guest yet."""
+        """The image is loaded and podman warm, and nothing of the run has reached the guest yet: the moment
+        for a pre-start cache entry (taken before the agent gets its plan, so the pause is the run's own)."""
+        if self._cache_shape is not None and self.vm is not None:
+            from fcvm.run.warm import take_entry
+
+            take_entry(self.vm.id, self._cache_shape, CacheLevel.PRESTART)
 
     def _set_health(self, health: Health) -> None:
         assert self.vm is not None
@@ -377,7 +407,11 @@ class VmSupervisor:
         agent = self.agent
         deadline = time.monotonic() + self.request.boot_timeout
         server = self._page_server()
+        restore_deadline = time.monotonic() + min(self.request.boot_timeout, RESTORE_TIMEOUT)
         while not self._stop.is_set() and not agent.container_done.is_set():
+            if self.request.snapshot and "restored" not in self._timings and time.monotonic() > restore_deadline:
+                self._failure = f"the restored guest did not answer within {RESTORE_TIMEOUT:.0f} s"
+                return
             if server is not None and not server.alive():
                 # Without its page server a UFFD clone's next fault would hang the guest for good.
                 self._failure = "its memory server (fcvm snapshot serve) is gone; the clone cannot go on"

@@ -41,9 +41,12 @@ def collect(store: Store) -> dict[str, Any]:
     for snap in store.list_snapshots():
         mine = [s for s in servers if s["snapshot"] == snap.name]
         claimed.update(s["id"] for s in mine)
+        info = snap.info
         snapshots.append({
-            "id": snap.id, "name": snap.name, "vm_id": snap.vm_id, "path": snap.path,
-            "created": snap.created, "info": snap.info, "servers": mine,
+            "id": snap.id, "name": snap.name, "kind": info.get("kind", "user"), "image": info.get("image", ""),
+            "size": info.get("size", 0), "vm_id": snap.vm_id, "path": snap.path, "created": snap.created,
+            "key": info.get("key"), "last_used": info.get("last_used"), "hits": info.get("hits"),
+            "info": info, "servers": mine,
         })
     return {"snapshots": snapshots, "servers": [s for s in servers if s["id"] not in claimed]}
 
@@ -58,12 +61,13 @@ def _client_rows(data: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, A
 
 
 def _print_plain(data: dict[str, Any]) -> None:
-    print("SNAPSHOT\tPATH\tSERVER\tCLIENTS\tAGE")
+    print("SNAPSHOT\tKIND\tIMAGE\tSIZE\tSERVER\tCLIENTS\tAGE\tPATH")
     now = time.time()
     for snap in data["snapshots"]:
         servers = ",".join(f"{s['pid']}({s['status']})" for s in snap["servers"]) or "-"
         live = sum(s["clients_live"] for s in snap["servers"])
-        print(f"{snap['name']}\t{snap['path']}\t{servers}\t{live}\t{now - snap['created']:.0f}s")
+        print(f"{snap['name']}\t{snap['kind']}\t{snap['image']}\t{_mib(snap['size'])}\t{servers}\t{live}\t"
+              f"{now - snap['created']:.0f}s\t{snap['path']}")
     for s in data["servers"]:
         print(f"-\t{s['mem_file']}\t{s['pid']}({s['status']})\t{s['clients_live']}\t-")
     rows = _client_rows(data)
@@ -83,18 +87,18 @@ def _print_rich(data: dict[str, Any]) -> None:
 
     console = Console()
     table = Table(title="Snapshots", title_justify="left")
-    for col in ("SNAPSHOT", "PATH", "SERVER", "CLIENTS", "WORKING SET", "AGE"):
+    for col in ("SNAPSHOT", "KIND", "IMAGE", "SIZE", "SERVER", "CLIENTS", "WORKING SET", "AGE"):
         table.add_column(col)
     now = time.time()
     for snap in data["snapshots"]:
         servers = ", ".join(f"pid {s['pid']} ({s['status']})" for s in snap["servers"]) or "-"
         live = sum(s["clients_live"] for s in snap["servers"])
         ws = max((s["working_set_bytes"] for s in snap["servers"]), default=0)
-        table.add_row(snap["name"], snap["path"], servers, str(live), _mib(ws) if ws else "-",
-                      f"{now - snap['created']:.0f}s")
+        table.add_row(snap["name"], snap["kind"], snap["image"], _mib(snap["size"]), servers, str(live),
+                      _mib(ws) if ws else "-", f"{now - snap['created']:.0f}s")
     for s in data["servers"]:
-        table.add_row("-", s["mem_file"] or "-", f"pid {s['pid']} ({s['status']})", str(s["clients_live"]),
-                      _mib(s["working_set_bytes"]) if s["working_set_bytes"] else "-", "-")
+        table.add_row("-", "-", s["mem_file"] or "-", "-", f"pid {s['pid']} ({s['status']})",
+                      str(s["clients_live"]), _mib(s["working_set_bytes"]) if s["working_set_bytes"] else "-", "-")
     console.print(table)
     rows = _client_rows(data)
     if rows:

@@ -16,6 +16,7 @@ from fcvm.snapshot.cache import (
     creation_claim,
     disabled_by_environment,
     lookup,
+    prune,
     remove_entry,
     tag_for,
 )
@@ -94,6 +95,7 @@ def take_entry(vm_id: str, shape: RunShape, level: CacheLevel) -> None:
                 return
             create_snapshot(store, vm, tag, kind=SnapshotKind.CACHE,
                             extra_info={"level": level, "key": shape.key(level), "hits": 0})
+        prune(store)  # the least recently used entries make room
     except FcvmError as exc:  # the run goes on without the entry
         _log.warning("could not add the %s cache entry: %s", level, exc)
     finally:

@@ -135,12 +135,16 @@ def entries(store: Store) -> list[SnapshotRecord]:
     return [r for r in store.list_snapshots() if is_cache(r)]
 
 
-def prune(store: Store, *, everything: bool = False, limit: int | None = None,
-          in_use: set[str] | None = None) -> list[SnapshotRecord]:
+def entries_in_use(store: Store) -> set[str]:
+    """Snapshots a live VM was restored from (its memory may be mapped from the entry's file)."""
+    return {str(vm.config["snapshot"]) for vm in store.list_vms() if vm.config.get("snapshot")}
+
+
+def prune(store: Store, *, everything: bool = False, limit: int | None = None) -> list[SnapshotRecord]:
     """Remove cache entries: all of them, or the least recently used until the rest fit in `limit` bytes.
-    Entries in `in_use` (tags a live VM was restored from) are kept. Returns what was removed."""
+    Entries a live VM was restored from are kept. Returns what was removed."""
     limit = cache_max_bytes() if limit is None else limit
-    busy = in_use or set()
+    busy = entries_in_use(store)
     candidates = sorted(entries(store), key=lambda r: float(r.info.get("last_used", r.created)))
     total = sum(int(r.info.get("size", 0)) for r in candidates)
     removed = []

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from fcvm.core import paths
 from fcvm.core.errors import FcvmError
@@ -41,6 +42,7 @@ def detach(request: RunRequest, *, quiet: bool = False) -> str:
             vm = store.get_vm(vm_id)
             if vm is not None and vm.status == VmStatus.RUNNING and vm.health != Health.STARTING:
                 child.release()
+                _relay_warnings(log_path)
                 if not quiet:
                     print(vm.id)
                 return vm.id
@@ -53,6 +55,14 @@ def detach(request: RunRequest, *, quiet: bool = False) -> str:
             time.sleep(0.1)
         raise FcvmError(f"VM {request.name} did not become ready within {request.boot_timeout + 60:.0f} s",
                         hint=f"see {log_path}")
+
+
+def _relay_warnings(log_path: Path) -> None:
+    """What the background run warned about so far (a cache entry that failed to restore, say) is the user's to
+    see, as a foreground run would have shown it."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.lstrip().startswith(("warning ", "error ")):
+            print(line.strip(), file=sys.stderr)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from fcvm.core import log
 from fcvm.core.proc import ProcessRef
 from fcvm.vmm.base import MachineSpec, MemBackend, RestoreSpec
 from fcvm_standins.fc_mock.mmds import merge_patch
-from fcvm_standins.fc_mock.snapshot import VM_KEYS, SnapshotFileError, SnapshotHeader, qemu_order
+from fcvm_standins.fc_mock.snapshot import SnapshotFileError, SnapshotHeader, qemu_order
 from fcvm_standins.fc_mock.spec import Spec
 
 _log = log.get("fc_mock")
@@ -252,7 +252,6 @@ class FcMock:
             "vsock": c.vsock,
             "mmds-config": c.mmds_config,
         }
-        assert set(full) == set(VM_KEYS)
         return {k: copy.deepcopy(v) for k, v in full.items() if v is not None}
 
     # -- pre-boot resources ---------------------------------------------------------------------

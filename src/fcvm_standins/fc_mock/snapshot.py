@@ -21,7 +21,6 @@ from fcvm_standins.fc_mock.spec import Spec
 FORMAT = "fc-mock-snapshot"
 FORMAT_VERSION = 1
 MAX_HEADER = 1 << 20  # the configuration is a few KiB; a longer first line is not a header
-VM_KEYS = ("boot-source", "machine-config", "drives", "network-interfaces", "vsock", "mmds-config")
 
 
 class SnapshotFileError(Exception):

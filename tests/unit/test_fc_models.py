@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fcvm.core.errors import FcvmError
-from fcvm.vmm.base import Drive, MachineSpec
+from fcvm.vmm.base import Drive, MachineSpec, MemBackend, RestoreSpec
 from fcvm.vmm.firecracker import FirecrackerVm
 from fcvm.vmm.firecracker import models as m
 from fcvm_standins.fc_mock.spec import Spec
@@ -58,6 +58,31 @@ def test_every_boot_request_validates(spec: Spec, tmp_path: Path) -> None:
                      "/network-interfaces/eth0", "/vsock", "/mmds/config", "/mmds", "/actions"]
     for method, path, body in requests:
         assert_valid(spec, method, path, body)
+
+
+@pytest.mark.parametrize("backend", [MemBackend.FILE, MemBackend.UFFD])
+def test_every_restore_request_validates(spec: Spec, tmp_path: Path, backend: MemBackend) -> None:
+    machine = full_machine(tmp_path)
+    restore = RestoreSpec(state=tmp_path / "snap" / "state", memory=tmp_path / "snap" / "memory", backend=backend,
+                          uffd_socket=tmp_path / "snap" / "uffd.sock", vmm_version="1.16.1")
+    requests = FirecrackerVm(machine, binary=Path("/bin/false"), mmds=None).restore_requests(restore)
+    assert [(method, path) for method, path, _body in requests] == [
+        ("PUT", "/snapshot/load"), ("PATCH", "/drives/root"), ("PATCH", "/drives/image"), ("PATCH", "/vm")]
+    for method, path, body in requests:
+        assert_valid(spec, method, path, body)
+    load = requests[0][2]
+    assert isinstance(load, m.Model)
+    sent = load.body((1, 16))
+    expected_memory = str(restore.uffd_socket if backend == MemBackend.UFFD else restore.memory)
+    assert sent["mem_backend"] == {"backend_type": str(backend), "backend_path": expected_memory}
+    assert sent["resume_vm"] is False  # the drives move to the clone's files before the guest runs
+    assert sent["network_overrides"] == [{"iface_id": "eth0", "host_dev_name": "tap0"}]
+    assert sent["vsock_override"] == {"uds_path": str(tmp_path / "v.sock")}
+    assert [body.body((1, 16)) for _m, _p, body in requests[1:3] if isinstance(body, m.Model)] == [
+        {"drive_id": "root", "path_on_host": str(tmp_path / "root.ext4")},
+        {"drive_id": "image", "path_on_host": str(tmp_path / "img")}]
+    with pytest.raises(m.UnsupportedFieldError, match="vsock_override"):  # no override before 1.16: refused
+        load.body((1, 15))
 
 
 def test_minimal_boot_requests_validate(spec: Spec, tmp_path: Path) -> None:

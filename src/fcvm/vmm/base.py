@@ -32,6 +32,7 @@ class RestoreSpec:
     state: Path  # the device-state stream
     memory: Path  # the frozen memory file
     backend: MemBackend = MemBackend.FILE
+    state_offset: int = 0  # where the stream starts in `state` (fc-mock's snapshot file puts a header first)
     uffd_socket: Path | None = None  # the page server's socket (Uffd)
     preload: Path | None = None  # the QEMU library that hands guest RAM to the page server (Uffd under QEMU)
     vmm_version: str = ""  # the version that took the snapshot: a different one is refused before loading

@@ -93,10 +93,10 @@ def qemu_version(qmp: Qmp) -> str:
 
 
 def save_snapshot(qmp_socket: Path, *, state: Path, memory: Path, ram_file: Path,
-                  frozen: Callable[[], None] = lambda: None, resume: bool = True) -> float:
-    """Pause the VM, write its device state to `state`, freeze its shared RAM file into `memory` (a reflink),
-    call `frozen` while it is still paused (to freeze its writable disks), and resume it unless told not to.
-    Returns how long the guest was paused, in seconds."""
+                  frozen: Callable[[], None] = lambda: None, resume: bool = True, header: bytes = b"") -> float:
+    """Pause the VM, write its device state to `state` (after `header`, if given), freeze its shared RAM file into
+    `memory` (a reflink), call `frozen` while it is still paused (to freeze its writable disks), and resume it
+    unless told not to. Returns how long the guest was paused, in seconds."""
     from fcvm.storage.btrfs import clone_file
 
     with Qmp(qmp_socket) as qmp:
@@ -106,6 +106,9 @@ def save_snapshot(qmp_socket: Path, *, state: Path, memory: Path, ram_file: Path
         try:
             fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
+                unwritten = memoryview(header)
+                while unwritten:  # QEMU writes the stream from the fd's offset on, after the header
+                    unwritten = unwritten[os.write(fd, unwritten):]
                 qmp.pass_file(_STATE_FD, fd)
             finally:
                 os.close(fd)
@@ -262,6 +265,7 @@ class QemuVm:
             qmp.ignore_shared_ram()
             fd = os.open(restore.state, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                os.lseek(fd, restore.state_offset, os.SEEK_SET)  # QEMU reads the stream from the fd's offset
                 qmp.pass_file(_STATE_FD, fd)
             finally:
                 os.close(fd)

@@ -3,11 +3,22 @@
 Order of checks, as in Firecracker: route, body size, JSON, schema (the official spec, closed
 objects), ids, then the VM state rules from NOTES.md, then semantics (files exist, one root
 drive, ...). Resources fc-mock cannot emulate on QEMU (balloon, entropy, pmem, cpu-config, ...)
-pass validation and the state rules and are then refused with a 400 that says so; snapshots too.
+pass validation and the state rules and are then refused with a 400 that says so.
+
+Snapshots, on QEMU (see snapshot.py for the file): `PATCH /vm` is QMP stop/cont; `PUT /snapshot/create` (Full,
+Paused only) writes the configuration and the device-state stream to `snapshot_path` and a reflink of the
+shared RAM file to `mem_file_path`, and leaves the VM paused, as Firecracker does. `PUT /snapshot/load` (a fresh
+process only) rebuilds the machine from the file, with `network_overrides`, `vsock_override` and the memory
+backend: File maps the memory file privately, Uffd preloads fcvm's library into QEMU, which does Firecracker's
+handshake with the page server at `backend_path`. Firecracker reopens the drives at their baked paths on load
+and lets `PATCH /drives` move them before `PATCH /vm Resumed`; QEMU opens its drives when it starts, so after a
+load with `resume_vm: false` fc-mock checks the baked paths, applies the patches and starts QEMU at the resume.
+A client sees Firecracker's sequence either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -15,14 +26,15 @@ import re
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from fcvm.core import log
 from fcvm.core.proc import ProcessRef
-from fcvm.vmm.base import MachineSpec
+from fcvm.vmm.base import MachineSpec, MemBackend, RestoreSpec
 from fcvm_standins.fc_mock.mmds import merge_patch
+from fcvm_standins.fc_mock.snapshot import SnapshotFileError, SnapshotHeader, qemu_order
 from fcvm_standins.fc_mock.spec import Spec
 
 _log = log.get("fc_mock")
@@ -58,6 +70,14 @@ class Backend(Protocol):
     def resume(self) -> None: ...
 
     def stop(self, timeout: float = 10.0) -> None: ...
+
+    def vmm_version(self) -> str:
+        """The hypervisor's version, recorded in a snapshot: only the same one can load its state."""
+        ...
+
+    def save(self, state: Path, memory: Path, header: bytes) -> None:
+        """Write `header` and the device state of the paused VM to `state` and its RAM to `memory`; stay paused."""
+        ...
 
 
 BackendFactory = Callable[[MachineSpec], Backend]
@@ -137,7 +157,8 @@ class FcMock:
         self.fresh = True  # no boot-specific resource configured yet (snapshot/load allowed)
         self.backend: Backend | None = None
         self.guest_mmds: Any = None
-        self.machine_spec: MachineSpec | None = None
+        self.machine_spec: MachineSpec | None = None  # the machine the backend runs
+        self.pending: RestoreSpec | None = None  # loaded with resume_vm false: QEMU starts at PATCH /vm Resumed
         self._lock = threading.RLock()
         self._exited = False
 
@@ -217,18 +238,21 @@ class FcMock:
         return Response(200, dict(self.config.machine))
 
     def op_getExportVmConfig(self, body: None) -> Response:
+        full = {**self._vm_config(), "logger": self.config.logger, "metrics": self.config.metrics}
+        return Response(200, {k: copy.deepcopy(v) for k, v in full.items() if v is not None})
+
+    def _vm_config(self) -> dict[str, Any]:
+        """The machine's configuration (FullVmConfiguration keys), drives in QEMU's device order."""
         c = self.config
         full: dict[str, Any] = {
             "boot-source": c.boot_source,
             "machine-config": c.machine,
-            "drives": list(c.drives.values()),
+            "drives": qemu_order(list(c.drives.values())),
             "network-interfaces": list(c.ifaces.values()),
             "vsock": c.vsock,
             "mmds-config": c.mmds_config,
-            "logger": c.logger,
-            "metrics": c.metrics,
         }
-        return Response(200, {k: copy.deepcopy(v) for k, v in full.items() if v is not None})
+        return {k: copy.deepcopy(v) for k, v in full.items() if v is not None}
 
     # -- pre-boot resources ---------------------------------------------------------------------
 
@@ -381,7 +405,16 @@ class FcMock:
         self._same_id(drive_id, body["drive_id"])
         if drive_id not in self.config.drives:
             raise Fault(f"Unable to patch the block device: drive {drive_id} does not exist.")
-        self._unsupported("changing a drive after boot")
+        if self.pending is None:
+            self._unsupported("changing a drive of a running guest (only between snapshot load and resume)")
+        if "rate_limiter" in body:
+            self._unsupported("drive rate limiters")
+        path = body.get("path_on_host")
+        if path is not None:
+            if not _exists(path):
+                raise Fault(f"Unable to patch the block device: Virtio backend error: Error manipulating the "
+                            f"backing file: No such file or directory (os error 2) {path}")
+            self.config.drives[drive_id]["path_on_host"] = path
 
     def op_patchGuestNetworkInterfaceByID(self, body: dict[str, Any], iface_id: str) -> None:
         self._post_boot()
@@ -400,6 +433,11 @@ class FcMock:
 
     def op_patchVm(self, body: dict[str, Any]) -> None:
         self._post_boot()
+        if self.pending is not None:  # loaded, not resumed: nothing runs yet
+            if body["state"] == "Resumed":
+                self._run_machine(replace(self.build_machine_spec(), restore=self.pending), "resume")
+                self.pending = None
+            return
         assert self.backend is not None
         try:
             if body["state"] == "Paused":
@@ -420,9 +458,28 @@ class FcMock:
         if self.state != PAUSED:
             raise Fault("Create snapshot error: Cannot save the microVM state: the microVM is not paused. "
                         "Pause it first with PATCH /vm {\"state\": \"Paused\"}.")
-        if body.get("snapshot_type") == "Diff" and not self.config.machine.get("track_dirty_pages"):
-            raise Fault("Create snapshot error: Diff snapshots require track_dirty_pages in machine-config.")
-        self._unsupported("snapshot creation")
+        if body.get("snapshot_type") == "Diff":
+            if not self.config.machine.get("track_dirty_pages"):
+                raise Fault("Create snapshot error: Diff snapshots require track_dirty_pages in machine-config.")
+            raise Fault("Create snapshot error: fc-mock takes Full snapshots only: its QEMU (7.2) has no format for "
+                        "the pages dirtied since the last one. Use snapshot_type Full.")
+        if self.pending is not None or (self.machine_spec is not None and self.machine_spec.restore is not None):
+            # A restored QEMU's RAM is the snapshot's file mapped privately, or anonymous memory filled by the page
+            # server: not a shared file whose reflink is the memory, so its device-state stream would carry it all.
+            raise Fault("Create snapshot error: fc-mock cannot snapshot a microVM restored from a snapshot: its "
+                        "guest memory is not a shared file. Snapshot the original microVM.")
+        backend = self.backend
+        assert backend is not None
+        state, memory = Path(body["snapshot_path"]), Path(body["mem_file_path"])
+        try:
+            header = SnapshotHeader(self.spec.version, backend.vmm_version(), self._vm_config())
+            for target in (state, memory):  # Firecracker overwrites both files
+                target.unlink(missing_ok=True)
+            backend.save(state, memory, header.line())
+        except Exception as exc:
+            _log.error("snapshot create failed: %s", exc)
+            raise Fault(f"Create snapshot error: {exc}") from None
+        _log.info("snapshot created: %s (memory %s)", state, memory)
 
     def op_loadSnapshot(self, body: dict[str, Any]) -> None:
         if self.state != NOT_STARTED:
@@ -433,7 +490,90 @@ class FcMock:
             raise Fault("Only one of mem_backend and mem_file_path may be given.")
         if "mem_backend" not in body and "mem_file_path" not in body:
             raise Fault("A memory backend (mem_backend) is required to load a snapshot.")
-        self._unsupported("snapshot restore")
+        if body.get("clock_realtime"):
+            self._unsupported("clock_realtime (TCG has no KVM clock to advance; the guest agent resyncs the clock)")
+        snapshot_path = Path(body["snapshot_path"])
+        try:
+            header, offset = SnapshotHeader.read(snapshot_path, self.spec)
+        except SnapshotFileError as exc:
+            raise Fault(f"Load snapshot error: {exc}") from None
+        if _minor(header.firecracker_version) != _minor(self.spec.version):
+            raise Fault(f"Load snapshot error: the snapshot was taken by Firecracker {header.firecracker_version}, "
+                        f"whose snapshot format this Firecracker {self.spec.version} cannot read.")
+        config = self._restored_config(header, body)
+        restore = self._memory_backend(body, snapshot_path, offset, header, config)
+        self.config = config
+        self.fresh = False
+        if body.get("resume_vm"):
+            self._run_machine(replace(self.build_machine_spec(), restore=restore), "load")
+        else:
+            self.pending = restore
+            self.state = PAUSED
+
+    def _restored_config(self, header: SnapshotHeader, body: dict[str, Any]) -> Config:
+        """The snapshot's configuration with the load's overrides, once every host resource it names is usable."""
+        vm = copy.deepcopy(header.vm)
+        config = Config(
+            boot_source=vm["boot-source"], machine=vm["machine-config"],
+            drives={d["drive_id"]: d for d in vm.get("drives", [])},
+            ifaces={i["iface_id"]: i for i in vm.get("network-interfaces", [])},
+            vsock=vm.get("vsock"), mmds_config=vm.get("mmds-config"),
+            logger=self.config.logger, metrics=self.config.metrics,
+        )
+        if body.get("track_dirty_pages") is not None:
+            config.machine["track_dirty_pages"] = body["track_dirty_pages"]
+        for override in body.get("network_overrides", []):
+            iface = config.ifaces.get(override["iface_id"])
+            if iface is None:
+                raise Fault(f"Load snapshot error: network override for {override['iface_id']}: the snapshot has "
+                            "no network interface with that id.")
+            iface["host_dev_name"] = override["host_dev_name"]
+        for iface in config.ifaces.values():
+            if not self.tap_exists(iface["host_dev_name"]):
+                raise Fault(f"Load snapshot error: Open tap device failed: No such device (os error 19). Invalid "
+                            f"TAP name: {iface['host_dev_name']}")
+        if "vsock_override" in body:
+            if config.vsock is None:
+                raise Fault("Load snapshot error: vsock_override given, but the snapshot has no vsock device.")
+            config.vsock["uds_path"] = body["vsock_override"]["uds_path"]
+        if config.vsock is not None and os.path.lexists(config.vsock["uds_path"]):
+            raise Fault(f"Load snapshot error: Cannot create backend for vsock device: Error binding to the "
+                        f"host-side Unix socket: Address in use (os error 98): {config.vsock['uds_path']}")
+        for drive in config.drives.values():  # Firecracker reopens every drive at its baked path
+            if not _exists(drive["path_on_host"]):
+                raise Fault(f"Load snapshot error: Cannot restore the block device {drive['drive_id']}: Error "
+                            f"manipulating the backing file: No such file or directory (os error 2) "
+                            f"{drive['path_on_host']}")
+        return config
+
+    def _memory_backend(self, body: dict[str, Any], state: Path, offset: int, header: SnapshotHeader,
+                        config: Config) -> RestoreSpec:
+        backend = body.get("mem_backend") or {"backend_type": "File", "backend_path": body["mem_file_path"]}
+        path = Path(backend["backend_path"])
+        if backend["backend_type"] == "Uffd":
+            if not path.is_socket():
+                raise Fault(f"Load snapshot error: Failed to connect to the UFFD page server at {path}: No such "
+                            "file or directory (os error 2)")
+            from fcvm.core import paths
+            from fcvm.uffd import preload
+
+            library = preload.find([paths.assets_dir()])
+            if library is None:
+                raise Fault("Load snapshot error: fc-mock needs fcvm's UFFD preload library to give QEMU's memory "
+                            "to a page server; run `fcvm setup uffd-preload`.")
+            # No memory file: the page server holds the memory and QEMU maps anonymous RAM.
+            return RestoreSpec(state=state, memory=Path(os.devnull), backend=MemBackend.UFFD, state_offset=offset,
+                               uffd_socket=path, preload=library, vmm_version=header.qemu_version)
+        size = int(config.machine["mem_size_mib"]) << 20
+        try:
+            actual = path.stat().st_size
+        except OSError as exc:
+            raise Fault(f"Load snapshot error: Cannot open the memory file {path}: {exc.strerror}") from None
+        if actual != size:
+            raise Fault(f"Load snapshot error: the memory file {path} has {actual} bytes, and the snapshot's guest "
+                        f"has {size}.")
+        return RestoreSpec(state=state, memory=path, backend=MemBackend.FILE, state_offset=offset,
+                           vmm_version=header.qemu_version)
 
     # -- MMDS -----------------------------------------------------------------------------------
 
@@ -481,7 +621,7 @@ class FcMock:
         c = self.config
         assert c.boot_source is not None
         boot_args = c.boot_source.get("boot_args", DEFAULT_BOOT_ARGS)
-        drives = sorted(c.drives.values(), key=lambda d: not d["is_root_device"])
+        drives = qemu_order(list(c.drives.values()))
         root = drives[0] if drives and drives[0]["is_root_device"] else None
         if root is not None:
             mode = "ro" if root.get("is_read_only") else "rw"
@@ -505,20 +645,31 @@ class FcMock:
             vsock_uds=Path(c.vsock["uds_path"]) if c.vsock else None,
             guest_cid=int(c.vsock["guest_cid"]) if c.vsock else 3,
             enter_argv=[],  # fc-mock already runs inside the VM's namespaces
+            # Shared file RAM in fc-mock's own directory: its reflink is a snapshot's memory file.
+            mem_file=self.workdir / "mem",
         )
 
     def _instance_start(self) -> None:
         if self.config.boot_source is None:
             raise Fault("Cannot start microvm without kernel configuration.")
-        spec = self.build_machine_spec()
+        self._run_machine(self.build_machine_spec(), "start")
+
+    def _run_machine(self, spec: MachineSpec, what: str) -> None:
+        """Start the backend on `spec` (a cold boot, or a restore that ends running) and watch it."""
+        if spec.restore is not None:
+            spec = replace(spec, mem_file=None)  # the RAM comes from the snapshot
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.machine_spec = spec
+        backend: Backend | None = None
         try:
             backend = self.backend_factory(spec)
             backend.start()
         except Exception as exc:
-            _log.error("InstanceStart failed: %s", exc)
-            raise Fault(f"Failed to start the microVM: {exc}") from None
+            _log.error("%s failed: %s", what, exc)
+            if backend is not None:  # a QEMU that started but did not restore must not linger
+                with contextlib.suppress(Exception):
+                    backend.stop(timeout=0.5)
+            raise Fault(f"Failed to {what} the microVM: {exc}") from None
         self.backend = backend
         self.state = RUNNING
         self._start_guest_mmds()
@@ -546,7 +697,9 @@ class FcMock:
 
     def _ctrl_alt_del(self) -> None:
         backend = self.backend
-        assert backend is not None
+        if backend is None:  # loaded, never resumed: no guest runs to see the key press
+            _log.info("SendCtrlAltDel to a microVM that was loaded and not resumed: nothing to do")
+            return
         send = getattr(backend, "send_ctrl_alt_del", None) or getattr(backend, "powerdown", None)
         if callable(send):
             send()
@@ -569,6 +722,11 @@ class FcMock:
             self.guest_mmds.close()
         if self.on_exit is not None:
             self.on_exit(code)
+
+
+def _minor(version: str) -> tuple[str, ...]:
+    """"1.16.1" -> ("1", "16"): Firecracker's snapshot format changes with its minor version."""
+    return tuple(version.split(".")[:2])
 
 
 def _interface_exists(name: str) -> bool:

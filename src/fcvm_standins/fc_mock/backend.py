@@ -8,9 +8,10 @@ console output as its bzImage. So fc-mock hands QEMU the vmlinux it was given. O
 without the PVH note does it fall back to a `bzImage` in the same directory (the asset layout
 `fcvm setup kernel` produces) and logs that it did; without one, QEMU's own error is reported.
 
-Backend: `fcvm.vmm.qemu.QemuVm`. For tests, `FCVM_FC_MOCK_BACKEND=module:attr` or
-`/path/file.py:attr` names another factory `(MachineSpec) -> backend`; fc-mock still identifies
-itself as fc-mock, so this can never pass for Firecracker.
+Backend: `fcvm.vmm.qemu.QemuVm`, with what snapshots need (qemu_backend.py). For tests,
+`FCVM_FC_MOCK_BACKEND=module:attr` or `/path/file.py:attr` names another factory
+`(MachineSpec) -> backend`; fc-mock still identifies itself as fc-mock, so this can never pass
+for Firecracker.
 """
 
 from __future__ import annotations
@@ -93,13 +94,12 @@ def default_factory() -> BackendFactory:
         return cast(BackendFactory, _load_attr(override))
 
     def qemu(spec: MachineSpec) -> Backend:
-        try:
-            from fcvm.vmm.qemu import QemuVm
-        except ImportError as exc:
-            raise RuntimeError(f"the QEMU backend is not available: {exc}") from exc
-        spec.kernel = qemu_kernel(spec.kernel)
+        from fcvm_standins.fc_mock.qemu_backend import FcMockQemu
+
+        if spec.restore is None:  # a restore boots no kernel: it is in the snapshot's memory
+            spec.kernel = qemu_kernel(spec.kernel)
         # In fc-mock's process group: fcvm kills Firecracker's group when it reaps the VMM, so a SIGKILLed
         # fc-mock never leaves its guest running (a real Firecracker's guest dies with it).
-        return cast(Backend, QemuVm(spec, own_session=False))
+        return FcMockQemu(spec, own_session=False)
 
     return qemu

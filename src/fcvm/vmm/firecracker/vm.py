@@ -8,6 +8,21 @@ and Firecracker's log, which goes to stdout without `--log-path`) re-logged line
 stripped. Then: GET /version (1.12 to 1.16), boot-source, machine-config, drives,
 network-interfaces, vsock, mmds/config + PUT /mmds, InstanceStart.
 
+A clone (`spec.restore`) is loaded instead, in the fresh process, as Firecracker needs it:
+- `PUT /snapshot/load` with `resume_vm: false`, the memory backend (File: the snapshot's memory file, mapped
+  privately; Uffd: the page server's socket, which gets Firecracker's handshake), `network_overrides` (the
+  clone's TAP; same name, its own network namespace) and `vsock_override` (the clone's own vsock socket);
+- `PATCH /drives/{id}` for every drive: Firecracker reopens the drives at the paths baked into the snapshot,
+  the source's, and this moves each to the clone's own file before the guest runs again. So the load needs the
+  source's drive files to exist still (Firecracker fails to open them otherwise);
+- `PATCH /vm Resumed`.
+Version gates: `vsock_override` exists from 1.16 on. Older versions bake the source's vsock path in with no
+override; a clone there would need a private mount namespace holding that path, which fcvm does not build, so
+it refuses to restore on them. `network_overrides` (1.12+) is always there. A snapshot loads only into the
+Firecracker minor version that wrote it. Nothing is sent to MMDS: its data store does not survive a load, and
+the agent reads its plan from MMDS only at boot; a restored agent reconnects its control stream by itself and
+the host answers `restored`. `clock_realtime` is not sent either: the agent resyncs the clock on `restored`.
+
 Any failure before the guest runs (no socket, process died, a 400) raises a `FirecrackerError`
 naming the cause and leaves nothing behind: the process group is killed and reaped and the API
 and vsock sockets are unlinked.
@@ -28,7 +43,7 @@ from typing import Any
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
 from fcvm.core.proc import ProcessRef, SpawnError
-from fcvm.vmm.base import MachineSpec
+from fcvm.vmm.base import MachineSpec, MemBackend, RestoreSpec
 from fcvm.vmm.firecracker import models as m
 from fcvm.vmm.firecracker.client import Client, FirecrackerConnectionError, FirecrackerError
 from fcvm.vmm.firecracker.jail import API_SOCKET, Jail
@@ -176,7 +191,12 @@ class FirecrackerVm:
         if client.is_mock:
             self.name = "firecracker (fc-mock)"
         _log.info("%s %s for %s", self.name, self.version, spec.name)
-        for method, path, body in self.boot_requests():
+        if spec.restore is not None:
+            self._check_snapshot_version(spec.restore)
+            requests = self.restore_requests(spec.restore)
+        else:
+            requests = self.boot_requests()
+        for method, path, body in requests:
             self._request(method, path, body)
         self._started = True
 
@@ -214,6 +234,38 @@ class FirecrackerVm:
             steps.append(("PUT", m.MMDS, self.mmds))
         steps.append(("PUT", m.ACTIONS, m.InstanceActionInfo("InstanceStart")))
         return steps
+
+    def restore_requests(self, restore: RestoreSpec) -> list[tuple[str, str, m.Model | dict[str, Any]]]:
+        """Load the snapshot paused, move every drive to this VM's own file, resume."""
+        spec = self.spec
+        if restore.backend == MemBackend.UFFD:
+            if restore.uffd_socket is None:
+                raise FcvmError("a Uffd restore needs the page server's socket")
+            memory = m.MemoryBackend(backend_type="Uffd", backend_path=self.api_path(restore.uffd_socket))
+        else:
+            memory = m.MemoryBackend(backend_type="File", backend_path=self.api_path(restore.memory))
+        steps: list[tuple[str, str, m.Model | dict[str, Any]]] = []
+        steps.append(("PUT", m.SNAPSHOT_LOAD, m.SnapshotLoadParams(
+            snapshot_path=self.api_path(restore.state),
+            mem_backend=memory,
+            resume_vm=False,  # the drives still point at the source's files
+            network_overrides=[m.NetworkOverride(iface_id=IFACE_ID, host_dev_name=spec.tap)] if spec.tap else None,
+            vsock_override=m.VsockOverride(uds_path=self.api_path(spec.vsock_uds)) if spec.vsock_uds else None,
+        )))
+        for drive in spec.drives:
+            steps.append(("PATCH", m.drive_path(drive.drive_id), m.PartialDrive(
+                drive_id=drive.drive_id, path_on_host=self.api_path(drive.path),
+            )))
+        steps.append(("PATCH", m.VM, m.Vm("Resumed")))
+        return steps
+
+    def _check_snapshot_version(self, restore: RestoreSpec) -> None:
+        """Firecracker's snapshot format changes with its minor version: refuse before loading, with the reason."""
+        assert self._client is not None and self._client.version is not None
+        if m.parse_version(restore.vmm_version) != self._client.version:
+            raise FirecrackerError(
+                f"the snapshot was taken by Firecracker {restore.vmm_version}, and this is {self.version}: "
+                "it cannot load that snapshot format", hint="take the snapshot again with this Firecracker")
 
     def _request(self, method: str, path: str, body: m.Model | dict[str, Any] | None) -> Any:
         assert self._client is not None

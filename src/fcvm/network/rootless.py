@@ -102,9 +102,9 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     try:
         base.spawn_journaled(
             journal,
-            # In the VM's user namespace, as podman runs it in its own: the sandbox's mount namespace is then
-            # owned by that user namespace, so its mounts come in as slaves. Started by real root in the host's,
-            # its pivot_root would unmount every /run/netns/* mount on the host (they propagate back).
+            # In the VM's user namespace, where slirp4netns puts its sandbox by itself unless it runs as root:
+            # the sandbox's mount namespace is then owned by that user namespace and its mounts come in as
+            # slaves. Left in the host's by real root, its pivot_root unmounts every /run/netns/* on the host.
             ["nsenter", "--preserve-credentials", f"--user=/proc/{holder.pid}/ns/user", "--",
              # Not --disable-host-loopback: with it, UDP replies to host clients on 127.x are dropped (podman
              # #4586). The namespace blocks new guest connections to the host's loopback instead.

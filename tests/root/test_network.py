@@ -225,36 +225,62 @@ def udp(sock, port):
         data, addr = sock.recvfrom(2048)
         sock.sendto(b"guest udp %d: %s" % (port, data), addr)
 
-tcp_server = socket.create_server((cfg["address"], 80))  # bound before "ready"
-udp_server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def source(address):
+    # Guest root may send from any address it likes: give the guest that address too.
+    if address and address != cfg["address"]:
+        with IPRoute() as ipr:
+            if not ipr.get_addr(address=address):
+                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=32)
+    return (address or "0.0.0.0", 0)
+
+def client(request):
+    kind = socket.SOCK_STREAM if request["op"] == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.settimeout(5)
+        sock.bind(source(request.get("source")))
+        sock.connect((request["host"], request["port"]))
+        if request["op"] == "tcp":
+            return sock.makefile().readline().strip()
+        sock.send(request["payload"].encode())
+        return sock.recv(2048).decode() if request.get("reply", True) else "sent"
+
+servers = [(tcp, (socket.create_server((cfg["address"], port)), port)) for port in cfg.get("tcp_ports", [80])]
+udp_server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # all bound before "ready"
 udp_server.bind((cfg["address"], 5353))
-for target, args in [(relay, (vm_tap, guest_tap)), (relay, (guest_tap, vm_tap)), (tcp, (tcp_server, 80)),
+for target, args in [(relay, (vm_tap, guest_tap)), (relay, (guest_tap, vm_tap)), *servers,
                      (udp, (udp_server, 5353))]:
     threading.Thread(target=target, args=args, daemon=True).start()
 print("ready", flush=True)
 for line in sys.stdin:
-    host, port = line.split()
     try:
-        with socket.create_connection((host, int(port)), timeout=5) as conn:
-            print("ok", conn.makefile().readline().strip(), flush=True)
+        print("ok", client(json.loads(line)), flush=True)
     except OSError as exc:
         print("error", exc, flush=True)
 """
 
 
 class FakeGuest:
-    def __init__(self, net: VmNetwork) -> None:
-        config = {**net.guest_spec(), "tap": net.tap}
+    """A guest behind the VM's TAP. Its clients may send from any source address, as guest root can."""
+
+    def __init__(self, net: VmNetwork, *, tcp_ports: tuple[int, ...] = (80,)) -> None:
+        config = {**net.guest_spec(), "tap": net.tap, "tcp_ports": list(tcp_ports)}
         self.proc = subprocess.Popen([*net.enter_argv(), sys.executable, "-c", _GUEST, json.dumps(config)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "ready"
 
-    def connect(self, host: str, port: int) -> str:
-        """Connect from inside the guest; the first line the server sends."""
+    def _ask(self, **request: Any) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{host} {port}\n")
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self.proc.stdout.readline().strip()
+
+    def connect(self, host: str, port: int, *, source: str = "") -> str:
+        """Connect from inside the guest: "ok " + the first line the server sends, or "error " + why."""
+        return self._ask(op="tcp", host=host, port=port, source=source)
+
+    def udp(self, host: str, port: int, payload: str, *, source: str = "", reply: bool = True) -> str:
+        """Send one datagram from inside the guest: "ok " + the answer (or "ok sent"), or "error " + why."""
+        return self._ask(op="udp", host=host, port=port, payload=payload, source=source, reply=reply)
 
     def stop(self) -> None:
         self.proc.kill()

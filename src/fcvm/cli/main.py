@@ -48,6 +48,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--network", default=None, choices=list(NetworkMode),
                         help="bridged (root's default) or rootless (everyone else's)")
+    parser.add_argument("--allow-host-loopback", action="store_true",
+                        help="let the VM reach the host's 127.0.0.1 at its gateway address, like podman's"
+                        " slirp4netns:allow_host_loopback=true (by default a VM reaches no host service)")
     parser.add_argument("--health-check", metavar="URL", help="HTTP URL polled through the VM's network")
     parser.add_argument("--hypervisor", default="auto", choices=HYPERVISOR_CHOICES,
                         help="firecracker, qemu or auto (default: firecracker where KVM can boot it)")

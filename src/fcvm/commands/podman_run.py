@@ -37,6 +37,7 @@ def build_request(args: argparse.Namespace) -> RunRequest:
         publish=tuple(parse_publish_all(args.publish)),
         maps=tuple(VolumeMap.parse(spec) for spec in args.map),
         network=mode,
+        allow_host_loopback=args.allow_host_loopback,
         hypervisor=hypervisor,
         firecracker_bin=binary,
         jailer=jailer,

@@ -39,18 +39,24 @@ def default_mode() -> NetworkMode:
 
 
 def setup_network(mode: NetworkMode, *, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping],
-                  tap_uid: int | None = None) -> VmNetwork:
+                  tap_uid: int | None = None, host_loopback: bool = False) -> VmNetwork:
     """Build the VM's network. On any failure everything this call built (and claimed) is gone again.
 
-    `tap_uid` owns the TAP, so a VMM running as that uid (a jailed Firecracker) may attach to it."""
+    The VM reaches the world, DNS and published ports, but neither the host nor another VM; `host_loopback`
+    lets it reach the host's 127.0.0.1 at its gateway address (--allow-host-loopback). `tap_uid` owns the
+    TAP, so a VMM running as that uid (a jailed Firecracker) may attach to it."""
+    if mode not in list(NetworkMode):  # a typo must not quietly get the other mode
+        raise UsageError(f"unknown network mode {mode!r}", hint="use --network bridged or --network rootless")
     from fcvm.network import bridged, rootless
 
     if tap_uid is not None and mode != NetworkMode.BRIDGED:
         raise UsageError("a TAP owned by another uid needs --network bridged")
     try:
         if mode == NetworkMode.BRIDGED:
-            return bridged.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports), tap_uid=tap_uid)
-        return rootless.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports))
+            return bridged.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports), tap_uid=tap_uid,
+                                 host_loopback=host_loopback)
+        return rootless.setup(store=store, journal=journal, vm_id=vm_id, ports=list(ports),
+                              host_loopback=host_loopback)
     except BaseException:
         failures = teardown_network(journal)
         for failure in failures:

@@ -71,6 +71,8 @@ class VmNetwork:
     vm_id: str
     tap: str = TAP_NAME
     ports: list[PortMapping] = field(default_factory=list)
+    # --allow-host-loopback: the guest reaches the host's 127.0.0.1 at its gateway address (GATEWAY_IP)
+    host_loopback: bool = False
     # bridged
     netns: str = ""
     host_if: str = ""
@@ -90,7 +92,7 @@ class VmNetwork:
 
     @property
     def ns_side_ip(self) -> str:
-        """The namespace's uplink address; every port on it is forwarded to the guest."""
+        """The namespace's uplink address; its published guest ports are forwarded to the guest."""
         if self.mode == "bridged":
             return str(ipaddress.IPv4Network(self.subnet)[2])
         return SLIRP_NS_IP
@@ -139,6 +141,7 @@ class VmNetwork:
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode, "vm_id": self.vm_id, "tap": self.tap, "ports": [p.to_json() for p in self.ports],
+            "host_loopback": self.host_loopback,
             "netns": self.netns, "host_if": self.host_if, "subnet": self.subnet,
             "holder_pid": self.holder_pid, "holder_start": self.holder_start, "loopback": self.loopback,
             "api_socket": self.api_socket, "dns": list(self.dns),
@@ -232,6 +235,11 @@ def check_ports(store: Store, vm_id: str, ports: Sequence[PortMapping], *, defau
             raise FcvmError(f"host port {m.host_port} is privileged and this user may not bind it",
                             hint="use a host port >= 1024 or lower net.ipv4.ip_unprivileged_port_start")
         raise port_in_use_error(m, "a process on this host listens on it")
+
+
+def published_guest_ports(ports: Sequence[PortMapping]) -> list[tuple[str, int]]:
+    """(protocol, guest port) of each mapping, each once: what the namespace forwards to the guest."""
+    return list(dict.fromkeys((m.protocol, m.guest_port) for m in ports))
 
 
 NETWORK_ALLOCATION_KINDS = ("port", "subnet", "loopback")

@@ -3,10 +3,16 @@
     host: fc<key>h 172.30.N.1/30  <-veth->  netns fcvm-<key>: uplink0 172.30.N.2/30, tap0 172.31.0.1/30
                                                                guest (behind tap0): 172.31.0.2/30
 
-Host iptables (FCVM-* chains): published ports are DNATed to 172.30.N.2 in PREROUTING (other hosts) and
-OUTPUT (this host, including 127.0.0.1: route_localnet on the veth plus a MASQUERADE so replies come back);
-the /30 is masqueraded on the way out. Inside the netns everything for 172.30.N.2 is DNATed to the guest and
-the guest's traffic is masqueraded as 172.30.N.2.
+Host iptables (FCVM-* chains): published ports are DNATed to 172.30.N.2 in PREROUTING (other hosts, other
+VMs) and OUTPUT (this host, including 127.0.0.1: route_localnet on the veth plus a MASQUERADE so replies come
+back); the /30 is masqueraded on the way out. Inside the netns the published guest ports on 172.30.N.2 are
+DNATed to the guest and the guest's traffic is masqueraded as 172.30.N.2.
+
+What a VM may reach: the world (through NAT), DNS, and published ports on the host's addresses, as any
+outside client would. Not the host (FCVM-INPUT rejects new connections from the veth, except DNS to the
+nameservers the guest was given and, with --allow-host-loopback, the host's loopback), and not another VM
+(FCVM-ISOLATION lets into a veth only replies and connections DNATed to a published port). Only the VM's own
+address leaves its veth; anything else is dropped, on the host and already in the namespace.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def _subnet_candidates() -> Iterator[str]:
 def _host_rules(net: base.VmNetwork) -> list[tuple[str, str, list[str]]]:
     tag = ipt.comment(net.vm_id)
     rules: list[tuple[str, str, list[str]]] = []
-    ns_ip = net.ns_side_ip
+    ns_ip, veth = net.ns_side_ip, net.host_if
     for m in net.ports:
         every_address = not m.host_ip or m.host_ip == "0.0.0.0"
         match = ["-m", "addrtype", "--dst-type", "LOCAL"] if every_address else ["-d", m.host_ip]
@@ -71,26 +77,52 @@ def _host_rules(net: base.VmNetwork) -> list[tuple[str, str, list[str]]]:
         if not ipaddress.IPv4Address(m.host_ip or "0.0.0.0").is_loopback:
             rules.append(("nat", "FCVM-PREROUTING", dnat))
         rules.append(("nat", "FCVM-OUTPUT", dnat))
+    if net.host_loopback:
+        # The namespace sends what the guest addresses to its gateway here; route_localnet lets it reach 127.0.0.1.
+        for protocol in ("tcp", "udp"):
+            rules.append(("nat", "FCVM-PREROUTING", ["-i", veth, "-d", net.host_side_ip, "-p", protocol, *tag,
+                                                     "-j", "DNAT", "--to-destination", "127.0.0.1"]))
     rules += [
         # Connections from this host's 127.0.0.1 to a published port: give them a source the netns can answer.
-        ("nat", "FCVM-POSTROUTING", ["-s", "127.0.0.0/8", "-o", net.host_if, *tag, "-j", "MASQUERADE"]),
+        ("nat", "FCVM-POSTROUTING", ["-s", "127.0.0.0/8", "-o", veth, *tag, "-j", "MASQUERADE"]),
         # The VM's egress.
-        ("nat", "FCVM-POSTROUTING", ["-s", net.subnet, "!", "-o", net.host_if, *tag, "-j", "MASQUERADE"]),
-        ("filter", "FCVM-FORWARD", ["-i", net.host_if, *tag, "-j", "ACCEPT"]),
-        ("filter", "FCVM-FORWARD", ["-o", net.host_if, *tag, "-j", "ACCEPT"]),
+        ("nat", "FCVM-POSTROUTING", ["-s", net.subnet, "!", "-o", veth, *tag, "-j", "MASQUERADE"]),
     ]
+    # To the host: only the VM's own address, only answers and what it was given (DNS; the loopback if asked).
+    rules.append(("filter", "FCVM-INPUT", ["-i", veth, "!", "-s", ns_ip, *tag, "-j", "DROP"]))
+    rules.append(("filter", "FCVM-INPUT", ["-i", veth, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
+                                           *tag, "-j", "RETURN"]))
+    for server in net.dns:
+        for protocol in ("udp", "tcp"):
+            rules.append(("filter", "FCVM-INPUT", ["-i", veth, "-d", server, "-p", protocol, "-m", protocol,
+                                                   "--dport", "53", *tag, "-j", "RETURN"]))
+    if net.host_loopback:
+        rules.append(("filter", "FCVM-INPUT", ["-i", veth, "-d", "127.0.0.1", *tag, "-j", "RETURN"]))
+    rules.append(("filter", "FCVM-INPUT", ["-i", veth, *tag, *ipt.REJECT]))
+    # Through the host: only the VM's own address leaves the veth; only answers and published ports enter it.
+    rules.append(("filter", "FCVM-ISOLATION", ["-i", veth, "!", "-s", ns_ip, *tag, "-j", "DROP"]))
+    rules.append(("filter", "FCVM-ISOLATION", ["-o", veth, "-m", "conntrack", "!", "--ctstate",
+                                               "DNAT,ESTABLISHED,RELATED", *tag, *ipt.REJECT]))
+    # After the host's FORWARD rules: accept the VM's own traffic and nothing more.
+    rules.append(("filter", "FCVM-ACCEPT", ["-i", veth, "-s", ns_ip, *tag, "-j", "ACCEPT"]))
+    rules.append(("filter", "FCVM-ACCEPT", ["-o", veth, "-d", ns_ip, "-m", "conntrack", "--ctstate",
+                                             "ESTABLISHED,RELATED", *tag, "-j", "ACCEPT"]))
+    for protocol, guest_port in base.published_guest_ports(net.ports):
+        rules.append(("filter", "FCVM-ACCEPT", ["-o", veth, "-d", ns_ip, "-p", protocol, "-m", protocol,
+                                                 "--dport", str(guest_port), "-m", "conntrack", "--ctstate",
+                                                 "DNAT", *tag, "-j", "ACCEPT"]))
     return rules
 
 
 def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping],
-          tap_uid: int | None = None) -> base.VmNetwork:
+          tap_uid: int | None = None, host_loopback: bool = False) -> base.VmNetwork:
     """Build it all, journaling each resource before creating it. On failure the caller undoes the journal."""
     if os.geteuid() != 0:
         raise UsageError("--network bridged needs root", hint="run as root, or use --network rootless")
     for tool in ("iptables", "nsenter"):
         base.tool(tool)
     net = base.VmNetwork(mode="bridged", vm_id=vm_id, ports=list(ports), netns=base.netns_name(vm_id),
-                         host_if=base.host_ifname(vm_id), dns=base.host_dns())
+                         host_if=base.host_ifname(vm_id), dns=base.host_dns(), host_loopback=host_loopback)
     with ipt.host_lock():
         dnat = {p: ipt.published_ports(p) for p in ("tcp", "udp")}
         base.check_ports(store, vm_id, ports, default_addr="0.0.0.0",
@@ -114,6 +146,7 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     proc.run(base.inside_argv(net, {
         "uplink": base.UPLINK_NAME, "uplink_addr": f"{net.ns_side_ip}/30", "uplink_ip": net.ns_side_ip,
         "uplink_gateway": net.host_side_ip, "tap_uid": tap_uid,
+        "published": base.published_guest_ports(net.ports), "host_loopback": net.host_side_ip if host_loopback else "",
     }), timeout=60)
     return net
 

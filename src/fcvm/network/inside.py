@@ -2,12 +2,16 @@
 launched through VmNetwork.enter_argv(), so it works the same in a root netns and in a user+net namespace.
 
 Creates the TAP with the gateway address, brings up the uplink (the veth peer or slirp4netns' tap), enables
-forwarding, and NATs: everything arriving for the uplink address goes to GUEST_IP, and the guest's traffic
-leaves masqueraded as the uplink address. Nothing here is journaled: it all dies with the namespace.
+forwarding, and NATs: the published guest ports on the uplink address go to GUEST_IP, and the guest's traffic
+leaves masqueraded as the uplink address. Only GUEST_IP may send through the namespace (the guest cannot
+spoof), and nothing but answers and published ports reaches the guest. With `host_loopback` the guest's TCP
+and UDP to its gateway address go to that address (whence the host's 127.0.0.1). Nothing here is journaled:
+it all dies with the namespace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,18 +46,36 @@ def configure(config: dict[str, Any]) -> None:
         ipr.addr("add", index=tap, address=base.GATEWAY_IP, prefixlen=base.GUEST_PREFIX)
         ipr.link("set", index=tap, state="up")
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-    rules = [
-        ["-t", "nat", "-A", "PREROUTING", "-i", uplink, "-d", config["uplink_ip"],
-         "-j", "DNAT", "--to-destination", base.GUEST_IP],
+    # The guest speaks IPv4 only: no IPv6, not even link-local, between it and the namespace.
+    with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
+        Path(f"/proc/sys/net/ipv6/conf/{base.TAP_NAME}/disable_ipv6").write_text("1\n")
+    iptables = base.tool("iptables")
+    for rule in _rules(config):
+        proc.run([iptables, "-w", "10", *rule], timeout=30)
+
+
+def _rules(config: dict[str, Any]) -> list[list[str]]:
+    uplink, tap = config["uplink"], base.TAP_NAME
+    rules = []
+    for protocol, port in config["published"]:
+        rules.append(["-t", "nat", "-A", "PREROUTING", "-i", uplink, "-d", config["uplink_ip"], "-p", protocol,
+                      "-m", protocol, "--dport", str(port), "-j", "DNAT", "--to-destination", base.GUEST_IP])
+    if config.get("host_loopback"):
+        for protocol in ("tcp", "udp"):
+            rules.append(["-t", "nat", "-A", "PREROUTING", "-i", tap, "-d", base.GATEWAY_IP, "-p", protocol,
+                          "-j", "DNAT", "--to-destination", config["host_loopback"]])
+    rules += [
         ["-t", "nat", "-A", "POSTROUTING", "-s", base.GUEST_NET, "-o", uplink, "-j", "MASQUERADE"],
+        ["-t", "filter", "-A", "INPUT", "-i", tap, "!", "-s", base.GUEST_IP, "-j", "DROP"],
+        ["-t", "filter", "-A", "FORWARD", "-i", tap, "!", "-s", base.GUEST_IP, "-j", "DROP"],
+        ["-t", "filter", "-A", "FORWARD", "-o", tap, "-m", "conntrack", "!", "--ctstate",
+         "DNAT,ESTABLISHED,RELATED", "-j", "DROP"],
     ]
     if config.get("block_new_to"):
         # The guest may answer connections from there (published ports) but not open any (host loopback).
-        rules.append(["-t", "filter", "-A", "FORWARD", "-i", base.TAP_NAME, "-d", config["block_new_to"],
+        rules.append(["-t", "filter", "-A", "FORWARD", "-i", tap, "-d", config["block_new_to"],
                       "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"])
-    iptables = base.tool("iptables")
-    for rule in rules:
-        proc.run([iptables, "-w", "10", *rule], timeout=30)
+    return rules
 
 
 def main() -> None:

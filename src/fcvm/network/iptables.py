@@ -4,6 +4,13 @@ that all bridged VMs share: fcvm's own chains, their hooks, ip_forward.
 Every per-VM rule lives in a dedicated FCVM-* chain and carries a `fcvm <key>` comment, so `iptables-save |
 grep -i fcvm` shows everything fcvm ever added. The shared part is reference counted in RUN_DIR (under a
 lock): the first bridged VM hooks the chains and enables forwarding, the last one restores what was there.
+
+The filter chains keep the host firewall in charge. FCVM-INPUT and FCVM-ISOLATION go first in INPUT and
+FORWARD but only ever drop or reject a VM's traffic (spoofed sources, new connections to the host or to a VM
+that did not come through a published port), or RETURN it to the host's rules. FCVM-ACCEPT, which accepts
+exactly one VM's own traffic (so VMs work under a FORWARD policy of DROP), is appended: the host's own
+FORWARD rules see every packet before it does. (Its name is new: an older fcvm hooked FCVM-FORWARD first in
+FORWARD, and a hook that already exists is left where it is.)
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +32,28 @@ from fcvm.network import base
 
 _log = log.get("network")
 
-# (table, built-in chain) -> fcvm chain; hooks are appended, except FORWARD where we go first so that a
-# restrictive FORWARD policy or a firewall's DROP rules don't swallow VM traffic.
-CHAINS: dict[tuple[str, str], str] = {
-    ("nat", "PREROUTING"): "FCVM-PREROUTING",
-    ("nat", "OUTPUT"): "FCVM-OUTPUT",
-    ("nat", "POSTROUTING"): "FCVM-POSTROUTING",
-    ("filter", "FORWARD"): "FCVM-FORWARD",
-}
+
+
+@dataclass(frozen=True)
+class Hook:
+    """fcvm's `chain` is jumped to from the built-in `builtin` of `table`: first, or after the host's rules."""
+
+    table: str
+    builtin: str
+    chain: str
+    first: bool = False
+
+
+HOOKS = (
+    Hook("nat", "PREROUTING", "FCVM-PREROUTING"),
+    Hook("nat", "OUTPUT", "FCVM-OUTPUT"),
+    Hook("nat", "POSTROUTING", "FCVM-POSTROUTING"),
+    Hook("filter", "INPUT", "FCVM-INPUT", first=True),  # drops and rejects only
+    Hook("filter", "FORWARD", "FCVM-ISOLATION", first=True),  # drops and rejects only
+    Hook("filter", "FORWARD", "FCVM-ACCEPT"),  # accepts a VM's own traffic, after the host's rules
+)
+# How fcvm refuses a VM's new connection to what it may not reach: at once, and saying why (EHOSTUNREACH).
+REJECT = ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]
 _STATE = "net-host.json"
 _LOCK = "net.lock"
 
@@ -160,25 +182,23 @@ def _nft_tables() -> list[str] | None:
 
 
 def _ensure_chains() -> None:
-    for (table, builtin), chain in CHAINS.items():
-        if iptables(["-t", table, "-S", chain], check=False).returncode != 0:
-            iptables(["-t", table, "-N", chain])
-        hook = ["-j", chain]
-        if not exists(table, builtin, hook):
-            if builtin == "FORWARD":
-                iptables(["-t", table, "-I", builtin, "1", *hook])
-            else:
-                iptables(["-t", table, "-A", builtin, *hook])
+    for hook in HOOKS:
+        if iptables(["-t", hook.table, "-S", hook.chain], check=False).returncode != 0:
+            iptables(["-t", hook.table, "-N", hook.chain])
+        jump = ["-j", hook.chain]
+        if not exists(hook.table, hook.builtin, jump):
+            where = ["-I", hook.builtin, "1"] if hook.first else ["-A", hook.builtin]
+            iptables(["-t", hook.table, *where, *jump])
 
 
 def _remove_chains() -> None:
-    for (table, builtin), chain in CHAINS.items():
-        leftovers = chain_rules(table, chain)
+    for hook in HOOKS:
+        leftovers = chain_rules(hook.table, hook.chain)
         if leftovers:
-            _log.warning("leaving %s/%s in place: it still holds %d rule(s)", table, chain, len(leftovers))
+            _log.warning("leaving %s/%s in place: it still holds %d rule(s)", hook.table, hook.chain, len(leftovers))
             continue
-        delete_rule(table, builtin, ["-j", chain])
-        iptables(["-t", table, "-X", chain], check=False)
+        delete_rule(hook.table, hook.builtin, ["-j", hook.chain])
+        iptables(["-t", hook.table, "-X", hook.chain], check=False)
 
 
 def _table_is_empty(family_table: str) -> bool:

@@ -6,8 +6,11 @@ forwarding, no privileges needed.
     user+net ns (holder: unshare ... sleep): uplink0 10.0.2.100/24 (slirp4netns' tap), tap0 172.31.0.1/30
                                              guest (behind tap0): 172.31.0.2/30
 
-Inside the namespace everything for 10.0.2.100 is DNATed to the guest and the guest's traffic is masqueraded
-as 10.0.2.100, so slirp4netns carries it out.
+Inside the namespace the published guest ports on 10.0.2.100 are DNATed to the guest and the guest's traffic
+is masqueraded as 10.0.2.100, so slirp4netns carries it out. slirp4netns maps 10.0.2.2 to the host's loopback;
+the namespace lets the guest open connections there only with --allow-host-loopback (podman's
+`slirp4netns:allow_host_loopback=true`), and then at its gateway address too, as in bridged mode.
+slirp4netns runs as podman runs it: sandboxed (own mount namespace, no capabilities) under seccomp.
 """
 
 from __future__ import annotations
@@ -62,11 +65,24 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping]) -> base.VmNetwork:
+def _check_unprivileged_ports(ports: list[PortMapping]) -> None:
+    """slirp4netns holds no privilege on the host, even when root starts it: it binds what any user may bind."""
+    first = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    for m in ports:
+        if m.host_port < first:
+            raise FcvmError(f"host port {m.host_port} is privileged and --network rootless cannot publish it",
+                            hint=f"use a host port >= {first}, lower net.ipv4.ip_unprivileged_port_start, "
+                            "or use --network bridged (root)")
+
+
+def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping],
+          host_loopback: bool = False) -> base.VmNetwork:
     for tool in TOOLS:
         base.tool(tool)
-    net = base.VmNetwork(mode="rootless", vm_id=vm_id, ports=list(ports), dns=[base.SLIRP_DNS])
+    net = base.VmNetwork(mode="rootless", vm_id=vm_id, ports=list(ports), dns=[base.SLIRP_DNS],
+                         host_loopback=host_loopback)
     net.loopback = store.allocate("loopback", vm_id, loopback_candidates())
+    _check_unprivileged_ports(ports)
     base.check_ports(store, vm_id, ports, default_addr=net.loopback)
 
     # The holder owns the namespaces; it lives until the journal's undo terminates it.
@@ -86,9 +102,13 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     try:
         base.spawn_journaled(
             journal,
-            # Not --disable-host-loopback: with it, UDP replies to host clients on 127.x are dropped (podman
-            # #4586). The namespace blocks new guest connections to the host's loopback instead.
-            ["slirp4netns", "--configure", "--mtu=65520",
+            # In the VM's user namespace, where slirp4netns puts its sandbox by itself unless it runs as root:
+            # the sandbox's mount namespace is then owned by that user namespace and its mounts come in as
+            # slaves. Left in the host's by real root, its pivot_root unmounts every /run/netns/* on the host.
+            ["nsenter", "--preserve-credentials", f"--user=/proc/{holder.pid}/ns/user", "--",
+             # Not --disable-host-loopback: with it, UDP replies to host clients on 127.x are dropped (podman
+             # #4586). The namespace blocks new guest connections to the host's loopback instead.
+             "slirp4netns", "--configure", "--mtu=65520", "--enable-sandbox", "--enable-seccomp",
              f"--api-socket={net.api_socket}", f"--ready-fd={ready_w}", str(holder.pid), base.UPLINK_NAME],
             what="slirp4netns", pass_fds=[ready_w],
         )
@@ -103,7 +123,9 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
             os.close(ready_w)
 
     proc.run(base.inside_argv(net, {
-        "uplink": base.UPLINK_NAME, "uplink_ip": base.SLIRP_NS_IP, "block_new_to": base.SLIRP_GATEWAY,
+        "uplink": base.UPLINK_NAME, "uplink_ip": base.SLIRP_NS_IP,
+        "published": base.published_guest_ports(ports),
+        **({"host_loopback": base.SLIRP_GATEWAY} if host_loopback else {"block_new_to": base.SLIRP_GATEWAY}),
     }), timeout=60)
     for m in ports:
         try:

@@ -75,6 +75,7 @@ class RunRequest:
     publish: tuple[PortMapping, ...] = ()
     maps: tuple[VolumeMap, ...] = ()
     network: NetworkMode = NetworkMode.BRIDGED
+    allow_host_loopback: bool = False  # the guest reaches the host's 127.0.0.1 at its gateway address
     hypervisor: VmmKind = VmmKind.QEMU
     firecracker_bin: Path | None = None
     jailer: Path | None = None  # the jailer binary, when Firecracker runs jailed

@@ -156,7 +156,8 @@ class VmSupervisor:
 
         jail_uid = self._allocate_jail_uid() if request.jailer else None  # first: the TAP is created for it
         network = self.network = setup_network(request.network, store=self.store, journal=self.journal,
-                                               vm_id=self.vm.id, ports=list(request.publish), tap_uid=jail_uid)
+                                               vm_id=self.vm.id, ports=list(request.publish), tap_uid=jail_uid,
+                                               host_loopback=request.allow_host_loopback)
         self.store.update_vm(self.vm.id, network=network.to_json(),
                              ports=[m.to_json() for m in request.publish])
 

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from fcvm import __version__
 from fcvm.core import log
-from fcvm.core.errors import FcvmError, NotBuiltError
+from fcvm.core.errors import FcvmError
 from fcvm.core.kinds import HYPERVISOR_CHOICES, NetworkMode
 
 
@@ -222,14 +222,8 @@ def _exec_options_after_name(args: argparse.Namespace) -> None:
     args.command = command
 
 
-def _load(module_name: str, function_name: str, command: str) -> Callable[[argparse.Namespace], int | None]:
-    qualified = f"fcvm.commands.{module_name}"
-    try:
-        module = importlib.import_module(qualified)
-    except ModuleNotFoundError as exc:
-        if exc.name != qualified:
-            raise
-        raise NotBuiltError(f"`fcvm {command}` is not built yet in fcvm {__version__}") from None
+def _load(module_name: str, function_name: str) -> Callable[[argparse.Namespace], int | None]:
+    module = importlib.import_module(f"fcvm.commands.{module_name}")
     handler: Callable[[argparse.Namespace], int | None] = getattr(module, function_name)
     return handler
 
@@ -248,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, function_name = args.handler.split(":")
     try:
-        result: int | None = _load(module_name, function_name, args.command_name)(args)
+        result: int | None = _load(module_name, function_name)(args)
     except FcvmError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -19,11 +19,5 @@ class UsageError(FcvmError):
     exit_code = 2
 
 
-class NotBuiltError(FcvmError):
-    """A command that exists in the CLI but is not implemented yet."""
-
-    exit_code = 2
-
-
 class NotFoundError(FcvmError):
     exit_code = 1

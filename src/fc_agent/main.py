@@ -76,7 +76,7 @@ def _read_prepare(link: HostLink) -> Plan:
         if boot_param("net"):
             network.configure_early(boot_param("net"))
         network.route_mmds(mmds.MMDS_ADDRESS)
-        return Plan.from_dict(mmds.fetch("/"))
+        return Plan.from_json(mmds.fetch("/"))
     return _wait(link.prepares, "what to prepare")
 
 

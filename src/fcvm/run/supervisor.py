@@ -64,6 +64,7 @@ class VmSupervisor:
         self._timings: dict[str, float] = {"t0_wall": time.time()}  # the stages below are seconds after this
         self._failure: str | None = None
         self._cache_shape: RunShape | None = None  # a cold run that leaves cache entries behind
+        self._stand_ins: list[tuple[int, Path]] = []  # journal entry, path: removed once the VM runs
         self._container_log: IO[str] | None = None
         self._listeners: list[socket.socket] = []
         self._volume_servers: list[Any] = []
@@ -229,9 +230,29 @@ class VmSupervisor:
             target = self.workdir / source.name
             clone_file(source, target)
             drives.append(Drive(record.drive_id, target, root=record.root))
+            if description.hypervisor == VmmKind.FIRECRACKER and record.baked_path:
+                self._stand_in_for_baked_disk(Path(record.baked_path), source)
         maps = tuple(VolumeMap(Path(v.host_dir), v.guest_path, v.read_only) for v in description.volumes)
         initrd = Path(description.initrd) if description.initrd else None
         return Path(description.kernel), initrd, drives, maps
+
+    def _stand_in_for_baked_disk(self, baked: Path, frozen: Path) -> None:
+        """Firecracker reopens a snapshot's drives where the source had them before the clone's `PATCH /drives`
+        moves them to its own disk. When the source is gone, a reflink of the frozen disk stands in there until
+        the clone runs."""
+        from fcvm.storage.btrfs import clone_file
+
+        assert self.journal is not None
+        if baked.exists():
+            return
+        missing = baked.parent
+        while not missing.parent.exists():
+            missing = missing.parent
+        stand_in = missing if not baked.parent.exists() else baked
+        entry = self.journal.record("dir" if stand_in != baked else "file", path=str(stand_in))
+        baked.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        clone_file(frozen, baked)
+        self._stand_ins.append((entry, stand_in))
 
     def _machine_record(self, spec: MachineSpec, maps: tuple[VolumeMap, ...]) -> dict[str, Any]:
         """What `fcvm snapshot create` needs to save this VM and describe the machine a clone must rebuild."""
@@ -358,6 +379,12 @@ class VmSupervisor:
         self.hypervisor.start()  # for Firecracker this returns once InstanceStart was sent
         for stage, at in self.hypervisor.marks.items():
             self._on_stage(stage, at)
+        for entry, stand_in in self._stand_ins:  # the clone has its own disks now
+            if stand_in.is_dir():
+                shutil.rmtree(stand_in)
+            else:
+                stand_in.unlink(missing_ok=True)
+            self.journal.forget(entry)
         self._on_stage("vmm_started")
         self._booted = True
         vmm = self.hypervisor.process

@@ -110,7 +110,7 @@ def create_snapshot(store: Store, vm: VmRecord, tag: str, *, kind: SnapshotKind 
         version, pause = save(machine, partial, disks)
         description = SnapshotDescription(
             hypervisor=hypervisor, vmm_version=version, vcpus=machine["vcpus"], mem_mib=machine["mem_mib"],
-            drives=tuple(d if d.read_only else DriveRecord(d.drive_id, False, d.root, f"{d.drive_id}.img")
+            drives=tuple(d if d.read_only else DriveRecord(d.drive_id, False, d.root, f"{d.drive_id}.img", d.path)
                          for d in drives),
             guest_mac=machine["guest_mac"], tap=machine["tap"], image=vm.image,
             network_mode=NetworkMode(machine["network_mode"]), source_vm=vm.name,

@@ -35,6 +35,7 @@ class DriveRecord:
     read_only: bool
     root: bool
     path: str  # a shared read-only asset's absolute path, or the frozen copy's file name inside the snapshot
+    baked_path: str = ""  # where the source VM had it: a Firecracker snapshot reopens the drive there on load
 
 
 @dataclass(frozen=True)

@@ -33,28 +33,37 @@ def _group(sub: argparse._SubParsersAction, name: str, help_text: str) -> argpar
     return parser.add_subparsers(title="commands", metavar="COMMAND")
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", help="VM name (default: generated)")
-    parser.add_argument("--cpu", type=int, default=2, help="vCPUs (default 2)")
-    parser.add_argument("--mem", type=int, default=1024, help="memory in MiB (default 1024)")
-    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
+def _add_instance_options(parser: argparse.ArgumentParser, *, what: str, boot_timeout: float) -> None:
+    """What a new VM and a clone share: name, ports, network, and how the command runs."""
+    parser.add_argument("--name", help=f"{what} name (default: generated)")
     parser.add_argument(
         "-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/udp]",
         help="publish a guest port on the host",
-    )
-    parser.add_argument(
-        "--map", action="append", default=[], metavar="HOSTDIR:GUESTDIR[:ro]",
-        help="share a host directory into the container over fuse-pipe",
     )
     parser.add_argument("--network", default=None, choices=list(NetworkMode),
                         help="bridged (root's default) or rootless (everyone else's)")
     parser.add_argument("--allow-host-loopback", action="store_true",
                         help="let the VM reach the host's 127.0.0.1 at its gateway address, like podman's"
                         " slirp4netns:allow_host_loopback=true (by default a VM reaches no host service)")
+    parser.add_argument("--firecracker-bin", help="firecracker binary (also FCVM_FIRECRACKER_BIN)")
+    parser.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    parser.add_argument("--rm", action="store_true", help=f"remove the {what}'s record when it exits")
+    parser.add_argument("--boot-timeout", type=float, default=boot_timeout, metavar="SECONDS",
+                        help=f"fail if it is not running this long after start (default {boot_timeout:.0f})")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    _add_instance_options(parser, what="VM", boot_timeout=300.0)
+    parser.add_argument("--cpu", type=int, default=2, help="vCPUs (default 2)")
+    parser.add_argument("--mem", type=int, default=1024, help="memory in MiB (default 1024)")
+    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
+    parser.add_argument(
+        "--map", action="append", default=[], metavar="HOSTDIR:GUESTDIR[:ro]",
+        help="share a host directory into the container over fuse-pipe",
+    )
     parser.add_argument("--health-check", metavar="URL", help="HTTP URL polled through the VM's network")
     parser.add_argument("--hypervisor", default="auto", choices=HYPERVISOR_CHOICES,
                         help="firecracker, qemu or auto (default: firecracker where KVM can boot it)")
-    parser.add_argument("--firecracker-bin", help="firecracker binary (also FCVM_FIRECRACKER_BIN)")
     parser.add_argument("--jailer", action="store_true",
                         help="run firecracker under its jailer: chroot, own uid and cgroup (root, bridged)")
     parser.add_argument("--jailer-bin", help="jailer binary (also FCVM_JAILER_BIN; default: beside firecracker)")
@@ -62,10 +71,6 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initrd", help="initramfs to use instead of the built one")
     parser.add_argument("--user", "-u", help="user in the container")
     parser.add_argument("--workdir", "-w", help="working directory in the container")
-    parser.add_argument("-d", "--detach", action="store_true", help="run in the background")
-    parser.add_argument("--rm", action="store_true", help="remove the VM's record when it exits")
-    parser.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
-                        help="fail if the container is not running this long after start (default 300)")
     parser.add_argument("--no-snapshot", action="store_true",
                         help="boot cold: neither start from the snapshot cache nor add to it (also FCVM_NO_SNAPSHOT=1)")
 
@@ -138,17 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     snap_run = snapshot.add_parser("run", help="start a clone of a snapshot")
     snap_run.add_argument("--snapshot", help="snapshot to clone; memory mapped from its file")
     snap_run.add_argument("--pid", type=int, help="`fcvm snapshot serve` process to take memory from (UFFD)")
-    snap_run.add_argument("--name", help="clone name (default: generated)")
-    snap_run.add_argument("-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/udp]",
-                          help="publish a guest port on the host")
-    snap_run.add_argument("--network", default=None, choices=list(NetworkMode),
-                          help="bridged (root's default) or rootless (everyone else's)")
-    snap_run.add_argument("--firecracker-bin", help="firecracker binary (for a Firecracker snapshot)")
-    snap_run.add_argument("-d", "--detach", action="store_true", help="run in the background")
-    snap_run.add_argument("--rm", action="store_true", help="remove the clone's record when it exits")
+    _add_instance_options(snap_run, what="clone", boot_timeout=120.0)
     snap_run.add_argument("--exec", metavar="CMD", help="run CMD in the clone's container, print, clean up")
-    snap_run.add_argument("--boot-timeout", type=float, default=120.0, metavar="SECONDS",
-                          help="fail if the clone is not ready this long after start (default 120)")
     _handler(snap_run, "snapshot_run:run")
     snap_ls = snapshot.add_parser("ls", help="list snapshots and their memory servers")
     snap_ls.add_argument("--json", action="store_true")

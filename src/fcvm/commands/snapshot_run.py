@@ -54,6 +54,7 @@ def build_request(args: argparse.Namespace, store: Store) -> RunRequest:
         cmd=description.cmd,
         publish=tuple(parse_publish_all(args.publish)),
         network=NetworkMode(args.network) if args.network else default_mode(),
+        allow_host_loopback=args.allow_host_loopback,
         hypervisor=description.hypervisor,
         firecracker_bin=binary,
         cpus=description.vcpus,

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcvm.fusepipe.fs import Filesystem
-from fcvm.fusepipe.server import Server, Session
+from fcvm.fusepipe.server import Server, Session, Workers
 from fcvm_wire.fusepipe import proto
 
 INIT_BODY = struct.pack("<IIIII", 7, 45, 131072, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(44)
@@ -159,7 +159,7 @@ def test_lookup_counts_are_exact(fs: Filesystem, tmp_path: Path) -> None:
 
 
 def test_resent_requests_are_not_executed_twice(tmp_path: Path) -> None:
-    session = Session(1, str(tmp_path), False, pool=None, watch=False)  # type: ignore[arg-type]
+    session = Session(1, str(tmp_path), False, Workers(1, 1))
     try:
         batch: list[bytes] = []
         session.process(req(proto.INIT, INIT_BODY, unique=1), batch)

@@ -19,12 +19,14 @@ import pytest
 from fcvm.fusepipe import Server
 from fcvm.fusepipe.fs import Filesystem
 from fcvm_wire.fusepipe import proto
+from tests.unit.test_fusepipe_wire import dispatch
 
 INIT_BODY = struct.pack("<IIIII", 7, 38, 131072, 0, 0) + bytes(44)
 
 
 class Client:
-    """Requests straight to a Filesystem's dispatch, as the server's reader thread makes them."""
+    """Requests straight to a Filesystem's dispatch (on a thread of the tests' own, as the server's reader
+    thread makes them)."""
 
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
@@ -34,7 +36,7 @@ class Client:
     def call(self, opcode: int, body: bytes = b"", nodeid: int = proto.ROOT_ID) -> tuple[int, bytes]:
         msg = proto.IN_HEADER.pack(40 + len(body), opcode, next(self.uniques), nodeid, os.geteuid(), os.getegid(),
                                    1, 0, 0) + body
-        reply = self.fs.dispatch(proto.parse_in_header(msg), msg)
+        reply = dispatch(self.fs, msg)
         assert reply is not None
         _, error, _ = proto.OUT_HEADER.unpack_from(reply)
         return -error, reply[proto.OUT_HEADER.size:]

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ from fcvm.fusepipe.server import Server, Session, Workers
 from fcvm_wire.fusepipe import proto
 
 INIT_BODY = struct.pack("<IIIII", 7, 45, 131072, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(44)
+# Handling a request makes the calling thread act as the request's uid without capabilities, as the server's
+# threads do: the tests hand requests to a thread of their own, and pytest's keeps its privileges.
+SERVER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp-test-server")
+
+
+def dispatch(fs: Filesystem, msg: bytes) -> bytes | None:
+    return SERVER_THREAD.submit(fs.dispatch, proto.parse_in_header(msg), msg).result()
 
 
 def req(opcode: int, body: bytes = b"", *, unique: int = 2, nodeid: int = 1, uid: int = os.geteuid(),
@@ -36,13 +44,13 @@ def reply_error(reply: bytes | None) -> int:
 def fs(tmp_path: Path) -> Filesystem:
     f = Filesystem(str(tmp_path))
     msg = req(proto.INIT, INIT_BODY)
-    assert reply_error(f.dispatch(proto.parse_in_header(msg), msg)) == 0
+    assert reply_error(dispatch(f, msg)) == 0
     return f
 
 
 def call(fs: Filesystem, opcode: int, body: bytes = b"", **kw: int) -> bytes | None:
     msg = req(opcode, body, **kw)
-    return fs.dispatch(proto.parse_in_header(msg), msg)
+    return dispatch(fs, msg)
 
 
 @given(st.binary(max_size=300))
@@ -105,9 +113,9 @@ def test_any_request_gets_a_well_formed_answer(tmp_path_factory: pytest.TempPath
     f = Filesystem(str(root))
     try:
         init = req(proto.INIT, INIT_BODY)
-        f.dispatch(proto.parse_in_header(init), init)
+        dispatch(f, init)
         msg = req(opcode, body, nodeid=nodeid)
-        reply = f.dispatch(proto.parse_in_header(msg), msg)
+        reply = dispatch(f, msg)
         if reply is None:
             assert opcode in proto.NO_REPLY
         else:
@@ -176,10 +184,10 @@ def test_resent_requests_are_not_executed_twice(tmp_path: Path) -> None:
     session = Session(1, str(tmp_path), False, Workers(1, 1))
     try:
         batch: list[bytes] = []
-        session.process(req(proto.INIT, INIT_BODY, unique=1), batch)
+        SERVER_THREAD.submit(session.process, req(proto.INIT, INIT_BODY, unique=1), batch).result()
         mkdir = req(proto.MKDIR, struct.pack("<II", 0o755, 0) + b"d\0", unique=10)
-        session.process(mkdir, batch)
-        session.process(mkdir, batch)  # re-sent after a reconnect
+        SERVER_THREAD.submit(session.process, mkdir, batch).result()
+        SERVER_THREAD.submit(session.process, mkdir, batch).result()  # re-sent after a reconnect
         assert [reply_error(r) for r in batch[1:]] == [0, 0]
         assert batch[1] == batch[2]
     finally:

@@ -214,14 +214,15 @@ class Filesystem:
                 return proto.pack_reply(h.unique, -errno.EIO)
             if self.read_only and h.opcode in _WRITE_OPS:
                 return proto.pack_reply(h.unique, -errno.EROFS)
-            sysc.act_as(h.uid, h.gid)
+            if h.opcode not in proto.NO_REPLY:  # FORGET and INTERRUPT touch no file: any uid may send them
+                sysc.act_as(h.uid, h.gid)
             payload = op(h, memoryview(msg)[_HDR:])
             if payload is None:
                 return None
             return _OUT_HEADER_PACK(16 + len(payload), 0, h.unique) + payload
         except OSError as exc:
             code = exc.errno or errno.EIO
-            return proto.pack_reply(h.unique, -code)
+            return None if h.opcode in proto.NO_REPLY else proto.pack_reply(h.unique, -code)
         except (Malformed, struct.error, ValueError, OverflowError) as exc:
             _log.debug("malformed %s request: %s", proto.OPCODE_NAMES.get(h.opcode, h.opcode), exc)
             return None if h.opcode in proto.NO_REPLY else proto.pack_reply(h.unique, -errno.EINVAL)

@@ -172,10 +172,14 @@ class InotifyHub:
             except Exception:
                 _log.exception("fuse-pipe: inotify event handling failed")
             finally:
+                batches = [(inv, inv.take_batch()) for inv in invalidators]
                 for inv in invalidators:
-                    inv.flush()
                     if inv.expected:
                         inv.expire(self.consumed)
+        # Sent outside exp_lock: a guest slow to read its stream holds up no other session's requests.
+        for inv, batch in batches:
+            if batch:
+                inv.send(b"".join(batch))
         return True
 
     def _handle(self, data: bytes, base: int) -> None:
@@ -336,10 +340,10 @@ class Invalidator:
         for nodeid in nodeids:
             self._inval_inode(nodeid, 0)
 
-    def flush(self) -> None:
+    def take_batch(self) -> list[bytes]:
+        """The notifications of the read just handled; from now on they are sent as they come."""
         batch, self.batch = self.batch, None
-        if batch:
-            self.send(b"".join(batch))
+        return batch or []
 
     def _child(self, parent: Inode, name: bytes) -> Inode | None:
         try:

@@ -309,8 +309,13 @@ class Server:
                          self.max_sessions, sid)
             sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_BUSY, 0))
             return None
-        resumed = found[1]
-        sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_STATUS_OK, int(resumed)))
+        session, resumed = found
+        try:
+            sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_STATUS_OK, int(resumed)))
+        except OSError:
+            if not resumed:  # no stream will ever attach to it: give its place back
+                self._drop_unattached(session)
+            raise
         sock.settimeout(None)
         _log.debug("fuse-pipe: session %x %s (flags %#x)", sid, "resumed" if resumed else "new", flags)
         return found
@@ -335,10 +340,14 @@ class Server:
             conn.alive = False
             sock.close()
             if close_session_on_eof or session.closed or (not session.fs.initialized and resumed is False):
-                with self.lock:
-                    if self.sessions.get(session.id) is session and session.conn is None:
-                        del self.sessions[session.id]
-                        session.close()
+                self._drop_unattached(session)
+
+    def _drop_unattached(self, session: Session) -> None:
+        """Close `session` unless a stream (a reconnect) has attached to it meanwhile."""
+        with self.lock:
+            if self.sessions.get(session.id) is session and session.conn is None:
+                del self.sessions[session.id]
+                session.close()
 
     def _read_loop(self, sock: socket.socket, session: Session) -> None:
         # Requests are parsed in place in one preallocated buffer (no per-recv allocation); the replies to

@@ -70,7 +70,8 @@ def apply_op(base: str, op: list[Any]) -> Result:
         return _call(create)
     if kind == "write":
         def write() -> int:
-            fd = os.open(p(args[0]), os.O_WRONLY | (os.O_APPEND if args[3] else 0))
+            # O_NONBLOCK: a FIFO without a reader fails (ENXIO) rather than hang the run.
+            fd = os.open(p(args[0]), os.O_WRONLY | os.O_NONBLOCK | (os.O_APPEND if args[3] else 0))
             try:
                 return os.pwrite(fd, bytes.fromhex(args[2]), args[1]) if not args[3] else \
                     os.write(fd, bytes.fromhex(args[2]))
@@ -93,7 +94,8 @@ def apply_op(base: str, op: list[Any]) -> Result:
         return _call(lambda: os.chmod(p(args[0]), args[1]))
     if kind == "read":
         def read() -> str:
-            with open(p(args[0]), "rb") as f:
+            # O_NONBLOCK: a FIFO without a writer reads as empty rather than hang the run.
+            with open(os.open(p(args[0]), os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                 return f.read().hex()
         return _call(read)
     if kind == "stat":
@@ -120,11 +122,24 @@ def apply_op(base: str, op: list[Any]) -> Result:
     raise ValueError(f"unknown op {kind}")
 
 
+_SETID = stat.S_ISUID | stat.S_ISGID
+_MODE_ARG = {"mkdir": 2, "create": 2, "chmod": 2}  # where an op's mode is
+
+
+def without_setid(op: list[Any]) -> list[Any]:
+    """`op` as fuse-pipe carries it out on the host: it never sets a setuid or setgid bit."""
+    index = _MODE_ARG.get(op[0])
+    if index is None:
+        return op
+    return [*op[:index], op[index] & ~_SETID, *op[index + 1:]]
+
+
 def run_ops(base_a: str, base_b: str, ops: list[list[Any]]) -> list[Any]:
-    """Apply ops to both trees; returns the first divergence or [] if identical throughout."""
+    """Apply ops to both trees (`base_a` on fuse-pipe, `base_b` the plain directory); returns the first divergence
+    or [] if identical throughout."""
     os.umask(0o022)
     for i, op in enumerate(ops):
-        ra, rb = apply_op(base_a, op), apply_op(base_b, op)
+        ra, rb = apply_op(base_a, op), apply_op(base_b, without_setid(op))
         if ra != rb:
             return [i, op, ra, rb]
     ta, tb = tree(base_a), tree(base_b)

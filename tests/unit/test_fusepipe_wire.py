@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcvm.fusepipe.fs import Filesystem
-from fcvm.fusepipe.server import Server, Session
+from fcvm.fusepipe.server import Server, Session, Workers
 from fcvm_wire.fusepipe import proto
 
 INIT_BODY = struct.pack("<IIIII", 7, 45, 131072, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(44)
+# Handling a request makes the calling thread act as the request's uid without capabilities, as the server's
+# threads do: the tests hand requests to a thread of their own, and pytest's keeps its privileges.
+SERVER_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp-test-server")
+
+
+def dispatch(fs: Filesystem, msg: bytes) -> bytes | None:
+    return SERVER_THREAD.submit(fs.dispatch, proto.parse_in_header(msg), msg).result()
 
 
 def req(opcode: int, body: bytes = b"", *, unique: int = 2, nodeid: int = 1, uid: int = os.geteuid(),
@@ -36,13 +44,13 @@ def reply_error(reply: bytes | None) -> int:
 def fs(tmp_path: Path) -> Filesystem:
     f = Filesystem(str(tmp_path))
     msg = req(proto.INIT, INIT_BODY)
-    assert reply_error(f.dispatch(proto.parse_in_header(msg), msg)) == 0
+    assert reply_error(dispatch(f, msg)) == 0
     return f
 
 
 def call(fs: Filesystem, opcode: int, body: bytes = b"", **kw: int) -> bytes | None:
     msg = req(opcode, body, **kw)
-    return fs.dispatch(proto.parse_in_header(msg), msg)
+    return dispatch(fs, msg)
 
 
 @given(st.binary(max_size=300))
@@ -81,19 +89,33 @@ def test_device_numbers_round_trip(major: int, minor: int) -> None:
     assert proto.decode_dev(proto.encode_dev(os.makedev(major, minor))) == (major, minor)
 
 
+def _outside(base: Path, served: Path) -> dict[str, tuple[object, ...]]:
+    """Everything under `base` but the served directory: names, modes, sizes, times, contents."""
+    return {str(p): (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                     p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(base.rglob("*")) if p != served and served not in p.parents
+            for st in [os.lstat(p)]}
+
+
 @settings(max_examples=400, suppress_health_check=list(HealthCheck), deadline=None)
 @given(opcode=st.integers(0, 60) | st.integers(0, 2**32 - 1), body=st.binary(max_size=200),
        nodeid=st.sampled_from([0, 1, 2, 3, 2**64 - 1]))
 def test_any_request_gets_a_well_formed_answer(tmp_path_factory: pytest.TempPathFactory, opcode: int, body: bytes,
                                                nodeid: int) -> None:
-    root = tmp_path_factory.mktemp("fuzz")
+    base = tmp_path_factory.mktemp("fuzz")
+    root = base / "served"
+    root.mkdir()
     (root / "f").write_text("x")
+    (base / "outside").write_text("not the guest's")
+    (base / "outside-dir").mkdir()
+    os.symlink("../outside", root / "up")
+    before = _outside(base, root)
     f = Filesystem(str(root))
     try:
         init = req(proto.INIT, INIT_BODY)
-        f.dispatch(proto.parse_in_header(init), init)
+        dispatch(f, init)
         msg = req(opcode, body, nodeid=nodeid)
-        reply = f.dispatch(proto.parse_in_header(msg), msg)
+        reply = dispatch(f, msg)
         if reply is None:
             assert opcode in proto.NO_REPLY
         else:
@@ -101,7 +123,7 @@ def test_any_request_gets_a_well_formed_answer(tmp_path_factory: pytest.TempPath
             assert proto.OUT_HEADER.unpack_from(reply)[2] == 2
     finally:
         f.close()
-    assert sorted(os.listdir(root.parent)) == sorted(os.listdir(root.parent))  # nothing outside touched
+    assert _outside(base, root) == before  # nothing outside touched
 
 
 def test_fsync_flush_and_locks_never_answer_enosys(fs: Filesystem, tmp_path: Path) -> None:
@@ -159,13 +181,13 @@ def test_lookup_counts_are_exact(fs: Filesystem, tmp_path: Path) -> None:
 
 
 def test_resent_requests_are_not_executed_twice(tmp_path: Path) -> None:
-    session = Session(1, str(tmp_path), False, pool=None, watch=False)  # type: ignore[arg-type]
+    session = Session(1, str(tmp_path), False, Workers(1, 1))
     try:
         batch: list[bytes] = []
-        session.process(req(proto.INIT, INIT_BODY, unique=1), batch)
+        SERVER_THREAD.submit(session.process, req(proto.INIT, INIT_BODY, unique=1), batch).result()
         mkdir = req(proto.MKDIR, struct.pack("<II", 0o755, 0) + b"d\0", unique=10)
-        session.process(mkdir, batch)
-        session.process(mkdir, batch)  # re-sent after a reconnect
+        SERVER_THREAD.submit(session.process, mkdir, batch).result()
+        SERVER_THREAD.submit(session.process, mkdir, batch).result()  # re-sent after a reconnect
         assert [reply_error(r) for r in batch[1:]] == [0, 0]
         assert batch[1] == batch[2]
     finally:
@@ -193,10 +215,17 @@ def test_server_survives_garbage_and_disconnects(tmp_path: Path) -> None:
         assert s.recv(16)[:8] == proto.MAGIC
         s.sendall(req(proto.INIT, INIT_BODY, unique=1) + req(proto.GETATTR, bytes(16), unique=2)
                   + req(4242, b"", unique=3))
-        got = b""
-        while got.count(b"") and len(got) < 80 + 120 + 16:
-            got += s.recv(4096)
-        frames, _ = proto.split_frames(got, proto.MIN_REPLY)
+        s.settimeout(30)  # generous: the three replies take milliseconds
+        buf = b""
+        frames: list[bytes] = []
+        while len(frames) < 3:
+            chunk = s.recv(4096)
+            assert chunk, f"the server closed the stream after {len(frames)} replies"
+            buf += chunk
+            got, used = proto.split_frames(buf, proto.MIN_REPLY)
+            frames += got
+            buf = buf[used:]
+        assert buf == b""  # nothing but whole replies
         errors = {proto.OUT_HEADER.unpack_from(f)[2]: -proto.OUT_HEADER.unpack_from(f)[1] for f in frames}
         assert errors == {1: 0, 2: 0, 3: errno.ENOSYS}
         s.close()

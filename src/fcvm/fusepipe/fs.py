@@ -2,6 +2,25 @@
 
 `Filesystem.dispatch(header, msg)` turns one FUSE request into one reply (bytes) or None (no reply).
 It never raises: OSError becomes -errno, a malformed request becomes -EINVAL, anything else -EIO.
+
+The guest, its kernel's permission checks included, is not trusted. The rules, whatever uid a request claims:
+
+- Credentials: each request runs on a thread acting as the uid and gid of its fuse_in_header, with no
+  supplementary groups (FUSE does not send them) and no capabilities (`sysc.act_as`): the host kernel checks
+  it as that host uid without privilege. A request claiming uid 0 acts as host uid 0 with no capability:
+  it has the owner's rights on root-owned files in the served tree and only the group/other bits on
+  everyone else's; no DAC override, no chown, no chmod or utimes of others' files, no mknod of devices,
+  no file capabilities. So guest root writes into a host user's directory only where its mode lets others.
+- Never made on the host: a device node (MKNOD of a character or block device: EPERM; regular files, FIFOs
+  and sockets are fine); a setuid or setgid bit (stripped from the mode of CREATE, MKNOD, MKDIR, TMPFILE
+  and SETATTR, which then succeed without it, as if on a nosuid mount; a directory the host made setgid
+  still passes its setgid bit on to new subdirectories, as the host's kernel does); a `security.*` or
+  `trusted.*` xattr (SETXATTR and REMOVEXATTR: EPERM; reading them is fine).
+- Names are single components resolved with *at() calls on held O_PATH fds, never following a host
+  symlink (see inodes); node ids and file handles the server never issued are ESTALE / EBADF.
+- Bounded: a READDIR reply is at most the requested size and one frame, read straight from the host
+  directory (nothing is kept between requests); at most _MAX_LOCK_FDS lock fds (ENOLCK beyond); an
+  INTERRUPT is remembered only for a lock request that is waiting.
 """
 
 from __future__ import annotations
@@ -29,6 +48,11 @@ _HDR = proto.IN_HEADER.size
 _OUT_HEADER_PACK = proto.OUT_HEADER.pack
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+_SETID_BITS = stat.S_ISUID | stat.S_ISGID
+_HOST_ONLY_XATTRS = (b"security.", b"trusted.")  # the host's LSM labels, file capabilities, admin data
+_NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK})  # what MKNOD may make: no devices
+_MAX_LOCK_FDS = 1024  # (inode, lock owner) pairs with a POSIX lock fd open, per session
+_MAX_REPLY = proto.MAX_FRAME - proto.OUT_HEADER.size  # the largest payload one reply frame carries
 _WRITE_OPS = frozenset({
     proto.SETATTR, proto.SYMLINK, proto.MKNOD, proto.MKDIR, proto.UNLINK, proto.RMDIR, proto.RENAME,
     proto.RENAME2, proto.LINK, proto.WRITE, proto.SETXATTR, proto.REMOVEXATTR, proto.CREATE,
@@ -57,14 +81,13 @@ def _xattr_reply(size: int, data: bytes) -> bytes:
 class Handle:
     """An open file or directory (a FUSE file handle)."""
 
-    __slots__ = ("entries", "fd", "inode", "is_dir", "lock", "lock_owners")
+    __slots__ = ("fd", "inode", "is_dir", "lock", "lock_owners")
 
     def __init__(self, fd: int, inode: Inode, is_dir: bool = False) -> None:
         self.fd = fd
         self.inode = inode
         self.is_dir = is_dir
-        self.entries: list[tuple[bytes, int, int]] | None = None
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # a directory's: its fd position, set by each READDIR
         self.lock_owners: set[int] | None = None  # POSIX lock owners that locked through this handle
 
 
@@ -75,6 +98,17 @@ def _name(raw: bytes) -> bytes:
     if len(raw) > 255:
         raise OSError(errno.ENAMETOOLONG, "name too long")
     return raw
+
+
+def _guest_mode(mode: int) -> int:
+    """The permission bits of a mode the guest asks for, less setuid and setgid (never set on the host)."""
+    return stat.S_IMODE(mode) & ~_SETID_BITS
+
+
+def _settable_xattr(name: bytes) -> bytes:
+    if name.startswith(_HOST_ONLY_XATTRS):
+        raise OSError(errno.EPERM, "security.* and trusted.* xattrs are the host's")
+    return name
 
 
 def _cstring(body: memoryview) -> bytes:
@@ -115,10 +149,13 @@ class Filesystem:
         self.handles: dict[int, Handle] = {}
         self.handles_lock = threading.Lock()
         self._next_fh = 1
-        self.creds = sysc.Credentials()
         self.lock_fds: dict[tuple[int, int], int] = {}
         self.lock_pids: dict[tuple[int, int], int] = {}
         self.locks_lock = threading.Lock()
+        # Lock requests that may wait (until answered) and, of those, the ones the guest interrupted: an
+        # INTERRUPT for anything else is dropped, so neither set outgrows the lock waits in progress.
+        self.interrupts_lock = threading.Lock()
+        self.waiting: set[int] = set()
         self.interrupted: set[int] = set()
         self.proto_minor = proto.KERNEL_MINOR_VERSION
         self.expire_only = False
@@ -177,22 +214,21 @@ class Filesystem:
                 return proto.pack_reply(h.unique, -errno.EIO)
             if self.read_only and h.opcode in _WRITE_OPS:
                 return proto.pack_reply(h.unique, -errno.EROFS)
+            if h.opcode not in proto.NO_REPLY:  # FORGET and INTERRUPT touch no file: any uid may send them
+                sysc.act_as(h.uid, h.gid)
             payload = op(h, memoryview(msg)[_HDR:])
             if payload is None:
                 return None
             return _OUT_HEADER_PACK(16 + len(payload), 0, h.unique) + payload
         except OSError as exc:
             code = exc.errno or errno.EIO
-            return proto.pack_reply(h.unique, -code)
+            return None if h.opcode in proto.NO_REPLY else proto.pack_reply(h.unique, -code)
         except (Malformed, struct.error, ValueError, OverflowError) as exc:
             _log.debug("malformed %s request: %s", proto.OPCODE_NAMES.get(h.opcode, h.opcode), exc)
             return None if h.opcode in proto.NO_REPLY else proto.pack_reply(h.unique, -errno.EINVAL)
         except Exception:
             _log.exception("fuse-pipe: %s failed", proto.OPCODE_NAMES.get(h.opcode, h.opcode))
             return None if h.opcode in proto.NO_REPLY else proto.pack_reply(h.unique, -errno.EIO)
-        finally:
-            if self.interrupted:
-                self.interrupted.discard(h.unique)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _entry(self, ino: Inode | None, st: os.stat_result | None) -> bytes:
@@ -292,9 +328,18 @@ class Filesystem:
     def op_destroy(self, h: InHeader, b: memoryview) -> bytes:
         return b""
 
+    def accept_interrupts(self, unique: int) -> None:
+        """Request `unique` is a lock request that may wait: an INTERRUPT for it is kept until it is answered.
+        The server calls this before handing the request to its thread, so an INTERRUPT read right after it
+        is not lost."""
+        with self.interrupts_lock:
+            self.waiting.add(unique)
+
     def op_interrupt(self, h: InHeader, b: memoryview) -> None:
         (unique,) = struct.unpack_from("<Q", b, 0)
-        self.interrupted.add(unique)
+        with self.interrupts_lock:
+            if unique in self.waiting:
+                self.interrupted.add(unique)
         return None
 
     # ---- names -----------------------------------------------------------------------------------
@@ -357,9 +402,9 @@ class Filesystem:
             if is_link:
                 raise OSError(errno.EOPNOTSUPP, "chmod on a symlink")
             if hfd is not None:
-                os.fchmod(hfd, stat.S_IMODE(mode))
+                os.fchmod(hfd, _guest_mode(mode))
             else:
-                os.chmod(self._proc(ino), stat.S_IMODE(mode))
+                os.chmod(self._proc(ino), _guest_mode(mode))
         elif valid & proto.FATTR_KILL_SUIDGID and ino.fmt == stat.S_IFREG:
             st = os.fstat(ino.fd)
             kill = stat.S_ISUID | (stat.S_ISGID if st.st_mode & stat.S_IXGRP else 0)
@@ -390,7 +435,6 @@ class Filesystem:
     def op_symlink(self, h: InHeader, b: memoryview) -> bytes:
         name, target = _cstrings(b, 2)
         parent = self.inodes.get(h.nodeid)
-        self.creds.switch(h.uid, h.gid)
         with self._own_events((parent, name, IN_CREATE)):
             os.symlink(target, _name(name), dir_fd=parent.fd)
         return self._created(parent, name)
@@ -399,25 +443,25 @@ class Filesystem:
         mode, rdev, _umask, _ = struct.unpack_from("<IIII", b, 0)
         (name,) = _cstrings(b[16:], 1)
         parent = self.inodes.get(h.nodeid)
-        self.creds.switch(h.uid, h.gid)
         major, minor = proto.decode_dev(rdev)
         fmt = stat.S_IFMT(mode)
+        if fmt not in _NODE_TYPES:
+            raise OSError(errno.EPERM, "no device nodes on the host")
         with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
             if fmt == stat.S_IFREG:
                 fd = os.open(_name(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
-                             stat.S_IMODE(mode), dir_fd=parent.fd)
+                             _guest_mode(mode), dir_fd=parent.fd)
                 os.close(fd)
             else:
-                os.mknod(_name(name), mode, os.makedev(major, minor), dir_fd=parent.fd)
+                os.mknod(_name(name), fmt | _guest_mode(mode), os.makedev(major, minor), dir_fd=parent.fd)
         return self._created(parent, name)
 
     def op_mkdir(self, h: InHeader, b: memoryview) -> bytes:
         mode, _umask = struct.unpack_from("<II", b, 0)
         (name,) = _cstrings(b[8:], 1)
         parent = self.inodes.get(h.nodeid)
-        self.creds.switch(h.uid, h.gid)
         with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
-            os.mkdir(_name(name), stat.S_IMODE(mode) | (mode & 0o7000), dir_fd=parent.fd)
+            os.mkdir(_name(name), _guest_mode(mode), dir_fd=parent.fd)
         return self._created(parent, name)
 
     def op_unlink(self, h: InHeader, b: memoryview) -> bytes:
@@ -489,10 +533,9 @@ class Filesystem:
         flags, mode, _umask, _ = struct.unpack_from("<IIII", b, 0)
         (name,) = _cstrings(b[16:], 1)
         parent = self.inodes.get(h.nodeid)
-        self.creds.switch(h.uid, h.gid)
         with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
             fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         stat.S_IMODE(mode), dir_fd=parent.fd)
+                         _guest_mode(mode), dir_fd=parent.fd)
         try:
             ino, st = self._adopt(fd)
         except BaseException:
@@ -505,12 +548,11 @@ class Filesystem:
     def op_tmpfile(self, h: InHeader, b: memoryview) -> bytes:
         flags, mode, _umask, _ = struct.unpack_from("<IIII", b, 0)
         parent = self.inodes.get(h.nodeid)
-        self.creds.switch(h.uid, h.gid)
         flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECTORY)) | os.O_TMPFILE | os.O_CLOEXEC
         if flags & os.O_ACCMODE == os.O_RDONLY:
             flags |= os.O_RDWR
         with sysc.exact_modes():
-            fd = os.open(".", flags, stat.S_IMODE(mode), dir_fd=parent.fd)
+            fd = os.open(".", flags, _guest_mode(mode), dir_fd=parent.fd)
         try:
             ino, st = self._adopt(fd)
         except BaseException:
@@ -620,7 +662,7 @@ class Filesystem:
         ino = self.inodes.get(h.nodeid)
         if ino.fmt == stat.S_IFLNK:
             raise OSError(errno.EPERM, "xattrs on symlinks are not supported")
-        os.setxattr(self._proc(ino), name, value, flags)
+        os.setxattr(self._proc(ino), _settable_xattr(name), value, flags)
         self._changed(ino)
         return b""
 
@@ -641,7 +683,7 @@ class Filesystem:
     def op_removexattr(self, h: InHeader, b: memoryview) -> bytes:
         (name,) = _cstrings(b, 1)
         ino = self.inodes.get(h.nodeid)
-        os.removexattr(self._xattr_path(ino), name)
+        os.removexattr(self._xattr_path(ino), _settable_xattr(name))
         self._changed(ino)
         return b""
 
@@ -661,36 +703,25 @@ class Filesystem:
             _close(handle.fd)
         return b""
 
-    def _snapshot(self, handle: Handle, offset: int) -> list[tuple[bytes, int, int]]:
-        if offset == 0 or handle.entries is None:
-            st = os.fstat(handle.fd)
-            parent_ino = st.st_ino
-            if handle.inode is not self.inodes.root:
-                parent_ino = os.stat("..", dir_fd=handle.fd).st_ino
-            entries: list[tuple[bytes, int, int]] = [(b".", st.st_ino, 4), (b"..", parent_ino, 4)]
-            with os.scandir(handle.fd) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        dt = 4
-                    elif e.is_symlink():
-                        dt = 10
-                    elif e.is_file(follow_symlinks=False):
-                        dt = 8
-                    else:
-                        dt = 0
-                    entries.append((os.fsencode(e.name), e.inode(), dt))
-            handle.entries = entries
-        return handle.entries
+    def _dir_entries(self, handle: Handle, offset: int, size: int) -> list[tuple[int, int, int, bytes]]:
+        """The host directory's entries from `offset` on (0, or the offset the previous reply gave its last
+        entry), about `size` bytes' worth, read straight from the directory: nothing is kept between
+        requests. Caller holds handle.lock (the fd's position)."""
+        os.lseek(handle.fd, offset, os.SEEK_SET)
+        entries = sysc.getdents(handle.fd, max(size, sysc.DIRENT64_MAX))
+        if handle.inode is self.inodes.root:  # the root's ".." is itself: nothing of the host's parent shows
+            root_ino = self.inodes.root.key[1]
+            entries = [(root_ino if name == b".." else ino, off, dt, name) for ino, off, dt, name in entries]
+        return entries
 
     def op_readdir(self, h: InHeader, b: memoryview) -> bytes:
         fh, offset, size = struct.unpack_from("<QQI", b, 0)
+        size = min(size, _MAX_REPLY)
         handle = self._handle(fh)
         out = bytearray()
         with handle.lock:
-            entries = self._snapshot(handle, offset)
-            for i in range(offset, len(entries)):
-                name, ino, dt = entries[i]
-                rec = proto.DIRENT.pack(ino, i + 1, len(name), dt) + name
+            for ino, next_offset, dt, name in self._dir_entries(handle, offset, size):
+                rec = proto.DIRENT.pack(ino, next_offset, len(name), dt) + name
                 rec += b"\0" * (-len(rec) % 8)
                 if len(out) + len(rec) > size:
                     break
@@ -699,13 +730,12 @@ class Filesystem:
 
     def op_readdirplus(self, h: InHeader, b: memoryview) -> bytes:
         fh, offset, size = struct.unpack_from("<QQI", b, 0)
+        size = min(size, _MAX_REPLY)
         handle = self._handle(fh)
         parent = handle.inode
         out = bytearray()
         with handle.lock:
-            entries = self._snapshot(handle, offset)
-            for i in range(offset, len(entries)):
-                name, ino_num, dt = entries[i]
+            for ino_num, next_offset, dt, name in self._dir_entries(handle, offset, size):
                 reclen = proto.ENTRY_OUT.size + proto.DIRENT.size + len(name)
                 reclen += -reclen % 8
                 if len(out) + reclen > size:
@@ -716,11 +746,11 @@ class Filesystem:
                     try:
                         ino, st = self._lookup(parent, name)
                     except OSError:
-                        continue  # vanished since the snapshot
+                        continue  # vanished since it was read
                     entry = self._entry(ino, st)
                     ino_num = st.st_ino
                     dt = _DT.get(stat.S_IFMT(st.st_mode), 0)
-                rec = entry + proto.DIRENT.pack(ino_num, i + 1, len(name), dt) + name
+                rec = entry + proto.DIRENT.pack(ino_num, next_offset, len(name), dt) + name
                 rec += b"\0" * (-len(rec) % 8)
                 out += rec
         return bytes(out)
@@ -732,6 +762,8 @@ class Filesystem:
             fd = self.lock_fds.get(key)
             if fd is not None or not create:
                 return fd
+            if len(self.lock_fds) >= _MAX_LOCK_FDS:
+                raise OSError(errno.ENOLCK, "too many lock owners")
         fd = None
         for flags in (os.O_RDWR, os.O_RDONLY, os.O_WRONLY):
             try:
@@ -783,7 +815,13 @@ class Filesystem:
         return self._setlk(h, b, wait=False)
 
     def op_setlkw(self, h: InHeader, b: memoryview) -> bytes:
-        return self._setlk(h, b, wait=True)
+        self.accept_interrupts(h.unique)
+        try:
+            return self._setlk(h, b, wait=True)
+        finally:
+            with self.interrupts_lock:
+                self.waiting.discard(h.unique)
+                self.interrupted.discard(h.unique)
 
     def _setlk(self, h: InHeader, b: memoryview, wait: bool) -> bytes:
         fh, owner, start, end, typ, pid, lk_flags, _ = proto.LK_IN.unpack_from(b, 0)

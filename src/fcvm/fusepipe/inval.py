@@ -1,19 +1,26 @@
 """inotify-driven cache invalidation: host-side changes reach the guest kernel at once.
 
-Every directory the kernel knows (has a node id for) is watched. An event on a name becomes
-FUSE_NOTIFY_INVAL_ENTRY(parent, name) (expire-only where the kernel supports it, so dentries in use, or
-mounted on, are revalidated rather than dropped) and, for a known child inode, FUSE_NOTIFY_INVAL_INODE (data
-and attributes for writes, attributes only for metadata changes).
+Every directory a session's kernel knows (has a node id for) is watched. All the sessions of one server
+share one inotify instance (`InotifyHub`; the host has few: 128 per user by default) and its reader thread;
+a directory several sessions know is one watch, and each event goes to every session watching it. An event
+on a name becomes FUSE_NOTIFY_INVAL_ENTRY(parent, name) (expire-only where the kernel supports it, so
+dentries in use, or mounted on, are revalidated rather than dropped) and, for a known child inode,
+FUSE_NOTIFY_INVAL_INODE (data and attributes for writes, attributes only for metadata changes).
 
-Changes the server makes itself on behalf of the guest also produce events; the guest kernel already knows
-about those. The name events they cause (create, delete, rename) are not forwarded: `expect()` registers
-the operation before its syscall, and a matching event consumes the registration. After the syscall,
-`done()` bounds it to the bytes queued on the inotify fd at that moment (the event is queued before the
-syscall returns); registrations whose window has been read are forgotten, so one whose event never came
-(the file already existed, say) cannot swallow a later host-side event. If the syscall failed, an event that
-was held back was someone else's, and is forwarded then. Content and attribute events (IN_MODIFY,
-IN_ATTRIB) are always forwarded: inotify merges identical consecutive events, so one caused by the server
-could hide a host-side change to the same file.
+Changes the server makes itself on behalf of a session also produce events; that session's kernel already
+knows about those (another session's does not: it gets them, as host-side changes). The name events they
+cause (create, delete, rename) are not forwarded to it: `expect()` registers the operation before its
+syscall, and a matching event consumes the registration. After the syscall, `done()` bounds it to the bytes
+queued on the shared inotify fd at that moment (the event is queued before the syscall returns);
+registrations whose window has been read are forgotten, so one whose event never came (the file already
+existed, say) cannot swallow a later host-side event. If the syscall failed, an event that was held back
+was someone else's, and is forwarded then. Content and attribute events (IN_MODIFY, IN_ATTRIB) are always
+forwarded: inotify merges identical consecutive events, so one caused by the server could hide a host-side
+change to the same file.
+
+A watch is added with the credentials of the request that made the directory known (inotify needs read
+permission): a directory that request cannot read is not watched, and its host-side changes show up after
+the cache timeouts.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ _READ_SIZE = 65536
 
 
 class Expectation:
-    """One name operation of the server's own, whose inotify event is not to be forwarded."""
+    """One name operation of a session's own, whose inotify event is not to be forwarded to that session."""
 
     __slots__ = ("key", "limit", "matched", "name", "parent")
 
@@ -72,34 +79,37 @@ class Expectation:
         self.matched = False
 
 
-class Invalidator:
-    """Watches the directories in `table`; calls `send(notify_message)` for each invalidation."""
+class InotifyHub:
+    """One inotify instance and its reader thread, shared by the `Invalidator`s of a server's sessions."""
 
-    def __init__(self, table: InodeTable, send: Callable[[bytes], None], expire_only: Callable[[], bool]) -> None:
-        self.table = table
-        self.send = send
-        self.expire_only = expire_only
+    def __init__(self) -> None:
         self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if self.fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self.by_wd: dict[int, Inode] = {}
         self.lock = threading.Lock()
-        # The server's own name operations, by (wd, event kind, name). Once the syscall has returned, an
-        # expectation's event lies below its limit in the inotify stream (bytes ever read + bytes queued).
+        self.watchers: dict[int, dict[Invalidator, Inode]] = {}  # wd -> the sessions watching it, their inode
+        # Expectations of every session, and the inotify stream position: once a syscall has returned, its
+        # event lies below its expectation's limit in the stream (bytes ever read + bytes queued).
         self.exp_lock = threading.Lock()
-        self.expected: dict[tuple[int, int, bytes], list[Expectation]] = {}
         self.consumed = 0
-        self._batch: list[bytes] | None = None  # notifications of the read being handled (reader thread)
+        self.warned = False
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="fp-inotify", daemon=True)
-        self.warned = False
-        table.on_new_dir = self.watch
-        table.on_drop = self.unwatch
-        self.watch(table.root)
+
+    def start(self) -> None:
         self.thread.start()
 
-    def watch(self, ino: Inode) -> None:
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self.thread.is_alive():
+            self.thread.join(5)
+        for fd in (self.fd, self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def add(self, inv: Invalidator, ino: Inode) -> int:
+        """Watch `ino` (a directory) for `inv`; returns the watch descriptor, or -1 if it cannot be watched."""
         wd = _libc.inotify_add_watch(self.fd, f"/proc/self/fd/{ino.fd}".encode(), _MASK)
         if wd < 0:
             err = ctypes.get_errno()
@@ -107,6 +117,117 @@ class Invalidator:
                 self.warned = True
                 _log.warning("fuse-pipe: inotify watch limit reached (fs.inotify.max_user_watches); "
                              "host-side changes in further directories show up after the cache timeout")
+            return -1
+        with self.lock:
+            self.watchers.setdefault(wd, {})[inv] = ino
+        return wd
+
+    def remove(self, inv: Invalidator, wd: int) -> None:
+        """`inv` no longer watches `wd`; the watch goes when no session has it."""
+        with self.lock:
+            sessions = self.watchers.get(wd)
+            if sessions is None or sessions.pop(inv, None) is None or sessions:
+                return
+            del self.watchers[wd]
+            _libc.inotify_rm_watch(self.fd, wd)
+
+    def queued(self) -> int:
+        buf = bytearray(4)
+        try:
+            fcntl.ioctl(self.fd, _FIONREAD, buf)
+        except OSError:
+            return 0
+        return int.from_bytes(buf, "little")
+
+    # ---- events ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while True:
+            ready = [fd for fd, _ in poller.poll()]
+            if self._stop_r in ready:
+                return
+            if not self.read_once():
+                return
+
+    def read_once(self) -> bool:
+        """Read and handle the queued events; False when the inotify fd is gone."""
+        # Reading and handling under exp_lock: expect() sees either all of a read or none of it.
+        with self.exp_lock:
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            base = self.consumed
+            self.consumed += len(data)
+            with self.lock:
+                invalidators = {inv for sessions in self.watchers.values() for inv in sessions}
+            for inv in invalidators:
+                inv.batch = []
+            try:
+                self._handle(data, base)
+            except Exception:
+                _log.exception("fuse-pipe: inotify event handling failed")
+            finally:
+                batches = [(inv, inv.take_batch()) for inv in invalidators]
+                for inv in invalidators:
+                    if inv.expected:
+                        inv.expire(self.consumed)
+        # Sent outside exp_lock: a guest slow to read its stream holds up no other session's requests.
+        for inv, batch in batches:
+            if batch:
+                inv.send(b"".join(batch))
+        return True
+
+    def _handle(self, data: bytes, base: int) -> None:
+        pos = 0
+        seen: set[tuple[Invalidator, int, int, bytes]] = set()
+        while pos + _EVENT.size <= len(data):
+            offset = base + pos
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+            name = data[pos + _EVENT.size:pos + _EVENT.size + length].rstrip(b"\0")
+            pos += _EVENT.size + length
+            if mask & IN_Q_OVERFLOW:
+                with self.lock:
+                    invalidators = {inv for sessions in self.watchers.values() for inv in sessions}
+                for inv in invalidators:
+                    inv.overflow()
+                continue
+            with self.lock:
+                if mask & IN_IGNORED:  # the directory is gone: so is its watch, for every session
+                    for inv, parent in self.watchers.pop(wd, {}).items():
+                        inv.forget_watch(parent)
+                    continue
+                watching = list(self.watchers.get(wd, {}).items())
+            for inv, parent in watching:
+                inv.event(parent, mask, name, offset, seen)
+
+
+class Invalidator:
+    """Watches the directories in one session's `table` (through the server's hub); calls
+    `send(notify_message)` for each invalidation that session's kernel needs."""
+
+    def __init__(self, hub: InotifyHub, table: InodeTable, send: Callable[[bytes], None],
+                 expire_only: Callable[[], bool]) -> None:
+        self.hub = hub
+        self.table = table
+        self.send = send
+        self.expire_only = expire_only
+        self.lock = threading.Lock()
+        self.by_wd: dict[int, Inode] = {}
+        # This session's own name operations, by (wd, event kind, name); guarded by hub.exp_lock.
+        self.expected: dict[tuple[int, int, bytes], list[Expectation]] = {}
+        self.batch: list[bytes] | None = None  # notifications of the read being handled (hub thread)
+        table.on_new_dir = self.watch
+        table.on_drop = self.unwatch
+        self.watch(table.root)
+
+    def watch(self, ino: Inode) -> None:
+        wd = self.hub.add(self, ino)
+        if wd < 0:
             return
         with self.lock:
             ino.wd = wd
@@ -116,48 +237,57 @@ class Invalidator:
         if ino.wd < 0:
             return
         with self.lock:
+            wd = ino.wd
+            ino.wd = -1
+            if self.by_wd.get(wd) is not ino:
+                return
+            del self.by_wd[wd]
+        self.hub.remove(self, wd)
+
+    def forget_watch(self, ino: Inode) -> None:
+        """The hub dropped this watch (IN_IGNORED: the directory is gone)."""
+        with self.lock:
             if self.by_wd.get(ino.wd) is ino:
                 del self.by_wd[ino.wd]
-                _libc.inotify_rm_watch(self.fd, ino.wd)
             ino.wd = -1
 
+    def close(self) -> None:
+        with self.lock:
+            watched = list(self.by_wd.items())
+            self.by_wd.clear()
+        for wd, ino in watched:
+            ino.wd = -1
+            self.hub.remove(self, wd)
+
     def expect(self, parent: Inode, name: bytes, kind: int) -> Expectation | None:
-        """Called just before the server creates/removes/renames `name` in `parent` for the guest (kind:
+        """Called just before the server creates/removes/renames `name` in `parent` for this session (kind:
         IN_CREATE, IN_DELETE, IN_MOVED_FROM or IN_MOVED_TO); `done()` must follow the syscall."""
         if parent.wd < 0:
             return None
         e = Expectation(parent, kind, name)
-        with self.exp_lock:
-            self.expected.setdefault((parent.wd, kind, name), []).append(e)
+        with self.hub.exp_lock:
+            self.expected.setdefault(e.key, []).append(e)
         return e
 
     def done(self, e: Expectation | None, ok: bool) -> None:
         """The syscall `e` was registered for has returned (`ok`: it succeeded)."""
         if e is None:
             return
-        with self.exp_lock:
+        with self.hub.exp_lock:
             if e.matched:
                 if not ok:  # the event was someone else's after all: forward what was held back
                     self._inval_entry(e.parent.nodeid, e.name)
                     self._inval_inode(e.parent.nodeid, -1)
                 return
-            queued = self._queued() if ok else 0
+            queued = self.hub.queued() if ok else 0
             if queued:
-                e.limit = self.consumed + queued  # its event, if any, is among the bytes queued now
+                e.limit = self.hub.consumed + queued  # its event, if any, is among the bytes queued now
             else:  # failed, or no event came: the reader would have matched it, it holds exp_lock
-                limits = self.expected.get(e.key, [])
-                if e in limits:
-                    limits.remove(e)
-                    if not limits:
+                pending = self.expected.get(e.key, [])
+                if e in pending:
+                    pending.remove(e)
+                    if not pending:
                         del self.expected[e.key]
-
-    def _queued(self) -> int:
-        buf = bytearray(4)
-        try:
-            fcntl.ioctl(self.fd, _FIONREAD, buf)
-        except OSError:
-            return 0
-        return int.from_bytes(buf, "little")
 
     def _expected(self, wd: int, kind: int, name: bytes, offset: int) -> bool:
         """Consume one expectation an event at stream `offset` can be the result of (caller holds exp_lock)."""
@@ -174,9 +304,8 @@ class Invalidator:
                 return True
         return False
 
-    def _expire(self) -> None:
+    def expire(self, consumed: int) -> None:
         """Drop the expectations whose window has been read completely (caller holds exp_lock)."""
-        consumed = self.consumed
         for key in list(self.expected):
             pending = [e for e in self.expected[key] if e.limit is None or e.limit > consumed]
             if pending:
@@ -184,83 +313,37 @@ class Invalidator:
             else:
                 del self.expected[key]
 
-    def close(self) -> None:
-        os.write(self._stop_w, b"x")
-        self.thread.join(5)
-        for fd in (self.fd, self._stop_r, self._stop_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    # ---- events (hub thread, under hub.exp_lock) --------------------------------------------------
+    def event(self, parent: Inode, mask: int, name: bytes, offset: int,
+              seen: set[tuple[Invalidator, int, int, bytes]]) -> None:
+        if mask & _ENTRY_EVENTS and self.expected and self._expected(parent.wd, mask & _ENTRY_EVENTS, name,
+                                                                      offset):
+            return
+        kind = 0 if mask & _ENTRY_EVENTS else (1 if mask & IN_MODIFY else 2)
+        key = (self, parent.nodeid, kind, name)
+        if key in seen:  # coalesce repeats within one read
+            return
+        seen.add(key)
+        if mask & _ENTRY_EVENTS and name:
+            self._inval_entry(parent.nodeid, name)
+            self._inval_inode(parent.nodeid, -1)
+        if mask & (IN_MODIFY | IN_ATTRIB) or (mask & _ENTRY_EVENTS and name):
+            child = self._child(parent, name) if name else parent
+            if child is not None:
+                self._inval_inode(child.nodeid, 0 if mask & IN_MODIFY else -1)
 
-    # ---- events ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        while True:
-            ready = [fd for fd, _ in poller.poll()]
-            if self._stop_r in ready:
-                return
-            if not self._read_once():
-                return
+    def overflow(self) -> None:
+        """Events were lost: everything this session knows may be stale."""
+        self.expected.clear()
+        with self.table.lock:
+            nodeids = list(self.table.by_id)
+        for nodeid in nodeids:
+            self._inval_inode(nodeid, 0)
 
-    def _read_once(self) -> bool:
-        """Read and handle the queued events; False when the inotify fd is gone."""
-        # Reading and handling under exp_lock: expect() sees either all of a read or none of it.
-        with self.exp_lock:
-            try:
-                data = os.read(self.fd, _READ_SIZE)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            base = self.consumed
-            self.consumed += len(data)
-            self._batch = []
-            try:
-                self._handle(data, base)
-            except Exception:
-                _log.exception("fuse-pipe: inotify event handling failed")
-            finally:
-                batch, self._batch = self._batch, None
-                if batch:
-                    self.send(b"".join(batch))
-            if self.expected:
-                self._expire()
-        return True
-
-    def _handle(self, data: bytes, base: int = 0) -> None:
-        pos = 0
-        seen: set[tuple[int, int, bytes]] = set()
-        while pos + _EVENT.size <= len(data):
-            offset = base + pos
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
-            name = data[pos + _EVENT.size:pos + _EVENT.size + length].rstrip(b"\0")
-            pos += _EVENT.size + length
-            if mask & IN_Q_OVERFLOW:
-                self.expected.clear()
-                self._overflow()
-                continue
-            with self.lock:
-                parent = self.by_wd.get(wd)
-                if mask & IN_IGNORED and parent is not None:
-                    del self.by_wd[wd]
-                    parent.wd = -1
-                    continue
-            if parent is None or (mask & _ENTRY_EVENTS and self.expected
-                                  and self._expected(wd, mask & _ENTRY_EVENTS, name, offset)):
-                continue
-            kind = 0 if mask & _ENTRY_EVENTS else (1 if mask & IN_MODIFY else 2)
-            key = (parent.nodeid, kind, name)
-            if key in seen:  # coalesce repeats within one read
-                continue
-            seen.add(key)
-            if mask & _ENTRY_EVENTS and name:
-                self._inval_entry(parent.nodeid, name)
-                self._inval_inode(parent.nodeid, -1)
-            if mask & (IN_MODIFY | IN_ATTRIB) or (mask & _ENTRY_EVENTS and name):
-                child = self._child(parent, name) if name else parent
-                if child is not None:
-                    self._inval_inode(child.nodeid, 0 if mask & IN_MODIFY else -1)
+    def take_batch(self) -> list[bytes]:
+        """The notifications of the read just handled; from now on they are sent as they come."""
+        batch, self.batch = self.batch, None
+        return batch or []
 
     def _child(self, parent: Inode, name: bytes) -> Inode | None:
         try:
@@ -268,12 +351,6 @@ class Invalidator:
         except OSError:
             return None
         return self.table.lookup_key((st.st_dev, st.st_ino))
-
-    def _overflow(self) -> None:
-        with self.table.lock:
-            nodeids = list(self.table.by_id)
-        for nodeid in nodeids:
-            self._inval_inode(nodeid, 0)
 
     def _inval_entry(self, parent: int, name: bytes) -> None:
         flags = proto.EXPIRE_ONLY if self.expire_only() else 0
@@ -284,7 +361,7 @@ class Invalidator:
         self._emit(proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, 0)))
 
     def _emit(self, msg: bytes) -> None:
-        if self._batch is not None:  # while handling one read: sent together at the end
-            self._batch.append(msg)
+        if self.batch is not None:  # while the hub handles one read: sent together at the end
+            self.batch.append(msg)
         else:
             self.send(msg)

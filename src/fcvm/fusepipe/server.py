@@ -3,27 +3,39 @@
 A session is one guest mount: its inode table, open handles and reply cache. It outlives its stream, so a
 client that reconnects (channel reset, snapshot restore) with the same session id carries on; requests it
 re-sends are answered from the reply cache (already executed) or by the still-running request, never
-executed twice.
+executed twice. A new stream for a session replaces (closes) the one it had.
 
 Requests are executed inline on the stream's reader thread (no thread hand-off for the common, fast
 operations; replies to one read batch go out in one send) except those that can block for long (fsync,
-lock waits, fallocate, copy_file_range, syncfs), which run in a thread pool.
+fallocate, copy_file_range, syncfs, locks), which run in a thread pool, and lock waits, which get a thread
+each.
+
+The guest is not trusted to be reasonable either: everything it can make the server hold is bounded. Per
+server: `max_sessions` sessions (a new one first evicts the longest-detached session; with none detached
+its HELLO is refused with HELLO_BUSY, and the client retries), `max_connections` streams (more are closed at
+once), one inotify instance (`inval.InotifyHub`), `workers` pool threads with at most 4x as many pooled
+requests queued (then the reader stops reading: backpressure), `max_lock_waits` waiting lock requests (more
+are answered ENOLCK). A stream that has not sent its whole HELLO within `hello_timeout` seconds is closed.
+Per session, the reply cache holds at most _CACHE_ENTRIES replies and _CACHE_BYTES bytes; READDIR replies
+are never cached (re-reading a directory is harmless). See fs for what a request may do on the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from fcvm.core import log
 from fcvm.fusepipe.fs import Filesystem
-from fcvm.fusepipe.inval import Invalidator
+from fcvm.fusepipe.inval import InotifyHub, Invalidator
 from fcvm_wire.fusepipe import proto
 
 _log = log.get("fusepipe")
@@ -31,9 +43,11 @@ _log = log.get("fusepipe")
 _POOLED = frozenset({proto.FSYNC, proto.FSYNCDIR, proto.FALLOCATE, proto.COPY_FILE_RANGE, proto.SYNCFS,
                      proto.GETLK, proto.SETLK})
 _OWN_THREAD = frozenset({proto.SETLKW})  # may wait indefinitely: never tie up a pool worker
-_NOT_CACHED = frozenset({proto.READ, proto.GETATTR, proto.READLINK, proto.STATFS, proto.GETXATTR,
+_NOT_CACHED = frozenset({proto.READ, proto.READDIR, proto.GETATTR, proto.READLINK, proto.STATFS, proto.GETXATTR,
                          proto.LISTXATTR, proto.LSEEK})
 _CACHE_ENTRIES = 4096
+_CACHE_BYTES = 4 << 20
+_POOL_QUEUE_PER_WORKER = 4
 _RECV_BUFFER = 2 * proto.MAX_FRAME  # always room for one whole request after a partial one
 
 
@@ -51,32 +65,89 @@ class Connection:
                 self.sock.sendall(data)
                 return True
             except OSError:
-                self.alive = False
-                with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RDWR)
+                self._end()
                 return False
+
+    def close(self) -> None:
+        """End the stream: its reader sees EOF."""
+        with self.lock:
+            self._end()
+
+    def _end(self) -> None:
+        self.alive = False
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class ReplyCache:
+    """Replies by request unique, for requests a reconnecting client re-sends; oldest dropped first, bounded in
+    count and in bytes."""
+
+    def __init__(self, max_entries: int = _CACHE_ENTRIES, max_bytes: int = _CACHE_BYTES) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.replies: OrderedDict[int, bytes] = OrderedDict()
+        self.size = 0
+
+    def get(self, unique: int) -> bytes | None:
+        return self.replies.get(unique)
+
+    def put(self, unique: int, reply: bytes) -> None:
+        old = self.replies.pop(unique, None)
+        if old is not None:
+            self.size -= len(old)
+        self.replies[unique] = reply
+        self.size += len(reply)
+        while len(self.replies) > self.max_entries or self.size > self.max_bytes:
+            _, dropped = self.replies.popitem(last=False)
+            self.size -= len(dropped)
+
+
+class Workers:
+    """The threads a server's sessions share for requests that leave the reader thread, each kind bounded."""
+
+    def __init__(self, threads: int, lock_waits: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fp-work")
+        self.pool_slots = threading.Semaphore(threads * _POOL_QUEUE_PER_WORKER)  # queued + running
+        self.lock_waits = threading.BoundedSemaphore(lock_waits)
+
+    def submit(self, work: Callable[[], None]) -> None:
+        """Run `work` in the pool; blocks while the pool's queue is full (the caller stops reading its
+        stream: backpressure, since a pooled request never waits for another request)."""
+        self.pool_slots.acquire()
+        try:
+            future: Future[None] = self.pool.submit(work)
+        except RuntimeError:  # the server is closing: the request goes with its session
+            self.pool_slots.release()
+            return
+        future.add_done_callback(lambda _: self.pool_slots.release())  # also when cancelled at shutdown
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Session:
-    def __init__(self, session_id: int, root: str, read_only: bool, pool: ThreadPoolExecutor,
-                 watch: bool = True, **timeouts: float) -> None:
+    def __init__(self, session_id: int, root: str, read_only: bool, workers: Workers,
+                 hub: InotifyHub | None = None, **timeouts: float) -> None:
         self.id = session_id
         self.fs = Filesystem(root, read_only=read_only, **timeouts)
-        self.pool = pool
+        self.workers = workers
         self.conn: Connection | None = None
         self.lock = threading.Lock()
         self.pending: set[int] = set()
-        self.cache: OrderedDict[int, bytes] = OrderedDict()
+        self.cache = ReplyCache()
         self.detached_at: float | None = None
         self.closed = False
-        self.invalidator = (Invalidator(self.fs.inodes, self.notify, lambda: self.fs.expire_only)
-                            if watch else None)
+        self.invalidator = (Invalidator(hub, self.fs.inodes, self.notify, lambda: self.fs.expire_only)
+                            if hub is not None else None)
         self.fs.invalidator = self.invalidator
 
     def attach(self, conn: Connection) -> None:
         with self.lock:
-            self.conn = conn
+            previous, self.conn = self.conn, conn
             self.detached_at = None
+        if previous is not None:  # the client reconnected: its old stream is dead to it
+            previous.close()
 
     def detach(self, conn: Connection) -> None:
         with self.lock:
@@ -89,6 +160,9 @@ class Session:
             if self.closed:
                 return
             self.closed = True
+            conn = self.conn
+        if conn is not None:  # its reader stops
+            conn.close()
         if self.invalidator is not None:
             self.invalidator.close()
         self.fs.close()
@@ -120,10 +194,17 @@ class Session:
                     return
                 self.pending.add(unique)
         if opcode in _POOLED:
-            self.pool.submit(self._run_async, h, msg)
+            self.workers.submit(lambda: self._run_async(h, msg))
             return
         if opcode in _OWN_THREAD:
-            threading.Thread(target=self._run_async, args=(h, msg), daemon=True).start()
+            if self.workers.lock_waits.acquire(blocking=False):
+                self.fs.accept_interrupts(h.unique)
+                threading.Thread(target=self._wait_for_lock, args=(h, msg), name="fp-lockwait",
+                                 daemon=True).start()
+                return
+            refused = proto.pack_reply(h.unique, -errno.ENOLCK)  # too many lock waits already
+            self._finish(h, refused)
+            batch.append(refused)
             return
         reply = self.fs.dispatch(h, msg)
         if reply is not None:
@@ -137,10 +218,7 @@ class Session:
     def _finish(self, h: proto.InHeader, reply: bytes | None) -> None:
         with self.lock:
             if reply is not None and h.opcode not in _NOT_CACHED:
-                cache = self.cache
-                cache[h.unique] = reply
-                if len(cache) > _CACHE_ENTRIES:
-                    cache.popitem(last=False)
+                self.cache.put(h.unique, reply)
             self.pending.discard(h.unique)
 
     def _run_async(self, h: proto.InHeader, msg: bytes) -> None:
@@ -149,36 +227,54 @@ class Session:
         if reply is not None:
             self.send(reply)
 
+    def _wait_for_lock(self, h: proto.InHeader, msg: bytes) -> None:
+        try:
+            self._run_async(h, msg)
+        finally:
+            self.workers.lock_waits.release()
+
 
 class Server:
-    """Serves one host directory to any number of sessions (guest mounts)."""
+    """Serves one host directory to a bounded number of sessions (guest mounts)."""
 
     def __init__(self, root: str, *, read_only: bool = False, resume_grace: float = 300.0,
-                 watch: bool = True, workers: int = 32, **timeouts: float) -> None:
+                 watch: bool = True, workers: int = 32, max_sessions: int = 8, max_connections: int = 16,
+                 max_lock_waits: int = 64, hello_timeout: float = 10.0, **timeouts: float) -> None:
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise NotADirectoryError(f"{root} is not a directory")
         self.read_only = read_only
         self.resume_grace = resume_grace
-        self.watch = watch
+        self.max_sessions = max_sessions
+        self.max_connections = max_connections
+        self.max_lock_waits = max_lock_waits
+        self.hello_timeout = hello_timeout
         # FCVM_FUSEPIPE_TIMEOUT=<seconds> overrides the entry/attr cache timeouts (0: no caching; bench).
         env = os.environ.get("FCVM_FUSEPIPE_TIMEOUT")
         if env is not None and not timeouts:
             t = float(env)
             timeouts = {"entry_timeout": t, "attr_timeout": t, "negative_timeout": t}
         self.timeouts = timeouts
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fp-work")
+        self.workers = Workers(workers, max_lock_waits)
+        self.hub: InotifyHub | None = None
+        if watch:
+            self.hub = InotifyHub()
+            self.hub.start()
         self.sessions: dict[int, Session] = {}
+        self.connections = 0  # streams being served by serve_forever
         self.lock = threading.Lock()
         self.stopping = threading.Event()
 
-    def _session(self, sid: int) -> tuple[Session, bool]:
+    def _session(self, sid: int) -> tuple[Session, bool] | None:
+        """The session `sid` names and whether it existed; None if there is no room for a new one."""
         with self.lock:
             self._reap()
             session = self.sessions.get(sid)
             if session is not None and not session.closed:
                 return session, True
-            session = Session(sid, self.root, self.read_only, self.pool, self.watch, **self.timeouts)
+            if len(self.sessions) >= self.max_sessions and not self._evict_one():
+                return None
+            session = Session(sid, self.root, self.read_only, self.workers, self.hub, **self.timeouts)
             self.sessions[sid] = session
             return session, False
 
@@ -189,21 +285,52 @@ class Server:
                 del self.sessions[sid]
                 s.close()
 
+    def _evict_one(self) -> bool:
+        """Close the session detached the longest (caller holds self.lock); False if every one has a stream."""
+        detached = [(s.detached_at, sid) for sid, s in self.sessions.items()
+                    if s.conn is None and s.detached_at is not None]
+        if not detached:
+            return False
+        _, sid = min(detached)
+        _log.info("fuse-pipe: %d sessions; closing detached session %x for a new one", len(self.sessions), sid)
+        self.sessions.pop(sid).close()
+        return True
+
+    def _handshake(self, sock: socket.socket) -> tuple[Session, bool] | None:
+        """Read HELLO (within hello_timeout) and answer it; the session, or None if the stream is refused."""
+        deadline = time.monotonic() + self.hello_timeout
+        magic, sid, flags, _ = proto.HELLO.unpack(_recv_exact(sock, proto.HELLO.size, deadline))
+        if magic != proto.MAGIC:
+            _log.warning("fuse-pipe: client sent a bad HELLO; closing")
+            return None
+        found = self._session(sid)
+        if found is None:
+            _log.warning("fuse-pipe: %d sessions with a stream each already; refusing session %x",
+                         self.max_sessions, sid)
+            sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_BUSY, 0))
+            return None
+        session, resumed = found
+        try:
+            sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_STATUS_OK, int(resumed)))
+        except OSError:
+            if not resumed:  # no stream will ever attach to it: give its place back
+                self._drop_unattached(session)
+            raise
+        sock.settimeout(None)
+        _log.debug("fuse-pipe: session %x %s (flags %#x)", sid, "resumed" if resumed else "new", flags)
+        return found
+
     def serve_connection(self, sock: socket.socket, *, close_session_on_eof: bool = False) -> None:
         """Serve one stream until it ends. Blocking."""
         try:
-            hello = _recv_exact(sock, proto.HELLO.size)
-            magic, sid, flags, _ = proto.HELLO.unpack(hello)
-            if magic != proto.MAGIC:
-                _log.warning("fuse-pipe: client sent a bad HELLO; closing")
-                return
-            session, resumed = self._session(sid)
-            sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, 0, int(resumed)))
-        except (OSError, ConnectionError) as exc:
+            found = self._handshake(sock)
+        except (OSError, ConnectionError) as exc:  # a timeout too
             _log.debug("fuse-pipe: handshake failed: %s", exc)
+            found = None
+        if found is None:
             sock.close()
             return
-        _log.debug("fuse-pipe: session %x %s (flags %#x)", sid, "resumed" if resumed else "new", flags)
+        session, resumed = found
         conn = Connection(sock)
         session.attach(conn)
         try:
@@ -213,10 +340,14 @@ class Server:
             conn.alive = False
             sock.close()
             if close_session_on_eof or session.closed or (not session.fs.initialized and resumed is False):
-                with self.lock:
-                    if self.sessions.get(sid) is session and session.conn is None:
-                        del self.sessions[sid]
-                        session.close()
+                self._drop_unattached(session)
+
+    def _drop_unattached(self, session: Session) -> None:
+        """Close `session` unless a stream (a reconnect) has attached to it meanwhile."""
+        with self.lock:
+            if self.sessions.get(session.id) is session and session.conn is None:
+                del self.sessions[session.id]
+                session.close()
 
     def _read_loop(self, sock: socket.socket, session: Session) -> None:
         # Requests are parsed in place in one preallocated buffer (no per-recv allocation); the replies to
@@ -271,8 +402,23 @@ class Server:
                 if self.stopping.is_set():
                     break
                 raise
+            with self.lock:
+                room = self.connections < self.max_connections
+                if room:
+                    self.connections += 1
+            if not room:
+                _log.debug("fuse-pipe: %d streams already; closing a new one", self.max_connections)
+                sock.close()
+                continue
             sock.settimeout(None)
-            threading.Thread(target=self.serve_connection, args=(sock,), name="fp-conn", daemon=True).start()
+            threading.Thread(target=self._serve_counted, args=(sock,), name="fp-conn", daemon=True).start()
+
+    def _serve_counted(self, sock: socket.socket) -> None:
+        try:
+            self.serve_connection(sock)
+        finally:
+            with self.lock:
+                self.connections -= 1
 
     def stop(self) -> None:
         self.stopping.set()
@@ -284,12 +430,15 @@ class Server:
             self.sessions.clear()
         for s in sessions:
             s.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.hub is not None:
+            self.hub.close()
+        self.workers.shutdown()
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     buf = b""
     while len(buf) < n:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise ConnectionError("stream closed")
@@ -299,9 +448,6 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def _reply_bad_frame(sock: socket.socket, buf: bytearray) -> None:
     """Answer the request whose frame is malformed (if its unique is readable) before dropping."""
-    import errno
-    import struct
-
     if len(buf) >= 16:
         (unique,) = struct.unpack_from("<Q", buf, 8)
         with contextlib.suppress(OSError):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import platform
+import struct
 import threading
 from collections.abc import Iterator
 
@@ -17,8 +19,8 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
 _SYSCALLS = {
-    "x86_64": {"capget": 125, "capset": 126},
-    "aarch64": {"capget": 90, "capset": 91},
+    "x86_64": {"capget": 125, "capset": 126, "setgroups": 116, "getdents64": 217},
+    "aarch64": {"capget": 90, "capset": 91, "setgroups": 159, "getdents64": 61},
 }[platform.machine()]
 
 
@@ -73,6 +75,27 @@ def link_empty(fd: int, newdirfd: int, name: bytes) -> None:
     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=newdirfd, follow_symlinks=True)
 
 
+_DIRENT64 = struct.Struct("<QqHB")  # linux_dirent64: d_ino d_off d_reclen d_type, then the name (NUL-terminated)
+DIRENT64_MAX = _DIRENT64.size + 256  # the largest record: a 255-byte name, its NUL and padding fit
+
+
+def getdents(fd: int, size: int) -> list[tuple[int, int, int, bytes]]:
+    """The directory entries from `fd`'s position on, at most `size` bytes of them (at least one entry fits in
+    DIRENT64_MAX): (inode, offset of the next entry, DT_* type, name). Empty at the end of the directory.
+    The offsets are the filesystem's own cookies: lseek(fd, offset) resumes after that entry."""
+    buf = ctypes.create_string_buffer(size)
+    n = _check(_libc.syscall(_SYSCALLS["getdents64"], fd, buf, ctypes.c_size_t(size)), "getdents64")
+    raw = buf.raw
+    entries = []
+    pos = 0
+    while pos < n:
+        ino, next_offset, reclen, dtype = _DIRENT64.unpack_from(raw, pos)
+        name_start = pos + _DIRENT64.size
+        entries.append((ino, next_offset, dtype, raw[name_start:raw.index(b"\0", name_start)]))
+        pos += reclen
+    return entries
+
+
 # --- per-thread credentials ---------------------------------------------------------------------------
 _CAP_VERSION_3 = 0x20080522
 
@@ -86,14 +109,14 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _raise_effective_caps() -> None:
-    """After setfsuid(non-zero) the kernel drops the file capabilities from the thread's effective set;
-    put them back (the guest kernel already checked permissions: default_permissions)."""
+def _set_effective_caps(raised: bool) -> None:
+    """Raise the calling thread's effective capabilities to its permitted set, or clear them all. The raw
+    capset syscall acts on this thread only; the permitted set is kept, so the thread can switch again."""
     hdr = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.syscall(_SYSCALLS["capget"], ctypes.byref(hdr), data), "capget")
     for d in data:
-        d.effective = d.permitted
+        d.effective = d.permitted if raised else 0
     _check(_libc.syscall(_SYSCALLS["capset"], ctypes.byref(hdr), data), "capset")
 
 
@@ -119,22 +142,32 @@ def exact_modes() -> Iterator[None]:
         os.umask(previous)
 
 
-class Credentials:
-    """Thread-local filesystem uid/gid. setfsuid/setfsgid act on the calling thread only (glibc does not
-    broadcast them, unlike setuid/setgroups), so each worker thread carries the caller of its request."""
+_thread_ids = threading.local()  # per thread: the (uid, gid) it acts as, once it has dropped its capabilities
+_NO_ID = 0xFFFFFFFF  # setfsuid/setfsgid(-1) change nothing and return the current id
 
-    def __init__(self) -> None:
-        self.enabled = os.geteuid() == 0
-        self._local = threading.local()
 
-    def switch(self, uid: int, gid: int) -> None:
-        if not self.enabled:
-            return
-        cur = getattr(self._local, "ids", (0, 0))
-        if cur == (uid, gid):
-            return
-        _libc.setfsgid(gid)
-        _libc.setfsuid(uid)
-        if uid != 0:
-            _raise_effective_caps()
-        self._local.ids = (uid, gid)
+def act_as(uid: int, gid: int) -> None:
+    """Make the calling thread act on files as `uid`:`gid` with no supplementary groups and no capabilities.
+
+    setfsuid/setfsgid and the raw setgroups and capset syscalls act on the calling thread only (glibc
+    broadcasts setuid/setgroups to every thread, not these), so each worker thread carries the caller of
+    its request. The permitted capability set is kept (to switch again later); the effective set is empty
+    whenever a request runs, so the kernel applies plain DAC checks for `uid`, even for uid 0. A thread
+    that cannot switch (the server does not run as root) acts as the server's own user.
+
+    Raises PermissionError if the kernel did not take the ids (e.g. uid 0xFFFFFFFF)."""
+    if getattr(_thread_ids, "ids", None) == (uid, gid):
+        return
+    if os.geteuid() != 0:
+        _thread_ids.ids = (uid, gid)
+        return
+    _set_effective_caps(raised=True)
+    _check(_libc.syscall(_SYSCALLS["setgroups"], 0, None), "setgroups")
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    # setfsuid(0) gives back the file capabilities in the permitted set: clear them after it.
+    _set_effective_caps(raised=False)
+    if _libc.setfsuid(_NO_ID) != uid or _libc.setfsgid(_NO_ID) != gid:
+        _thread_ids.ids = None
+        raise PermissionError(errno.EPERM, f"cannot act as {uid}:{gid}")
+    _thread_ids.ids = (uid, gid)

@@ -32,6 +32,8 @@ _log = logging.getLogger("fc_agent.fusepipe")
 
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
 MNT_DETACH = 2
 READ_BUFFER = proto.MAX_FRAME + 4096
 STREAM_BUFFER = 2 * proto.MAX_FRAME  # always room for one whole message after a partial one
@@ -53,7 +55,9 @@ def mount_fuse(mountpoint: str, *, read_only: bool = False, fsname: str = "fusep
     st = os.stat(mountpoint)
     rootmode = st.st_mode & 0o170000
     opts = (f"fd={fd},rootmode={rootmode:o},user_id=0,group_id=0,default_permissions,allow_other")
-    flags = MS_RDONLY if read_only else 0  # no nosuid/nodev: the container sees a plain bind-like mount
+    # The host served the files; what they mean there is the host's business. A setuid bit or a device node
+    # the host directory has (the server never makes one) grants nothing in the guest either.
+    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
     libc = _libc()
     res = libc.mount(fsname.encode(), mountpoint.encode(), b"fuse.fusepipe", ctypes.c_ulong(flags), opts.encode())
     if res != 0:
@@ -102,7 +106,7 @@ def handshake(sock: socket.socket, session_id: int, read_only: bool) -> bool:
     flags = proto.HELLO_FLAG_READ_ONLY if read_only else 0
     sock.sendall(proto.HELLO.pack(proto.MAGIC, session_id, flags, 0))
     magic, status, resumed = proto.HELLO_OK.unpack(_recv_exact(sock, proto.HELLO_OK.size))
-    if magic != proto.MAGIC or status != 0:
+    if magic != proto.MAGIC or status != proto.HELLO_STATUS_OK:
         raise ConnectionError(f"bad HELLO_OK from server (status {status})")
     return bool(resumed)
 

@@ -7,7 +7,8 @@ be in flight at once, matched by `unique`. Server->client messages with `unique 
 (`error` holds the notify code).
 
 HELLO (client -> server, 24 bytes): magic b"FPIPE\\x01\\0\\0", u64 session id, u32 flags, u32 reserved.
-HELLO_OK (server -> client, 16 bytes): magic, u32 status (0 ok), u32 resumed (1 if the session was known).
+HELLO_OK (server -> client, 16 bytes): magic, u32 status (HELLO_STATUS_OK, or HELLO_BUSY: the server has as
+many sessions as it takes, try again later), u32 resumed (1 if the session was known).
 A client that reconnects sends the same session id and re-sends every request that got no reply; the
 server answers duplicates from its reply cache (or lets the pending request answer on the new stream).
 
@@ -167,6 +168,8 @@ MAGIC = b"FPIPE\x01\x00\x00"
 HELLO = struct.Struct("<8sQII")
 HELLO_OK = struct.Struct("<8sII")
 HELLO_FLAG_READ_ONLY = 1 << 0
+HELLO_STATUS_OK = 0
+HELLO_BUSY = 1
 
 MAX_WRITE = 1 << 20  # negotiated max_write (with FUSE_MAX_PAGES, 256 pages)
 MAX_PAGES = 256

@@ -81,10 +81,20 @@ class Server:
 
 
 @pytest.fixture
-def source(guest_assets: None) -> Iterator[tuple[str, int]]:
-    """A running httpd VM and its snapshot `src-v1`."""
+def site(tmp_path: Path) -> Path:
+    directory = tmp_path / "site"
+    directory.mkdir()
+    (directory / "note.txt").write_text("before the snapshot\n")
+    return directory
+
+
+@pytest.fixture
+def source(guest_assets: None, site: Path) -> Iterator[tuple[str, int]]:
+    """A running httpd VM with a --map volume, and its snapshot `src-v1`."""
     port = free_port()
-    fcvm("podman", "run", "-d", "--name", "src", "-p", f"{port}:80", "localhost/fcvm-demo-httpd")
+    fcvm("podman", "run", "-d", "--no-snapshot", "--name", "src", "-p", f"{port}:80", "--map", f"{site}:/data",
+         "localhost/fcvm-demo-httpd")
+    assert fcvm("exec", "src", "--", "cat", "/data/note.txt").stdout == "before the snapshot\n"
     assert PAGE in page(port)
     assert fcvm("snapshot", "create", "src", "--tag", "src-v1").stdout.strip() == "src-v1"
     yield "src-v1", port
@@ -92,7 +102,8 @@ def source(guest_assets: None) -> Iterator[tuple[str, int]]:
         fcvm("stop", name, check=False)
 
 
-def test_clones_from_file_and_page_server_each_serve_their_own_port_and_disk(source: tuple[str, int]) -> None:
+def test_clones_from_file_and_page_server_each_serve_their_own_port_and_disk(source: tuple[str, int],
+                                                                           site: Path) -> None:
     tag, source_port = source
     before_clones = HostState.capture()
     server = Server(tag)
@@ -102,9 +113,12 @@ def test_clones_from_file_and_page_server_each_serve_their_own_port_and_disk(sou
             ports[name] = free_port()
             how = ["--snapshot", tag] if memory == "file" else ["--pid", str(server.pid)]
             fcvm("snapshot", "run", *how, "--name", name, "-p", f"{ports[name]}:80", "-d")
+        (site / "note.txt").write_text("after the snapshot\n")
         for name, port in ports.items():
             assert PAGE in page(port), name
             assert fcvm("exec", name, "--", "cat", "/etc/hostname").stdout.strip() == "src"
+            # The clone's own volume server serves the source's host directory, as it is now.
+            assert fcvm("exec", name, "--", "cat", "/data/note.txt").stdout == "after the snapshot\n", name
         # The source keeps serving throughout.
         assert PAGE in page(source_port)
         # A write on one clone's disk is invisible to the other clones and to the source.

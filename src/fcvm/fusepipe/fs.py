@@ -325,6 +325,12 @@ class Filesystem:
         return proto.INIT_OUT.pack(proto.KERNEL_VERSION, self.proto_minor, max_readahead, got & 0xFFFFFFFF,
                                    64, 48, proto.MAX_WRITE, 1, proto.MAX_PAGES, 0, got >> 32)
 
+    def adopt(self) -> None:
+        """Serve a mount whose FUSE_INIT another server answered (a snapshot restored as a clone): the guest
+        kernel negotiated what this server offers, and nothing else needs to be known."""
+        self.proto_minor = proto.KERNEL_MINOR_VERSION
+        self.initialized = True
+
     def op_destroy(self, h: InHeader, b: memoryview) -> bytes:
         return b""
 

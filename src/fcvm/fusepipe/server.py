@@ -310,6 +310,10 @@ class Server:
             sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_BUSY, 0))
             return None
         session, resumed = found
+        if not resumed and flags & proto.HELLO_FLAG_INITIALIZED:
+            # A restored guest's mount: its node ids belong to the source's server and answer ESTALE here, which
+            # makes the guest kernel look the paths up again; the root (node 1) is the same directory.
+            session.fs.adopt()
         try:
             sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_STATUS_OK, int(resumed)))
         except OSError:

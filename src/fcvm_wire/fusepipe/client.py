@@ -101,9 +101,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def handshake(sock: socket.socket, session_id: int, read_only: bool) -> bool:
+def handshake(sock: socket.socket, session_id: int, read_only: bool, *, initialized: bool = False) -> bool:
     """Send HELLO, wait for HELLO_OK; returns whether the server knew the session."""
-    flags = proto.HELLO_FLAG_READ_ONLY if read_only else 0
+    flags = (proto.HELLO_FLAG_READ_ONLY if read_only else 0) | (proto.HELLO_FLAG_INITIALIZED if initialized else 0)
     sock.sendall(proto.HELLO.pack(proto.MAGIC, session_id, flags, 0))
     magic, status, resumed = proto.HELLO_OK.unpack(_recv_exact(sock, proto.HELLO_OK.size))
     if magic != proto.MAGIC or status != proto.HELLO_STATUS_OK:
@@ -181,7 +181,7 @@ class Relay:
     def _connect_once(self) -> socket.socket:
         sock = self.connect()
         try:
-            handshake(sock, self.session_id, self.read_only)
+            handshake(sock, self.session_id, self.read_only, initialized=self.mounted.is_set())
         except BaseException:
             sock.close()
             raise

@@ -168,6 +168,9 @@ MAGIC = b"FPIPE\x01\x00\x00"
 HELLO = struct.Struct("<8sQII")
 HELLO_OK = struct.Struct("<8sII")
 HELLO_FLAG_READ_ONLY = 1 << 0
+# The client's kernel mount finished FUSE_INIT long ago: a server that does not know the session (a snapshot's
+# guest restored as a clone, talking to the clone's own server) adopts it as initialized instead of refusing it.
+HELLO_FLAG_INITIALIZED = 1 << 1
 HELLO_STATUS_OK = 0
 HELLO_BUSY = 1
 

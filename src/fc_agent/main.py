@@ -16,22 +16,8 @@ from pathlib import Path
 
 from fc_agent import container, exec_server, mmds, network, system
 from fc_agent.channel import Channel, open_channel
+from fcvm_wire import control as wire
 from fcvm_wire import ports
-from fcvm_wire.control import (
-    MAX_DETAIL,
-    ContainerState,
-    ControlError,
-    ControlStream,
-    HealthReport,
-    HealthState,
-    Hello,
-    LogStream,
-    PlanMessage,
-    Shutdown,
-    Status,
-    fit_text,
-    log_messages,
-)
 from fcvm_wire.plan import Plan, PlanError
 
 AGENT_VERSION = "1"
@@ -49,12 +35,12 @@ class _ControlHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__()
-        self.control: ControlStream | None = None
+        self.control: wire.ControlStream | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.control is not None:
             try:
-                for message in log_messages(LogStream.AGENT, self.format(record)):
+                for message in wire.log_messages(wire.LogStream.AGENT, self.format(record)):
                     self.control.send(message)
             except OSError:
                 self.control = None
@@ -73,18 +59,18 @@ def _setup_logging() -> None:
     root.propagate = False
 
 
-def _connect_control(channel: Channel, timeout: float = 60.0) -> ControlStream:
+def _connect_control(channel: Channel, timeout: float = 60.0) -> wire.ControlStream:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return ControlStream(channel.connect(ports.HOST_CONTROL))
+            return wire.ControlStream(channel.connect(ports.HOST_CONTROL))
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
 
 
-def _read_plan(control: ControlStream) -> Plan:
+def _read_plan(control: wire.ControlStream) -> Plan:
     if boot_param("plan") == "mmds":
         network.link_up()
         if boot_param("net"):
@@ -93,7 +79,7 @@ def _read_plan(control: ControlStream) -> Plan:
         return Plan.from_json(mmds.fetch("/"))
     # A bad plan message raises ControlError: the host is trusted, so it is a bug worth failing on.
     while (message := control.receive()) is not None:
-        if isinstance(message, PlanMessage):
+        if isinstance(message, wire.PlanMessage):
             return message.plan
     raise PlanError("the host closed the control channel before sending a plan")
 
@@ -116,24 +102,24 @@ def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
     return mounts
 
 
-def _report_health(control: ControlStream, stop: threading.Event) -> None:
+def _report_health(control: wire.ControlStream, stop: threading.Event) -> None:
     if not container.has_healthcheck():
-        control.send(HealthReport(HealthState.HEALTHY))
+        control.send(wire.HealthReport(wire.HealthState.HEALTHY))
         return
     last = None
     while not stop.wait(2.0):
-        health = HealthState.HEALTHY if container.healthcheck() else HealthState.UNHEALTHY
+        health = wire.HealthState.HEALTHY if container.healthcheck() else wire.HealthState.UNHEALTHY
         if health != last:
-            control.send(HealthReport(health))
+            control.send(wire.HealthReport(health))
             last = health
 
 
-def _follow_host(control: ControlStream) -> None:
+def _follow_host(control: wire.ControlStream) -> None:
     """Requests from the host after the plan: `shutdown` stops the container like `podman stop`."""
     while True:
         try:
             message = control.receive()
-        except ControlError as exc:
+        except wire.ControlError as exc:
             _log.warning("control stream: %s", exc)
             continue
         except OSError as exc:
@@ -141,12 +127,12 @@ def _follow_host(control: ControlStream) -> None:
             return
         if message is None:
             return
-        if isinstance(message, Shutdown):
+        if isinstance(message, wire.Shutdown):
             _log.info("host asked to stop the container (timeout %d s)", message.timeout)
             container.stop(message.timeout)
 
 
-def run_plan(channel: Channel, control: ControlStream) -> int:
+def run_plan(channel: Channel, control: wire.ControlStream) -> int:
     plan = _read_plan(control)
     _log.info("plan for %s: image %s", plan.name, plan.image.ref)
     if boot_param("plan") != "mmds":
@@ -155,14 +141,14 @@ def run_plan(channel: Channel, control: ControlStream) -> int:
     network.set_hostname(plan.hostname or plan.name)
     listener = channel.listen(ports.GUEST_EXEC)
     threading.Thread(target=exec_server.serve, args=(listener,), daemon=True, name="exec").start()
-    control.send(Status(ContainerState.STARTING, detail="loading image"))
+    control.send(wire.Status(wire.ContainerState.STARTING, detail="loading image"))
     mounts = _mount_volumes(channel, plan)
     container.load_image(plan)
     container.start(plan, mounts)
-    control.send(Status(ContainerState.RUNNING))
+    control.send(wire.Status(wire.ContainerState.RUNNING))
 
-    def send_output(stream: LogStream, line: str) -> None:
-        for message in log_messages(stream, line):
+    def send_output(stream: wire.LogStream, line: str) -> None:
+        for message in wire.log_messages(stream, line):
             control.send(message)
 
     logs = container.stream_logs(send_output)
@@ -172,7 +158,7 @@ def run_plan(channel: Channel, control: ControlStream) -> int:
     code = container.wait()
     stop.set()
     logs.join(timeout=10)  # `podman logs -f` ends with the container; every line must reach the host first
-    control.send(Status(ContainerState.EXITED, code))
+    control.send(wire.Status(wire.ContainerState.EXITED, code))
     return code
 
 
@@ -185,14 +171,14 @@ def main() -> int:
     channel = open_channel()
     control = _connect_control(channel)
     _to_host.control = control
-    control.send(Hello(AGENT_VERSION, 0))
+    control.send(wire.Hello(AGENT_VERSION, 0))
     try:
         code = run_plan(channel, control)
     except Exception as exc:  # PID 1 must never die with a traceback: that panics the guest
         _log.error("failed: %s", exc,
-                   exc_info=not isinstance(exc, (PlanError, ControlError, container.ContainerError)))
+                   exc_info=not isinstance(exc, (PlanError, wire.ControlError, container.ContainerError)))
         with contextlib.suppress(OSError):
-            control.send(Status(ContainerState.FAILED, detail=fit_text(str(exc), MAX_DETAIL)))
+            control.send(wire.Status(wire.ContainerState.FAILED, detail=wire.fit_text(str(exc), wire.MAX_DETAIL)))
         code = 125
     if pid1:
         # Give the host a moment to read the final status before the VM disappears.

@@ -23,7 +23,7 @@ import socket
 import threading
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from fcvm_wire.checks import describe, is_int, is_text, loads, member, object_fields
 from fcvm_wire.plan import Plan, PlanError
@@ -42,6 +42,8 @@ class ControlError(Exception):
 
 
 class ContainerState(StrEnum):
+    """Where the container is: `exited` carries its exit code, `failed` says why it never ran (or was lost)."""
+
     STARTING = "starting"
     PREPARED = "prepared"  # the image is loaded and podman warm; waiting for the run's plan
     RUNNING = "running"
@@ -50,6 +52,8 @@ class ContainerState(StrEnum):
 
 
 class HealthState(StrEnum):
+    """The result of the container's own health check, run by the agent; `starting` until the first one."""
+
     STARTING = "starting"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
@@ -61,8 +65,19 @@ class LogStream(StrEnum):
     AGENT = "agent"  # the agent's own log, not the container's output
 
 
+class _Message:
+    """What every message shares: the `type` it travels under and its line on the wire. Subclasses are frozen
+    dataclasses whose __post_init__ checks their fields, raising ControlError."""
+
+    TYPE: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def encode(self) -> bytes:
+        return json.dumps({"type": self.TYPE, **asdict(self)}, separators=(",", ":")).encode() + b"\n"
+
+
 @dataclass(frozen=True)
-class Hello:
+class Hello(_Message):
     TYPE: ClassVar[str] = "hello"
     agent: str
     epoch: int
@@ -71,73 +86,54 @@ class Hello:
         _check(is_text(self.agent, MAX_AGENT_VERSION), "hello.agent must be a short string")
         _check(is_int(self.epoch, 0, _MAX_EPOCH), f"hello.epoch {describe(self.epoch)} is out of range")
 
-    def encode(self) -> bytes:
-        return _encode(self)
-
 
 @dataclass(frozen=True)
-class PlanMessage:
-    TYPE: ClassVar[str] = "plan"
+class _CarriesPlan(_Message):
     plan: Plan
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.plan, Plan), "plan.plan must be a plan")
+        _check(isinstance(self.plan, Plan), f"{self.TYPE}.plan must be a plan")
         try:
             self.plan.validate()
         except PlanError as exc:
             raise ControlError(f"bad plan: {exc}") from None
 
-    def encode(self) -> bytes:
-        return _encode(self)
-
 
 @dataclass(frozen=True)
-class PrepareMessage:
+class PrepareMessage(_CarriesPlan):
     """The part of the plan that is the same for every run of an image: what a pre-start snapshot may hold."""
 
     TYPE: ClassVar[str] = "prepare"
-    plan: Plan
-
-    def __post_init__(self) -> None:
-        _check(isinstance(self.plan, Plan), "prepare.plan must be a plan")
-        try:
-            self.plan.validate()
-        except PlanError as exc:
-            raise ControlError(f"bad plan: {exc}") from None
-
-    def encode(self) -> bytes:
-        return _encode(self)
 
 
 @dataclass(frozen=True)
-class Restore:
+class PlanMessage(_CarriesPlan):
+    TYPE: ClassVar[str] = "plan"
+
+
+@dataclass(frozen=True)
+class Restore(_Message):
     """You woke up in a snapshot: here is the wall clock."""
 
     TYPE: ClassVar[str] = "restore"
     time: float
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.time, (int, float)) and not isinstance(self.time, bool)
-               and 0 < self.time < 2**40, f"restore.time {describe(self.time)} is not a wall-clock time")
-
-    def encode(self) -> bytes:
-        return _encode(self)
+        _check(isinstance(self.time, (int, float)) and not isinstance(self.time, bool) and 0 < self.time < 2**40,
+               f"restore.time {describe(self.time)} is not a wall-clock time")
 
 
 @dataclass(frozen=True)
-class Restored:
+class Restored(_Message):
     TYPE: ClassVar[str] = "restored"
     epoch: int
 
     def __post_init__(self) -> None:
         _check(is_int(self.epoch, 0, _MAX_EPOCH), f"restored.epoch {describe(self.epoch)} is out of range")
 
-    def encode(self) -> bytes:
-        return _encode(self)
-
 
 @dataclass(frozen=True)
-class Shutdown:
+class Shutdown(_Message):
     """Stop the container like `podman stop --time TIMEOUT`."""
 
     TYPE: ClassVar[str] = "shutdown"
@@ -147,12 +143,9 @@ class Shutdown:
         _check(is_int(self.timeout, 0, MAX_SHUTDOWN_TIMEOUT),
                f"shutdown.timeout {describe(self.timeout)} is not 0..{MAX_SHUTDOWN_TIMEOUT}")
 
-    def encode(self) -> bytes:
-        return _encode(self)
-
 
 @dataclass(frozen=True)
-class Status:
+class Status(_Message):
     """Where the container is. `exit_code` is set exactly when it has exited."""
 
     TYPE: ClassVar[str] = "status"
@@ -169,24 +162,18 @@ class Status:
         _check(is_text(self.detail, MAX_DETAIL, nul_ok=True),
                f"status.detail must be text of at most {MAX_DETAIL} characters")
 
-    def encode(self) -> bytes:
-        return _encode(self)
-
 
 @dataclass(frozen=True)
-class HealthReport:
+class HealthReport(_Message):
     TYPE: ClassVar[str] = "health"
     health: HealthState
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "health", _member(HealthState, self.health, "health.health"))
 
-    def encode(self) -> bytes:
-        return _encode(self)
-
 
 @dataclass(frozen=True)
-class Log:
+class Log(_Message):
     """One line of the container's output or of the agent's log (without its newline)."""
 
     TYPE: ClassVar[str] = "log"
@@ -198,14 +185,11 @@ class Log:
         _check(is_text(self.line, MAX_LOG_LINE, nul_ok=True),
                f"log.line must be text of at most {MAX_LOG_LINE} characters")
 
-    def encode(self) -> bytes:
-        return _encode(self)
-
 
 Message = Hello | PrepareMessage | PlanMessage | Restore | Restored | Shutdown | Status | HealthReport | Log
 _BY_TYPE: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, PrepareMessage, PlanMessage, Restore, Restored, Shutdown, Status, HealthReport,
-                              Log)
+    cls.TYPE: cls
+    for cls in (Hello, PrepareMessage, PlanMessage, Restore, Restored, Shutdown, Status, HealthReport, Log)
 }
 
 
@@ -219,10 +203,6 @@ def log_messages(stream: LogStream, line: str) -> list[Log]:
     """`line` as Log messages: one, or several when it is longer than MAX_LOG_LINE."""
     line = line.encode(errors="backslashreplace").decode()
     return [Log(stream, line[start:start + MAX_LOG_LINE]) for start in range(0, max(len(line), 1), MAX_LOG_LINE)]
-
-
-def _encode(message: Message) -> bytes:
-    return json.dumps({"type": message.TYPE, **asdict(message)}, separators=(",", ":")).encode() + b"\n"
 
 
 def decode(line: bytes) -> Message:

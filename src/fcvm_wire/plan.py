@@ -137,8 +137,8 @@ def _validate_image(image: object) -> None:
 def _validate_network(network: object) -> None:
     if not isinstance(network, NetworkSpec):
         raise PlanError("network must be an object")
-    _check(_is_ipv4(network.address), "network.address must be an IPv4 address")
-    _check(_is_ipv4(network.gateway), "network.gateway must be an IPv4 address")
+    _check(_is_ip(network.address, version=4), "network.address must be an IPv4 address")
+    _check(_is_ip(network.gateway, version=4), "network.gateway must be an IPv4 address")
     _check(is_int(network.prefix, 1, 32), "network.prefix must be 1..32")
     _check(isinstance(network.mac, str) and _MAC.fullmatch(network.mac) is not None,
            "network.mac must be a MAC address")
@@ -155,24 +155,15 @@ def _validate_volume(volume: object) -> None:
     _check(isinstance(volume.read_only, bool), "volume read_only must be true or false")
 
 
-def _is_ipv4(value: object) -> bool:
+def _is_ip(value: object, *, version: int | None = None) -> bool:
+    """An IP address in text (of `version` 4 or 6, or either)."""
     if not is_text(value, _MAX_ADDRESS):
         return False
     try:
-        ipaddress.IPv4Address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
         return False
-    return True
-
-
-def _is_ip(value: object) -> bool:
-    if not is_text(value, _MAX_ADDRESS):
-        return False
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
+    return version is None or address.version == version
 
 
 def _check(condition: bool, message: str) -> None:

@@ -23,6 +23,7 @@ from fc_agent.channel import SerialChannel
 from fcvm.channel import HOST_PORT_BASE, SerialVsockBridge, VsockConnectError, connect_vsock
 from fcvm_standins.loopback import LoopbackQemu
 from fcvm_wire import mux
+from fcvm_wire.sockets import read_exact
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,16 +108,6 @@ def recv_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        data = sock.recv(size - len(buf))
-        if not data:
-            raise EOFError(f"EOF after {len(buf)} of {size} bytes")
-        buf += data
-    return bytes(buf)
-
-
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -128,7 +119,7 @@ def test_host_to_guest_connect_ok_and_echo(rig: Rig) -> None:
     serve(rig.guest.listen(ECHO), echo)
     with connect_vsock(rig.uds, ECHO, 5) as sock:
         sock.sendall(b"ping")
-        assert recv_exactly(sock, 4) == b"ping"
+        assert read_exact(sock, 4) == b"ping"
     # The raw protocol, exactly as Firecracker speaks it: any case, OK <hostport> from 2**30.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
         raw.connect(str(rig.uds))
@@ -138,7 +129,7 @@ def test_host_to_guest_connect_ok_and_echo(rig: Rig) -> None:
             line += raw.recv(1)
         word, port = line.split()
         assert word == b"OK" and int(port) >= HOST_PORT_BASE
-        assert recv_exactly(raw, 11) == b"early bytes"
+        assert read_exact(raw, 11) == b"early bytes"
 
 
 def test_guest_to_host_reaches_uds_port_listener(rig: Rig) -> None:
@@ -147,9 +138,9 @@ def test_guest_to_host_reaches_uds_port_listener(rig: Rig) -> None:
         conn, _ = server.accept()
         with conn:
             guest_sock.sendall(b"status: up")
-            assert recv_exactly(conn, 10) == b"status: up"
+            assert read_exact(conn, 10) == b"status: up"
             conn.sendall(b"plan")
-            assert recv_exactly(guest_sock, 4) == b"plan"
+            assert read_exact(guest_sock, 4) == b"plan"
     server.close()
 
 
@@ -197,7 +188,7 @@ def test_64_concurrent_streams_both_directions_byte_for_byte(rig: Rig) -> None:
                 payload = payloads[index]
                 writer = threading.Thread(target=sock.sendall, args=(payload,))
                 writer.start()
-                got = recv_exactly(sock, len(payload))
+                got = read_exact(sock, len(payload))
                 writer.join()
                 if got != payload:
                     failures.append(f"stream {index}: payload differs")
@@ -302,7 +293,7 @@ def test_host_client_closing_mid_transfer_ends_the_guest_stream(rig: Rig) -> Non
 
     serve(rig.guest.listen(3100), flood)
     sock = connect_vsock(rig.uds, 3100, 5)
-    recv_exactly(sock, 1 << 20)
+    read_exact(sock, 1 << 20)
     sock.close()  # with unread data: abrupt
     wait_for(lambda: bool(outcome))
     assert outcome[0] in ("BrokenPipeError", "ConnectionResetError")
@@ -311,12 +302,12 @@ def test_host_client_closing_mid_transfer_ends_the_guest_stream(rig: Rig) -> Non
     serve(rig.guest.listen(ECHO), echo)
     with connect_vsock(rig.uds, ECHO, 5) as fresh:
         fresh.sendall(b"still here")
-        assert recv_exactly(fresh, 10) == b"still here"
+        assert read_exact(fresh, 10) == b"still here"
 
 
 def test_guest_closing_mid_transfer_closes_the_host_connection(rig: Rig) -> None:
     def read_some_then_close(conn: socket.socket) -> None:
-        recv_exactly(conn, 100_000)
+        read_exact(conn, 100_000)
         conn.close()
 
     serve(rig.guest.listen(3200), read_some_then_close)
@@ -339,7 +330,7 @@ def test_guest_restart_resets_old_streams_and_new_ones_work(rig: Rig, half_frame
     serve(rig.guest.listen(ECHO), echo)
     old = connect_vsock(rig.uds, ECHO, 5)
     old.sendall(b"before")
-    assert recv_exactly(old, 6) == b"before"
+    assert read_exact(old, 6) == b"before"
     busy = connect_vsock(rig.uds, ECHO, 5)  # a transfer in flight while the guest dies
     pump = threading.Thread(target=flood, args=(busy,))
     pump.start()
@@ -359,7 +350,7 @@ def test_guest_restart_resets_old_streams_and_new_ones_work(rig: Rig, half_frame
     serve(guest.listen(ECHO), echo)
     with connect_vsock(rig.uds, ECHO, 5) as fresh:
         fresh.sendall(b"after")
-        assert recv_exactly(fresh, 5) == b"after"
+        assert read_exact(fresh, 5) == b"after"
 
 
 def test_bridge_reconnects_when_the_chardev_connection_drops(rig: Rig) -> None:
@@ -374,7 +365,7 @@ def test_bridge_reconnects_when_the_chardev_connection_drops(rig: Rig) -> None:
     wait_for(lambda: rig.guest.ready)
     with connect_vsock(rig.uds, ECHO, 5) as fresh:
         fresh.sendall(b"again")
-        assert recv_exactly(fresh, 5) == b"again"
+        assert read_exact(fresh, 5) == b"again"
 
 
 def test_connection_limit() -> None:
@@ -427,7 +418,7 @@ def test_garbage_in_the_pipe_resets_the_session_not_the_process(rig: Rig) -> Non
     wait_for(lambda: rig.bridge.ready and rig.guest.ready)
     with connect_vsock(rig.uds, ECHO, 5) as fresh:
         fresh.sendall(b"recovered")
-        assert recv_exactly(fresh, 9) == b"recovered"
+        assert read_exact(fresh, 9) == b"recovered"
 
 
 def test_find_serial_port_by_name(tmp_path: Path) -> None:

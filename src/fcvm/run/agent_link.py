@@ -12,27 +12,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from fcvm.core.kinds import Health
+from fcvm_wire import control as wire
 from fcvm_wire.checks import printable
-from fcvm_wire.control import (
-    MAX_SHUTDOWN_TIMEOUT,
-    ContainerState,
-    ControlError,
-    ControlStream,
-    HealthReport,
-    Hello,
-    Log,
-    LogStream,
-    Message,
-    PlanMessage,
-    PrepareMessage,
-    Restore,
-    Restored,
-    Shutdown,
-    Status,
-)
 from fcvm_wire.plan import Plan
 
 # A guest that sends this many malformed messages on one connection is cut off: it is broken or hostile, and
@@ -44,6 +29,7 @@ def start_thread(target: Callable[..., object], *args: Any) -> None:
     threading.Thread(target=target, args=args, daemon=True).start()
 
 
+@dataclass(kw_only=True, eq=False)
 class AgentLink:
     """What the agent tells the host about its container, and what the host tells the agent: how to prepare,
     what to run, that it was restored, and to stop.
@@ -58,25 +44,21 @@ class AgentLink:
     URL itself).
     """
 
-    def __init__(self, *, plan: Plan | None, prepare: Plan | None, restored: bool, container_log: IO[str],
-                 echo_output: bool, agent_reports_health: bool, on_stage: Callable[[str], None],
-                 on_health: Callable[[Health], None], logger: logging.Logger,
-                 on_prepared: Callable[[], None] = lambda: None) -> None:
-        self.plan = plan
-        self.prepare = prepare
-        self.restored = restored
-        self.on_prepared = on_prepared
-        self.container_log = container_log
-        self.echo_output = echo_output
-        self.agent_reports_health = agent_reports_health
-        self.on_stage = on_stage
-        self.on_health = on_health
-        self.log = logger
-        self.exit_code: int | None = None
-        self.failure: str | None = None
-        self.container_running = threading.Event()
-        self.container_done = threading.Event()  # exited or failed
-        self._control: ControlStream | None = None
+    plan: Plan | None  # sent once the agent is prepared (or restored before the run); None: never
+    prepare: Plan | None  # sent on the first hello (None: under Firecracker MMDS holds it, or a restore)
+    restored: bool  # the agent wakes up in a snapshot and must catch up with the world
+    container_log: IO[str]
+    echo_output: bool
+    agent_reports_health: bool
+    on_stage: Callable[[str], None]
+    on_health: Callable[[Health], None]
+    logger: logging.Logger
+    on_prepared: Callable[[], None] = lambda: None
+    exit_code: int | None = field(default=None, init=False)
+    failure: str | None = field(default=None, init=False)
+    container_running: threading.Event = field(default_factory=threading.Event, init=False)
+    container_done: threading.Event = field(default_factory=threading.Event, init=False)  # exited or failed
+    _control: wire.ControlStream | None = field(default=None, init=False, repr=False)
 
     def accept_forever(self, listener: socket.socket, stop: threading.Event) -> None:
         """Serve every connection to the control port until the listener closes (a guest reconnects after a
@@ -87,11 +69,11 @@ class AgentLink:
                     conn, _ = listener.accept()
                 except OSError:
                     return
-                start_thread(self._session, ControlStream(conn))
+                start_thread(self._session, wire.ControlStream(conn))
 
         start_thread(accept_loop)
 
-    def _session(self, control: ControlStream) -> None:
+    def _session(self, control: wire.ControlStream) -> None:
         """One connection. The guest is untrusted: a malformed message is logged (ControlError's text escapes
         whatever it quotes) and skipped, and the connection is dropped after MAX_BAD_MESSAGES of them."""
         self._control = control
@@ -100,80 +82,80 @@ class AgentLink:
             while True:
                 try:
                     message = control.receive()
-                except ControlError as exc:
+                except wire.ControlError as exc:
                     bad += 1
-                    self.log.warning("agent sent a bad control message: %s", exc)
+                    self.logger.warning("agent sent a bad control message: %s", exc)
                     if bad >= MAX_BAD_MESSAGES:
-                        self.log.warning("dropping the agent's control connection after %d bad messages", bad)
+                        self.logger.warning("dropping the agent's control connection after %d bad messages", bad)
                         return
                     continue
                 if message is None:
                     return
                 self._on_message(control, message)
         except OSError as exc:
-            self.log.warning("agent control stream: %s", exc)
+            self.logger.warning("agent control stream: %s", exc)
         finally:
             with contextlib.suppress(OSError):
                 control.close()
 
-    def _on_message(self, control: ControlStream, message: Message) -> None:
+    def _on_message(self, control: wire.ControlStream, message: wire.Message) -> None:
         match message:
-            case Hello():
+            case wire.Hello():
                 self.on_stage("agent_connected")
                 if self.restored:
-                    control.send(Restore(time.time()))
+                    control.send(wire.Restore(time.time()))
                 elif self.prepare is not None:  # once: an agent that reconnects after a channel reset has it
                     prepare, self.prepare = self.prepare, None
-                    control.send(PrepareMessage(prepare))
-            case Restored():
+                    control.send(wire.PrepareMessage(prepare))
+            case wire.Restored():
                 self.on_stage("restored")
                 self._send_plan(control)
-            case Log():
+            case wire.Log():
                 self._on_log(message)
-            case Status():
+            case wire.Status():
                 self._on_status(message)
-            case HealthReport():
+            case wire.HealthReport():
                 if self.agent_reports_health:
                     self.on_health(Health(message.health.value))
-            case PlanMessage() | PrepareMessage() | Restore() | Shutdown():
-                self.log.warning("agent sent a %s message, which only the host sends", message.TYPE)
+            case wire.PlanMessage() | wire.PrepareMessage() | wire.Restore() | wire.Shutdown():
+                self.logger.warning("agent sent a %s message, which only the host sends", message.TYPE)
 
-    def _on_log(self, message: Log) -> None:
-        if message.stream == LogStream.AGENT:
+    def _on_log(self, message: wire.Log) -> None:
+        if message.stream == wire.LogStream.AGENT:
             # Into the host's own log: escaped, so the guest cannot forge log lines or drive a terminal.
-            self.log.info("agent: %s", printable(message.line))
+            self.logger.info("agent: %s", printable(message.line))
             return
         # The container's output, like `podman run` prints it.
         self.container_log.write(message.line + "\n")
         if self.echo_output:
-            print(message.line, file=sys.stdout if message.stream == LogStream.STDOUT else sys.stderr, flush=True)
+            print(message.line, file=sys.stdout if message.stream == wire.LogStream.STDOUT else sys.stderr, flush=True)
 
-    def _on_status(self, status: Status) -> None:
+    def _on_status(self, status: wire.Status) -> None:
         if self.container_done.is_set():
             # The first exit code or failure is the container's; the row must not change after it.
-            self.log.warning("agent reported %s after the container had ended; ignored", status.state)
+            self.logger.warning("agent reported %s after the container had ended; ignored", status.state)
             return
-        self.log.debug("agent status %s", status.state)
+        self.logger.debug("agent status %s", status.state)
         match status.state:
-            case ContainerState.PREPARED:
+            case wire.ContainerState.PREPARED:
                 self.on_stage("prepared")
                 self.on_prepared()
                 self._send_plan(self._control)
-            case ContainerState.RUNNING:
+            case wire.ContainerState.RUNNING:
                 self.on_stage("container_running")
                 self.container_running.set()
-            case ContainerState.EXITED:
+            case wire.ContainerState.EXITED:
                 self.exit_code = status.exit_code
-                self.log.info("container exited with code %d", self.exit_code)
+                self.logger.info("container exited with code %d", self.exit_code)
                 self.container_done.set()
-            case ContainerState.FAILED:
+            case wire.ContainerState.FAILED:
                 self.failure = printable(status.detail) or "the guest agent failed"
                 self.container_done.set()
 
-    def _send_plan(self, control: ControlStream | None) -> None:
+    def _send_plan(self, control: wire.ControlStream | None) -> None:
         plan, self.plan = self.plan, None  # once
         if plan is not None and control is not None:
-            control.send(PlanMessage(plan))
+            control.send(wire.PlanMessage(plan))
 
     def stop_container(self, grace: float, reason: str) -> None:
         """Like `podman stop`: the agent sends the container SIGTERM, then SIGKILL after `grace`; wait for its exit
@@ -181,9 +163,9 @@ class AgentLink:
         control = self._control
         if control is None:
             return
-        self.log.info("stopping the container (%s)", reason)
+        self.logger.info("stopping the container (%s)", reason)
         try:
-            control.send(Shutdown(min(int(grace), MAX_SHUTDOWN_TIMEOUT)))
+            control.send(wire.Shutdown(max(0, min(int(grace), wire.MAX_SHUTDOWN_TIMEOUT))))
         except OSError:
             return
         self.container_done.wait(grace + 5)

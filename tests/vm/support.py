@@ -18,7 +18,7 @@ from pathlib import Path
 from tests.support import require
 
 HYPERVISORS = ["qemu", "firecracker"]
-# The `run_vm` fixture: run_vm(name, *podman_run_args, env=None) -> the VM's row
+# The `run_vm` fixture: run_vm(*podman_run_args, env=None) -> the VM's row
 RunVm = Callable[..., dict[str, object]]
 SPEC = Path(__file__).resolve().parents[3] / "shared" / "firecracker" / "firecracker-v1.16.1.yaml"
 

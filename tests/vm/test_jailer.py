@@ -65,7 +65,7 @@ def test_jailed_firecracker_runs_the_trunk_and_leaves_nothing(run_vm: RunVm, hos
     site.mkdir()
     (site / "index.html").write_text("served from the host\n")
     before = HostState.capture()
-    row = run_vm("jailed", "--hypervisor", "firecracker", "--jailer", "-p", f"{host_port}:80",
+    row = run_vm("-d", "--name", "jailed", "--hypervisor", "firecracker", "--jailer", "-p", f"{host_port}:80",
                  "--map", f"{site}:/www", "localhost/fcvm-demo-httpd", env=env)
     vm_id = str(row["id"])
     assert row["status"] == "running" and row["hypervisor"] == "firecracker (fc-mock)"
@@ -101,7 +101,8 @@ def test_jailed_firecracker_runs_the_trunk_and_leaves_nothing(run_vm: RunVm, hos
 def test_a_killed_owner_of_a_jailed_vm_is_cleaned_up_by_the_next_ls(run_vm: RunVm,
                                                                     jailed_env: dict[str, str]) -> None:
     before = HostState.capture()
-    row = run_vm("jailkill", "--hypervisor", "firecracker", "--jailer", "localhost/fcvm-demo-httpd", env=jailed_env)
+    row = run_vm("-d", "--name", "jailkill", "--hypervisor", "firecracker", "--jailer", "localhost/fcvm-demo-httpd",
+                 env=jailed_env)
     vm_id, pid = str(row["id"]), row["pid"]
     assert isinstance(pid, int)
     owner = ProcessRef.of(pid)

@@ -26,7 +26,7 @@ def test_detached_httpd_serves_its_page_runs_exec_and_leaves_nothing(
 ) -> None:
     env = hypervisor_env(hypervisor)
     before = HostState.capture()
-    row = run_vm("demo", "--network", network, "--hypervisor", hypervisor, "-p", f"{host_port}:80",
+    row = run_vm("-d", "--name", "demo", "--network", network, "--hypervisor", hypervisor, "-p", f"{host_port}:80",
                  "localhost/fcvm-demo-httpd", env=env)
     assert row["status"] == "running" and row["health"] == "healthy"
     assert row["hypervisor"] == ("qemu" if hypervisor == "qemu" else "firecracker (fc-mock)")
@@ -89,7 +89,7 @@ def test_sigint_in_the_foreground_stops_the_vm_and_cleans_up(guest_assets: None,
 
 def test_sigkill_of_the_owner_is_cleaned_up_by_the_next_ls(run_vm: RunVm, host_port: int) -> None:
     before = HostState.capture()
-    pid = run_vm("doomed", "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd")["pid"]
+    pid = run_vm("-d", "--name", "doomed", "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd")["pid"]
     assert isinstance(pid, int)
     owner = ProcessRef.of(pid)
     os.kill(pid, signal.SIGKILL)
@@ -108,7 +108,8 @@ def test_a_vmm_killed_under_the_supervisor_takes_its_guest_along(run_vm: RunVm) 
     """fc-mock boots its guest in a QEMU child; SIGKILL fc-mock, and no QEMU may outlive it."""
     env = hypervisor_env("firecracker")
     before = HostState.capture()
-    supervisor = run_vm("vmmkill", "--hypervisor", "firecracker", "localhost/fcvm-demo-httpd", env=env)["pid"]
+    supervisor = run_vm("-d", "--name", "vmmkill", "--hypervisor", "firecracker", "localhost/fcvm-demo-httpd",
+                        env=env)["pid"]
     assert isinstance(supervisor, int)
     [vmm] = [c for c in _children(supervisor) if b"fcvm-fc-mock" in Path(f"/proc/{c}/cmdline").read_bytes()]
     [qemu] = [c for c in _children(vmm) if b"qemu-system" in Path(f"/proc/{c}/cmdline").read_bytes()]
@@ -130,10 +131,10 @@ def test_a_guest_that_does_not_start_in_time_fails_clearly_and_leaves_nothing(gu
 
 
 def test_health_check_url_decides_health(run_vm: RunVm, host_port: int) -> None:
-    assert run_vm("hc", "-p", f"{host_port}:80", "--health-check", "http://localhost/index.html",
+    assert run_vm("-d", "--name", "hc", "-p", f"{host_port}:80", "--health-check", "http://localhost/index.html",
                   "localhost/fcvm-demo-httpd")["health"] == "healthy"
     fcvm("stop", "hc")
-    assert run_vm("hc404", "-p", f"{host_port}:80", "--health-check", "http://localhost/missing.html",
+    assert run_vm("-d", "--name", "hc404", "-p", f"{host_port}:80", "--health-check", "http://localhost/missing.html",
                   "localhost/fcvm-demo-httpd")["health"] == "unhealthy"
     assert "unhealthy" in fcvm("ls").stdout
 
@@ -144,7 +145,7 @@ def test_the_images_own_healthcheck_drives_health(run_vm: RunVm, tmp_path: Path)
         "FROM localhost/fcvm-demo-httpd\nHEALTHCHECK --interval=2s --timeout=2s CMD test -f /tmp/ready\n")
     subprocess.run(["podman", "build", "--format", "docker", "-t", "localhost/fcvm-test-healthcheck",
                     str(tmp_path)], check=True, capture_output=True, timeout=300)
-    assert run_vm("hcimg", "localhost/fcvm-test-healthcheck")["health"] == "unhealthy"
+    assert run_vm("-d", "--name", "hcimg", "localhost/fcvm-test-healthcheck")["health"] == "unhealthy"
     fcvm("exec", "hcimg", "--", "touch", "/tmp/ready")
     wait_until(lambda: vm_row("hcimg")["health"] == "healthy", 30, interval=0.5)
     assert vm_row("hcimg")["health"] == "healthy"

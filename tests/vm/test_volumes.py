@@ -23,7 +23,7 @@ def test_mapped_directories_read_write_and_follow_host_changes(
     (site / "index.html").write_text("first version\n")
     (config / "app.conf").write_text("setting=1\n")
     before = HostState.capture()
-    run_vm("vol", "--hypervisor", hypervisor, "-p", f"{host_port}:80", "--map", f"{site}:/www",
+    run_vm("-d", "--name", "vol", "--hypervisor", hypervisor, "-p", f"{host_port}:80", "--map", f"{site}:/www",
            "--map", f"{config}:/etc/app:ro", "localhost/fcvm-demo-httpd", env=env)
     url = published_url("vol", 80)
     assert get(url + "index.html") == "first version\n"

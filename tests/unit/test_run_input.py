@@ -69,3 +69,23 @@ def test_no_usable_hypervisor_names_the_package_to_install(tmp_path: Path) -> No
     assert result.returncode == 1
     assert result.stderr.strip() == ("Error: qemu-system-x86_64 is not installed "
                                      "(apt-get install qemu-system-x86)")
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["../../x", "x/../../y", "web\nfake-row", "web\x1b[31mred", ".hidden", "_x", "a b",
+                                  "x" * 65])
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_bad_name_is_a_one_line_usage_error_and_creates_nothing(name: str, detach: bool, tmp_path: Path) -> None:
+    """podman's rule, [a-zA-Z0-9][a-zA-Z0-9_.-]*: a name ends up in paths, logs and terminals."""
+    data_dir = tmp_path / "a" / "b" / "data"
+    before = _tree(tmp_path)
+    result = run("--network", "rootless", *(["-d"] if detach else []), "--name", name, "localhost/fcvm-busybox",
+                 "true", env={"FCVM_DATA_DIR": str(data_dir)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: invalid VM name {name!r}"), result.stderr
+    assert "\x1b" not in result.stderr and result.stdout == ""
+    assert _tree(tmp_path) == before  # no log file (inside or outside the data dir), no state, no VM

@@ -4,8 +4,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from fcvm.core.proc import ProcessRef
 from fcvm.run.cleanup import reap_stale, replay
 from fcvm.state import NameInUse, Store
 from fcvm.state.journal import Journal
+from tests.support import fake_owner
 
 
 def test_live_names_are_unique_but_exited_names_can_be_reused() -> None:
@@ -84,35 +83,10 @@ def test_journal_replays_newest_first_and_forgets_what_it_undid(tmp_path: Path) 
     assert store.journal_entries(vm.id) == []
 
 
-def _spawn_owner(db_env: dict[str, str]) -> subprocess.Popen[bytes]:
-    code = textwrap.dedent(
-        """
-        import sys, time
-        from fcvm.core.proc import ProcessRef
-        from fcvm.state import Store
-        from fcvm.state.journal import Journal
-        store = Store()
-        vm = store.create_vm(sys.argv[1], process=ProcessRef.self(), image="localhost/x")
-        store.allocate("subnet", vm.id, ["10"])
-        Journal(store, vm.id).record("file", path=sys.argv[2])
-        store.update_vm(vm.id, status="running")
-        print("ready", flush=True)
-        time.sleep(600)
-        """
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", code, "victim", db_env["MARKER"]],
-        stdout=subprocess.PIPE,
-        env={**os.environ, **db_env},
-    )
-
-
 def test_a_sigkilled_owner_is_reaped_with_its_resources(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     marker.write_text("left behind unless reaped")
-    child = _spawn_owner({"MARKER": str(marker)})
-    assert child.stdout is not None
-    assert child.stdout.readline() == b"ready\n"
+    child = fake_owner("victim", marker)
     store = Store()
     assert reap_stale(store) == []
     assert store.require_vm("victim").status == "running"

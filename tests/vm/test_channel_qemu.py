@@ -183,11 +183,11 @@ def test_channel_through_qemu_virtio_serial(vm: Vm) -> None:
         f" rtt p50 {statistics.median(rtts) * 1e6:.0f} us p99 {rtts[int(len(rtts) * 0.99) - 1] * 1e6:.0f} us"
     )
 
-    # a port nobody listens on in the guest: closed promptly, no OK
-    t0 = time.monotonic()
+    # a port nobody listens on in the guest: refused (the guest closes the stream, no OK), well before a
+    # generous handshake deadline that a connection left hanging would end in
     with pytest.raises(VsockConnectError) as excinfo:
-        connect_vsock(vm.uds, 4242, 5)
-    assert excinfo.value.refused and time.monotonic() - t0 < 2
+        connect_vsock(vm.uds, 4242, 60)
+    assert excinfo.value.refused
 
     # guest restart: closing the report stream ends the first selftest; the second one opens the port
     # again with a new session, which resets the old streams.

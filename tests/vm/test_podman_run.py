@@ -4,99 +4,48 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from fcvm.core.proc import ProcessRef
+from fcvm.core.wait import wait_until
 from tests.hoststate import HostState
-from tests.support import require
+from tests.vm.support import HYPERVISORS, RunVm, fcvm, get, hypervisor_env, published_url, vm_row
 
 NETWORKS = ["bridged", "rootless"]
-HYPERVISORS = ["qemu", "firecracker"]
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "firecracker" / "firecracker-v1.16.1.yaml"
-
-
-def hypervisor_env(hypervisor: str) -> dict[str, str]:
-    """Firecracker here is fc-mock: the official API, validated against the official spec, booting via QEMU."""
-    if hypervisor == "qemu":
-        return dict(os.environ)
-    require(SPEC.is_file(), f"the Firecracker API spec is missing at {SPEC}")
-    mock = shutil.which("fcvm-fc-mock")
-    require(mock is not None, "fcvm-fc-mock is not installed (pip install -e .)")
-    return {**os.environ, "FCVM_FIRECRACKER_BIN": str(mock), "FCVM_FC_SPEC": str(SPEC)}
-
-
-def fcvm(*args: str, timeout: float = 300, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "fcvm", *args], capture_output=True, text=True,
-                            timeout=timeout, check=False, **kwargs)  # type: ignore[call-overload]
-    if check and result.returncode != 0:
-        raise AssertionError(f"fcvm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
-def vm_row(name: str) -> dict[str, object]:
-    rows = json.loads(fcvm("ls", "-a", "--json").stdout)
-    return next(r for r in rows if r["name"] == name)
-
-
-def published_url(name: str, guest_port: int) -> str:
-    row = vm_row(name)
-    network = row["network"]
-    assert isinstance(network, dict)
-    for ip, port, mapping in network["published"]:  # mapping is the -p text, e.g. "8080:80"
-        if mapping.split(":")[-1].split("/")[0] == str(guest_port):
-            return f"http://{ip}:{port}/"
-    raise AssertionError(f"port {guest_port} is not published: {network}")
-
-
-def get(url: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.read().decode()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 @pytest.mark.parametrize("hypervisor", HYPERVISORS)
 @pytest.mark.parametrize("network", NETWORKS)
 def test_detached_httpd_serves_its_page_runs_exec_and_leaves_nothing(
-    guest_assets: None, host_port: int, network: str, hypervisor: str
+    run_vm: RunVm, host_port: int, network: str, hypervisor: str
 ) -> None:
     env = hypervisor_env(hypervisor)
     before = HostState.capture()
-    fcvm("podman", "run", "-d", "--name", "demo", "--network", network, "--hypervisor", hypervisor,
-         "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd", env=env)
-    try:
-        row = vm_row("demo")
-        assert row["status"] == "running" and row["health"] == "healthy"
-        assert row["hypervisor"] == ("qemu" if hypervisor == "qemu" else "firecracker (fc-mock)")
-        assert "fcvm demo page" in get(published_url("demo", 80))
-        if network == "bridged":
-            assert "fcvm demo page" in get(f"http://127.0.0.1:{host_port}/")
-        assert fcvm("exec", "demo", "--", "cat", "/etc/hostname").stdout.strip() == "demo"
-        exec_code = fcvm("exec", "demo", "--", "sh", "-c", "echo oops >&2; exit 7", check=False)
-        assert exec_code.returncode == 7 and exec_code.stderr.strip() == "oops"
-        assert "Linux" in fcvm("exec", "demo", "--vm", "--", "uname", "-s").stdout
-        # -t under a real terminal: the command sees a pty of the caller's size.
-        tty = subprocess.run(["script", "-qec", f"stty rows 33 cols 101; {sys.executable} -m fcvm exec -it demo "
-                              "-- sh -c 'tty; stty size; exit 5'", "/dev/null"],
-                             capture_output=True, text=True, timeout=120, env=env)
-        assert tty.returncode == 5, tty.stdout + tty.stderr
-        assert "/dev/pts/" in tty.stdout and "33 101" in tty.stdout
-        assert "demo" in fcvm("ls").stdout
-        assert "fc-agent" in fcvm("logs", "--console", "demo").stdout
-    finally:
-        fcvm("stop", "demo")
+    row = run_vm("-d", "--name", "demo", "--network", network, "--hypervisor", hypervisor, "-p", f"{host_port}:80",
+                 "localhost/fcvm-demo-httpd", env=env)
+    assert row["status"] == "running" and row["health"] == "healthy"
+    assert row["hypervisor"] == ("qemu" if hypervisor == "qemu" else "firecracker (fc-mock)")
+    assert "fcvm demo page" in get(published_url("demo", 80))
+    if network == "bridged":
+        assert "fcvm demo page" in get(f"http://127.0.0.1:{host_port}/")
+    assert fcvm("exec", "demo", "--", "cat", "/etc/hostname").stdout.strip() == "demo"
+    exec_code = fcvm("exec", "demo", "--", "sh", "-c", "echo oops >&2; exit 7", check=False)
+    assert exec_code.returncode == 7 and exec_code.stderr.strip() == "oops"
+    assert "Linux" in fcvm("exec", "demo", "--vm", "--", "uname", "-s").stdout
+    # -t under a real terminal: the command sees a pty of the caller's size.
+    tty = subprocess.run(["script", "-qec", f"stty rows 33 cols 101; {sys.executable} -m fcvm exec -it demo "
+                          "-- sh -c 'tty; stty size; exit 5'", "/dev/null"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert tty.returncode == 5, tty.stdout + tty.stderr
+    assert "/dev/pts/" in tty.stdout and "33 101" in tty.stdout
+    assert "demo" in fcvm("ls").stdout
+    assert "fc-agent" in fcvm("logs", "--console", "demo").stdout
+    fcvm("stop", "demo")
     row = vm_row("demo")
     assert row["status"] == "exited" and row["exit_code"] == 137  # busybox httpd as PID 1 ignores SIGTERM
     assert HostState.capture().diff(before) == {}
@@ -138,13 +87,13 @@ def test_sigint_in_the_foreground_stops_the_vm_and_cleans_up(guest_assets: None,
     assert HostState.capture().diff(before) == {}
 
 
-def test_sigkill_of_the_owner_is_cleaned_up_by_the_next_ls(guest_assets: None, host_port: int) -> None:
+def test_sigkill_of_the_owner_is_cleaned_up_by_the_next_ls(run_vm: RunVm, host_port: int) -> None:
     before = HostState.capture()
-    fcvm("podman", "run", "-d", "--name", "doomed", "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd")
-    pid = vm_row("doomed")["pid"]
+    pid = run_vm("-d", "--name", "doomed", "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd")["pid"]
     assert isinstance(pid, int)
+    owner = ProcessRef.of(pid)
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    assert wait_until(lambda: not owner.alive(), 30)
     assert "doomed" not in fcvm("ls").stdout
     assert vm_row("doomed")["status"] == "exited"
     assert HostState.capture().diff(before) == {}
@@ -155,20 +104,17 @@ def _children(pid: int) -> list[int]:
     return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()] if tasks.exists() else []
 
 
-def test_a_vmm_killed_under_the_supervisor_takes_its_guest_along(guest_assets: None) -> None:
+def test_a_vmm_killed_under_the_supervisor_takes_its_guest_along(run_vm: RunVm) -> None:
     """fc-mock boots its guest in a QEMU child; SIGKILL fc-mock, and no QEMU may outlive it."""
     env = hypervisor_env("firecracker")
     before = HostState.capture()
-    fcvm("podman", "run", "-d", "--name", "vmmkill", "--hypervisor", "firecracker", "localhost/fcvm-demo-httpd",
-         env=env)
-    supervisor = vm_row("vmmkill")["pid"]
+    supervisor = run_vm("-d", "--name", "vmmkill", "--hypervisor", "firecracker", "localhost/fcvm-demo-httpd",
+                        env=env)["pid"]
     assert isinstance(supervisor, int)
     [vmm] = [c for c in _children(supervisor) if b"fcvm-fc-mock" in Path(f"/proc/{c}/cmdline").read_bytes()]
     [qemu] = [c for c in _children(vmm) if b"qemu-system" in Path(f"/proc/{c}/cmdline").read_bytes()]
     os.kill(vmm, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while vm_row("vmmkill")["status"] != "exited" and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: vm_row("vmmkill")["status"] == "exited", 60, interval=0.2)
     assert vm_row("vmmkill")["status"] == "exited"
     assert not Path(f"/proc/{qemu}").exists() or b") Z" in Path(f"/proc/{qemu}/stat").read_bytes()
     assert HostState.capture().diff(before) == {}
@@ -184,35 +130,22 @@ def test_a_guest_that_does_not_start_in_time_fails_clearly_and_leaves_nothing(gu
     assert HostState.capture().diff(before) == {}
 
 
-def test_health_check_url_decides_health(guest_assets: None, host_port: int) -> None:
-    fcvm("podman", "run", "-d", "--name", "hc", "-p", f"{host_port}:80", "--health-check",
-         "http://localhost/index.html", "localhost/fcvm-demo-httpd")
-    try:
-        assert vm_row("hc")["health"] == "healthy"
-    finally:
-        fcvm("stop", "hc")
-    fcvm("podman", "run", "-d", "--name", "hc404", "-p", f"{host_port}:80", "--health-check",
-         "http://localhost/missing.html", "localhost/fcvm-demo-httpd")
-    try:
-        assert vm_row("hc404")["health"] == "unhealthy"
-        assert "unhealthy" in fcvm("ls").stdout
-    finally:
-        fcvm("stop", "hc404")
+def test_health_check_url_decides_health(run_vm: RunVm, host_port: int) -> None:
+    assert run_vm("-d", "--name", "hc", "-p", f"{host_port}:80", "--health-check", "http://localhost/index.html",
+                  "localhost/fcvm-demo-httpd")["health"] == "healthy"
+    fcvm("stop", "hc")
+    assert run_vm("-d", "--name", "hc404", "-p", f"{host_port}:80", "--health-check", "http://localhost/missing.html",
+                  "localhost/fcvm-demo-httpd")["health"] == "unhealthy"
+    assert "unhealthy" in fcvm("ls").stdout
 
 
-def test_the_images_own_healthcheck_drives_health(guest_assets: None, tmp_path: Path) -> None:
+def test_the_images_own_healthcheck_drives_health(run_vm: RunVm, tmp_path: Path) -> None:
     """Without --health-check, an image HEALTHCHECK decides health (podman build keeps it in docker format)."""
     (tmp_path / "Containerfile").write_text(
         "FROM localhost/fcvm-demo-httpd\nHEALTHCHECK --interval=2s --timeout=2s CMD test -f /tmp/ready\n")
     subprocess.run(["podman", "build", "--format", "docker", "-t", "localhost/fcvm-test-healthcheck",
                     str(tmp_path)], check=True, capture_output=True, timeout=300)
-    fcvm("podman", "run", "-d", "--name", "hcimg", "localhost/fcvm-test-healthcheck")
-    try:
-        assert vm_row("hcimg")["health"] == "unhealthy"
-        fcvm("exec", "hcimg", "--", "touch", "/tmp/ready")
-        deadline = time.monotonic() + 30
-        while vm_row("hcimg")["health"] != "healthy" and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert vm_row("hcimg")["health"] == "healthy"
-    finally:
-        fcvm("stop", "hcimg")
+    assert run_vm("-d", "--name", "hcimg", "localhost/fcvm-test-healthcheck")["health"] == "unhealthy"
+    fcvm("exec", "hcimg", "--", "touch", "/tmp/ready")
+    wait_until(lambda: vm_row("hcimg")["health"] == "healthy", 30, interval=0.5)
+    assert vm_row("hcimg")["health"] == "healthy"

@@ -6,51 +6,73 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterable
-from typing import IO
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import logging
+    import threading
+    from typing import IO
 
 LEVEL_ENV = "FCVM_LOG"
+# logging's level numbers, known without importing logging: a command that never logs (`fcvm ls` with nothing
+# to reap) never pays for it (about 7 ms at every start).
+_LEVELS = {"CRITICAL": 50, "FATAL": 50, "ERROR": 40, "WARNING": 30, "WARN": 30, "INFO": 20, "DEBUG": 10, "NOTSET": 0}
 _COLOURS = {
-    logging.DEBUG: "\x1b[2m",
-    logging.INFO: "\x1b[36m",
-    logging.WARNING: "\x1b[33m",
-    logging.ERROR: "\x1b[31m",
-    logging.CRITICAL: "\x1b[1;31m",
+    _LEVELS["DEBUG"]: "\x1b[2m",
+    _LEVELS["INFO"]: "\x1b[36m",
+    _LEVELS["WARNING"]: "\x1b[33m",
+    _LEVELS["ERROR"]: "\x1b[31m",
+    _LEVELS["CRITICAL"]: "\x1b[1;31m",
 }
 _RESET = "\x1b[0m"
-
-
-class _Formatter(logging.Formatter):
-    def __init__(self, colour: bool) -> None:
-        super().__init__()
-        self.colour = colour
-
-    def format(self, record: logging.LogRecord) -> str:
-        target = record.name.removeprefix("fcvm.") if record.name != "fcvm" else "fcvm"
-        level = record.levelname.lower()
-        message = record.getMessage()
-        if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
-            message += "\n" + self.formatException(record.exc_info)
-        if self.colour:
-            colour = _COLOURS.get(record.levelno, "")
-            return f"{colour}{level:>7}{_RESET} \x1b[2m{target}\x1b[0m {message}"
-        return f"{level:>7} {target} {message}"
+_pending: tuple[int, IO[str]] | None = None
 
 
 def setup(level: str | None = None, stream: IO[str] | None = None) -> None:
-    """Configure the `fcvm` and `fc_agent` logger trees once per process."""
-    stream = stream or sys.stderr
+    """Configure the `fcvm` and `fc_agent` logger trees once per process.
+
+    Applied at once when logging is already imported (a logger exists), else when `get` first hands one out."""
+    global _pending
     name = (level or os.environ.get(LEVEL_ENV) or "info").upper()
-    numeric = logging.getLevelName(name)
-    if not isinstance(numeric, int):
+    if name not in _LEVELS:
         raise ValueError(f"unknown log level {level!r}: use debug, info, warning or error")
+    _pending = (_LEVELS[name], stream or sys.stderr)
+    if "logging" in sys.modules:
+        _apply()
+
+
+def _apply() -> None:
+    """Carry out the pending `setup`, if any."""
+    global _pending
+    import logging
+
+    if _pending is None:
+        return
+    numeric, stream = _pending
+    _pending = None
+
+    class Formatter(logging.Formatter):
+        def __init__(self, colour: bool) -> None:
+            super().__init__()
+            self.colour = colour
+
+        def format(self, record: logging.LogRecord) -> str:
+            target = record.name.removeprefix("fcvm.") if record.name != "fcvm" else "fcvm"
+            level = record.levelname.lower()
+            message = record.getMessage()
+            if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
+                message += "\n" + self.formatException(record.exc_info)
+            if self.colour:
+                colour = _COLOURS.get(record.levelno, "")
+                return f"{colour}{level:>7}{_RESET} \x1b[2m{target}\x1b[0m {message}"
+            return f"{level:>7} {target} {message}"
+
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(_Formatter(colour=stream.isatty()))
+    handler.setFormatter(Formatter(colour=stream.isatty()))
     for root_name in ("fcvm", "fc_agent"):
         root = logging.getLogger(root_name)
         root.handlers[:] = [handler]
@@ -60,6 +82,9 @@ def setup(level: str | None = None, stream: IO[str] | None = None) -> None:
 
 def get(target: str) -> logging.Logger:
     """`get("vm.web")` returns the `fcvm.vm.web` logger."""
+    import logging
+
+    _apply()
     return logging.getLogger(f"fcvm.{target}" if target else "fcvm")
 
 
@@ -80,7 +105,7 @@ def relog_lines(
     lines: Iterable[bytes | str],
     logger: logging.Logger,
     *,
-    level: int = logging.INFO,
+    level: int = _LEVELS["INFO"],
     transform: Callable[[str], str] | None = None,
     sink: IO[str] | None = None,
 ) -> None:
@@ -102,10 +127,12 @@ def relog_in_thread(
     stream: IO[bytes],
     logger: logging.Logger,
     *,
-    level: int = logging.INFO,
+    level: int = _LEVELS["INFO"],
     transform: Callable[[str], str] | None = None,
     sink: IO[str] | None = None,
 ) -> threading.Thread:
+    import threading
+
     thread = threading.Thread(
         target=relog_lines,
         args=(iter(stream.readline, b""), logger),

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
-import signal
-import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
 from fcvm.core.wait import wait_until
 
-_log = log.get("proc")
+# The read commands (`fcvm ls`, `inspect`) use ProcessRef only: subprocess, shlex and signal are imported where
+# a process is run or signalled, so those commands never pay for them.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import IO
+
+DEVNULL = -3  # subprocess.DEVNULL, spawn's default for stdin
 
 
 class CommandError(FcvmError):
     """An external command failed; carries its stderr so the user sees why."""
 
     def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        import shlex
+
         tail = stderr.strip().splitlines()[-5:]
         detail = "; ".join(tail) if tail else "no error output"
         super().__init__(f"{shlex.join(argv)} failed with exit code {returncode}: {detail}")
@@ -64,10 +69,13 @@ def _live_members(pgid: int) -> list[int]:
 
 def kill_group(pgid: int, timeout: float = 5.0) -> None:
     """SIGKILL every process in a group and wait until none runs: kill() returns before death."""
+    import signal
+
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
     if not wait_until(lambda: not _live_members(pgid), timeout, interval=0.01):
-        _log.warning("process group %d: %s still running %.0fs after SIGKILL", pgid, _live_members(pgid), timeout)
+        log.get("proc").warning("process group %d: %s still running %.0fs after SIGKILL", pgid,
+                                _live_members(pgid), timeout)
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,8 @@ class ProcessRef:
 
     def terminate(self, timeout: float = 10.0) -> None:
         """SIGTERM, wait up to `timeout`, then SIGKILL."""
+        import signal
+
         if not self.signal(signal.SIGTERM):
             return
         if wait_until(lambda: not self.alive(), timeout, interval=0.05):
@@ -123,8 +133,11 @@ def run(
     capture: bool = True,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run an external tool: log it, capture stderr into the error, enforce a timeout."""
+    import shlex
+    import subprocess
+
     args = [os.fspath(a) for a in argv]
-    _log.debug("run: %s", shlex.join(args))
+    log.get("proc").debug("run: %s", shlex.join(args))
     full_env = None if env is None else {**os.environ, **env}
     try:
         result = subprocess.run(
@@ -205,6 +218,8 @@ class Child:
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, SIGKILL if it is still running after `grace` seconds, then reap."""
+        import signal
+
         if self._released:
             return
         if not self.exited():
@@ -218,7 +233,7 @@ class Child:
 def spawn(
     argv: Sequence[str | os.PathLike[str]],
     *,
-    stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+    stdin: int | IO[bytes] | None = DEVNULL,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
     own_group: bool = True,
@@ -232,8 +247,11 @@ def spawn(
     and cleanup can kill everything the child spawned. Objects that hold a child across calls enter this into
     a `contextlib.ExitStack` and close the stack to stop it.
     """
+    import shlex
+    import subprocess
+
     args = [os.fspath(a) for a in argv]
-    _log.debug("spawn: %s", shlex.join(args))
+    log.get("proc").debug("spawn: %s", shlex.join(args))
     try:
         popen = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=own_group,
                                  pass_fds=tuple(pass_fds), env=None if env is None else {**os.environ, **env})

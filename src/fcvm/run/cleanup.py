@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from fcvm.core import log
 from fcvm.core.proc import ProcessRef
 from fcvm.state.store import JournalEntry, Store, VmRecord
 
-_log = log.get("cleanup")
-
-Handler = Callable[[dict[str, Any]], None]
+# Loggers are fetched where something is logged: `fcvm ls` with nothing to reap never imports logging.
+Handler = Callable[[dict[str, object]], None]
 
 
 def _handlers() -> dict[str, Handler]:
@@ -35,7 +33,7 @@ def replay(store: Store, owner: str) -> list[str]:
             _undo(handlers, entry)
         except Exception as exc:  # keep going: one stuck resource must not strand the rest
             failures.append(f"{entry.kind} {entry.data}: {exc}")
-            _log.warning("could not undo %s %s: %s", entry.kind, entry.data, exc)
+            log.get("cleanup").warning("could not undo %s %s: %s", entry.kind, entry.data, exc)
             continue
         store.journal_remove(entry.id)
     return failures
@@ -45,7 +43,7 @@ def _undo(handlers: dict[str, Handler], entry: JournalEntry) -> None:
     handler = handlers.get(entry.kind)
     if handler is None:
         raise RuntimeError(f"no undo handler for journal kind {entry.kind!r}")
-    _log.debug("undo %s %s", entry.kind, entry.data)
+    log.get("cleanup").debug("undo %s %s", entry.kind, entry.data)
     handler(entry.data)
 
 
@@ -68,7 +66,7 @@ def reap_stale(store: Store) -> list[VmRecord]:
         # midway leaves a row that is stale again.
         if not _take_over(store, vm, me):
             continue
-        _log.info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
+        log.get("cleanup").info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
         finish_vm(store, vm, exit_code=None)
         reaped.append(vm)
     return reaped

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from fcvm.core.errors import FcvmError
+from fcvm.run.agent_link import STOP_SLACK
 from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store
 
@@ -19,7 +20,7 @@ def stop_vm(store: Store, name: str, grace: float) -> None:
     if process is not None:
         # The owner cleans up on SIGTERM (stops the container within `grace`, then the guest, and replays its
         # journal); after that and time to tear down it is killed, and we clean up for it.
-        process.terminate(timeout=grace + 15)
+        process.terminate(timeout=grace + STOP_SLACK + 15)
     reap_stale(store)
 
 

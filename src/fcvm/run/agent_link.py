@@ -23,6 +23,7 @@ from fcvm_wire.plan import Plan
 # A guest that sends this many malformed messages on one connection is cut off: it is broken or hostile, and
 # logging every one would let it fill the host's log.
 MAX_BAD_MESSAGES = 20
+STOP_SLACK = 30.0  # seconds past the stop timeout to wait for the container's exit code
 
 
 def start_thread(target: Callable[..., object], *args: Any) -> None:
@@ -168,7 +169,8 @@ class AgentLink:
             control.send(wire.Shutdown(max(0, min(int(grace), wire.MAX_SHUTDOWN_TIMEOUT))))
         except OSError:
             return
-        self.container_done.wait(grace + 5)
+        # `podman stop` itself, then the last log lines, under TCG: generous, but never forever.
+        self.container_done.wait(grace + STOP_SLACK)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -52,7 +52,8 @@ class Qmp:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self._monitor.close()
+        with contextlib.suppress(OSError, EOFError):  # QEMU may be gone already (after `quit`)
+            self._monitor.close()
 
     def cmd(self, command: str, **arguments: Any) -> Any:
         from qemu.qmp import QMPError

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fcvm.core import log
+from fcvm.core.kinds import VmStatus
 from fcvm.core.proc import ProcessRef
+from fcvm.core.wait import wait_until
 from fcvm.state.store import JournalEntry, Store, VmRecord
 
 _log = log.get("cleanup")
@@ -50,27 +52,40 @@ def _undo(handlers: dict[str, Handler], entry: JournalEntry) -> None:
 
 
 def finish_vm(store: Store, vm: VmRecord, *, exit_code: int | None) -> list[str]:
-    """Release everything `vm` holds and mark it exited."""
+    """Release everything `vm` holds and mark it exited, unless one of its processes still runs: then it stays
+    `stopping`, holding its allocations, and the next reaper (once we are gone) tries again."""
     failures = replay(store, vm.id)
+    if any(entry.kind == "process" for entry in store.journal_entries(vm.id)):
+        store.update_vm(vm.id, status=VmStatus.STOPPING)
+        return failures
     store.release_allocations(vm.id)
-    store.update_vm(vm.id, status="exited", exited=time.time(), exit_code=exit_code, health="unknown")
+    store.update_vm(vm.id, status=VmStatus.EXITED, exited=time.time(), exit_code=exit_code, health="unknown")
     return failures
 
 
-def reap_stale(store: Store) -> list[VmRecord]:
-    """Clean up after live rows whose process is gone. Safe to run from many processes at once."""
+def reap_stale(store: Store, *, wait: float = 60.0) -> list[VmRecord]:
+    """Clean up after live rows whose process is gone. Safe to run from many processes at once.
+
+    Returns once no row is being reaped by another process either (waiting up to `wait` seconds), so what the
+    caller then reads is settled: a VM shows as exited only once nothing of it runs."""
     reaped: list[VmRecord] = []
     me = ProcessRef.self()
-    for vm in store.list_vms():
-        if not vm.is_stale():
-            continue
-        # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
-        # midway leaves a row that is stale again.
-        if not _take_over(store, vm, me):
-            continue
-        _log.info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
-        finish_vm(store, vm, exit_code=None)
-        reaped.append(vm)
+
+    def settled() -> bool:
+        busy = False
+        for vm in store.list_vms():
+            # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
+            # midway leaves a row that is stale again.
+            if vm.is_stale() and _take_over(store, vm, me):
+                _log.info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
+                finish_vm(store, vm, exit_code=None)
+                reaped.append(vm)
+            elif vm.status == VmStatus.STOPPING and vm.process != me:
+                busy = True  # another process is reaping it (only reapers set `stopping`): let it finish
+        return not busy
+
+    if not wait_until(settled, wait, interval=0.05):
+        _log.warning("another fcvm process is still cleaning up after a VM; its status may change")
     return reaped
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 
 import pytest
 
@@ -27,3 +28,31 @@ def require_root() -> None:
 def require_tool(*names: str) -> None:
     for name in names:
         require(shutil.which(name) is not None, f"needs {name} on PATH")
+
+
+NOBODY = 65534
+
+
+def as_other_user(action: Callable[[], object], uid: int = NOBODY) -> str:
+    """Run `action` in a forked child as `uid` (gid the same, no groups): another local user attacking.
+    Returns "ok: <its result>", or "<OSError subclass>: <strerror>" when it raised one."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                outcome = f"ok: {action()!r}"
+            except OSError as exc:
+                outcome = f"{type(exc).__name__}: {exc.strerror}"
+            os.write(write_end, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome

@@ -214,6 +214,19 @@ def test_the_data_dir_and_the_state_store_are_private(isolated_data_dir: Path) -
     assert stat.S_IMODE((data / "state.db").stat().st_mode) == 0o600
 
 
+def test_opening_the_store_again_in_one_process_keeps_the_first_connection_safe() -> None:
+    """Making the store private must not close a descriptor of it: that drops the process's sqlite locks, and
+    another process's last close then deletes the WAL from under the first connection (a disk I/O error)."""
+    first = Store()
+    first.create_vm("first")
+    Store()  # e.g. a supervisor thread opening its own
+    subprocess.run([sys.executable, "-c", "from fcvm.state import Store; Store().close()"], check=True, timeout=60)
+    wal = paths.state_db().with_name("state.db-wal")
+    assert wal.exists(), "another process saw no connection left and removed the WAL"
+    first.create_vm("second")
+    assert [vm.name for vm in first.list_vms()] == ["first", "second"]
+
+
 def test_rm_removes_the_vms_logs_and_files() -> None:
     store = Store()
     vm = store.create_vm("done")

@@ -90,14 +90,15 @@ def snapshots_dir() -> Path:
 
 def make_private(path: Path) -> Path:
     """Create `path` if it is missing, readable and writable by its owner only; an existing file of ours gets
-    the same mode. Created that way, never chmod-ed after the fact, so it is never briefly open to others."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+    the same mode. Created that way, never chmod-ed after the fact, so it is never briefly open to others.
+
+    An existing file is never opened: closing any descriptor of a file drops every POSIX lock this process holds
+    on it, and sqlite locks the state store that way from other connections of the same process."""
     try:
-        st = os.fstat(fd)
-        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077:
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o077)
-    finally:
-        os.close(fd)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         PRIVATE_FILE_MODE))
+    except FileExistsError:
+        keep_private(path)
     return path
 
 

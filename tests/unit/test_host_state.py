@@ -22,6 +22,7 @@ import pytest
 from fcvm.core import paths
 from fcvm.core.kinds import VmStatus
 from fcvm.core.proc import ProcessRef
+from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store
 from fcvm.state.journal import Journal
 from fcvm.vmm.base import Drive, MachineSpec
@@ -191,6 +192,21 @@ def test_ls_after_the_owner_is_killed_returns_only_once_nothing_of_the_vm_runs()
                 os.kill(pid, signal.SIGKILL)
         for proc in (slirp, vmm):
             proc.wait()
+
+
+def test_a_vm_with_a_process_that_cannot_be_stopped_stays_stopping_and_nobody_waits_for_it() -> None:
+    store = Store()
+    vm = store.create_vm("stuck", process=dead_owner())
+    store.update_vm(vm.id, status=VmStatus.RUNNING)
+    Journal(store, vm.id).record("process", pid="not-a-pid", start=0)  # an entry no attempt can undo
+    reap_stale(store)  # in this long-lived process, as a supervisor starting another VM does
+
+    assert store.require_vm(vm.id).status == VmStatus.STOPPING  # not exited: something of it may still run
+    # Another `fcvm ls` tries again itself rather than waiting (up to a minute) for this process to finish it.
+    listed = subprocess.run([sys.executable, "-m", "fcvm", "ls", "--json"], capture_output=True, text=True,
+                            timeout=45)
+    assert [(row["name"], row["status"]) for row in json.loads(listed.stdout)] == [("stuck", "stopping")]
+    assert "could not undo process" in listed.stderr
 
 
 # --- the state store and `fcvm rm` ------------------------------------------------------------------------

@@ -52,11 +52,12 @@ def _undo(handlers: dict[str, Handler], entry: JournalEntry) -> None:
 
 
 def finish_vm(store: Store, vm: VmRecord, *, exit_code: int | None) -> list[str]:
-    """Release everything `vm` holds and mark it exited, unless one of its processes still runs: then it stays
-    `stopping`, holding its allocations, and the next reaper (once we are gone) tries again."""
+    """Release everything `vm` holds and mark it exited, unless one of its processes still runs (not even SIGKILL
+    ended it): then it stays `stopping`, holding its allocations, with no owner, so that the next reaper tries
+    again and nobody waits for us."""
     failures = replay(store, vm.id)
     if any(entry.kind == "process" for entry in store.journal_entries(vm.id)):
-        store.update_vm(vm.id, status=VmStatus.STOPPING)
+        store.update_vm(vm.id, status=VmStatus.STOPPING, pid=None, pid_start=None)
         return failures
     store.release_allocations(vm.id)
     store.update_vm(vm.id, status=VmStatus.EXITED, exited=time.time(), exit_code=exit_code, health="unknown")
@@ -74,13 +75,14 @@ def reap_stale(store: Store, *, wait: float = 60.0) -> list[VmRecord]:
     def settled() -> bool:
         busy = False
         for vm in store.list_vms():
-            # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
-            # midway leaves a row that is stale again.
-            if vm.is_stale() and _take_over(store, vm, me):
-                _log.info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
-                finish_vm(store, vm, exit_code=None)
-                reaped.append(vm)
-            elif vm.status == VmStatus.STOPPING and vm.process != me:
+            if vm.is_stale():
+                # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
+                # midway leaves a row that is stale again. Once per call: a row left unfinished stays stale.
+                if all(vm.id != done.id for done in reaped) and _take_over(store, vm, me):
+                    _log.info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
+                    finish_vm(store, vm, exit_code=None)
+                    reaped.append(vm)
+            elif vm.status == VmStatus.STOPPING:
                 busy = True  # another process is reaping it (only reapers set `stopping`): let it finish
         return not busy
 

@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,31 @@ def fake_owner(name: str, marker: Path, *, ignore_sigterm: bool = False) -> subp
                              stdout=subprocess.PIPE)
     assert owner.stdout is not None and owner.stdout.readline() == b"ready\n"
     return owner
+
+
+NOBODY = 65534
+
+
+def as_other_user(action: Callable[[], object], uid: int = NOBODY) -> str:
+    """Run `action` in a forked child as `uid` (gid the same, no groups): another local user attacking.
+    Returns "ok: <its result>", or "<OSError subclass>: <strerror>" when it raised one."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                outcome = f"ok: {action()!r}"
+            except OSError as exc:
+                outcome = f"{type(exc).__name__}: {exc.strerror}"
+            os.write(write_end, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return outcome

@@ -7,10 +7,13 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from fcvm.state.store import Store
 from fcvm.uffd import holes, ioctls, workingset
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, parse_regions
 from fcvm_standins.uffd_client import anonymous_bytes
-from tests.support import require, require_root
+from tests.support import NOBODY, as_other_user, require, require_root
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -428,6 +431,32 @@ def test_rejected_uffd_is_kept_open_while_its_process_lives(serve: Any, mem64: P
         assert time.monotonic() < deadline, "the server did not release the uffd after its process exited"
         time.sleep(0.05)
     assert served.stop()["server"]["rejected"] == 1
+
+
+def test_only_the_servers_uid_and_root_are_served(mem64: Path) -> None:
+    """A client reads the snapshot's memory, the guest's secrets. The socket is owner-only, and even one made
+    reachable (a chmod, a path in a shared directory) refuses other uids by their SO_PEERCRED at once."""
+    shared = Path(tempfile.mkdtemp(prefix="fcvm-uffd-", dir="/tmp"))
+    shared.chmod(0o711)  # others may pass through to the socket
+    served = Served(mem64, shared, "--prefetch", "off")
+    try:
+        assert stat.S_IMODE(served.socket.stat().st_mode) == 0o600
+
+        def connect_and_wait() -> object:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(str(served.socket))
+                client.settimeout(5)  # the handshake timeout is 10 s: only a refusal closes it sooner
+                return client.recv(1)
+
+        assert as_other_user(connect_and_wait) == "PermissionError: Permission denied"
+        served.socket.chmod(0o666)
+        assert as_other_user(connect_and_wait) == "ok: b''"  # closed without a word
+        run_client(served, "--pattern", "random", "--fraction", "0.05")  # root still is served
+        assert served.stop()["server"]["rejected"] == 1
+        assert f"uid {NOBODY} may not be served" in served.output()
+    finally:
+        served.kill()
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 # --- working-set prefetch and the snapshot form --------------------------------------------------

@@ -119,8 +119,9 @@ def test_process_ref_tracks_liveness() -> None:
     assert not ref.alive()
 
 
-def test_undo_of_a_process_group_reaches_children_orphaned_by_a_sigkilled_leader(tmp_path: Path) -> None:
-    """fc-mock SIGKILLed leaves its QEMU running; the journaled group still reaches it."""
+def test_undo_of_a_process_group_reaches_children_the_leader_leaves_behind(tmp_path: Path) -> None:
+    """A VMM that exits on SIGTERM may leave what it spawned (fc-mock's QEMU) running; the journaled group still
+    reaches it. (A leader already gone proves nothing about its old group id: see tests/unit/test_host_state.py.)"""
     marker = tmp_path / "child.pid"
     leader = subprocess.Popen(["sh", "-c", f"sleep 300 & echo $! > {marker}; wait"], start_new_session=True)
     while not marker.exists() or not marker.read_text().strip():
@@ -128,10 +129,8 @@ def test_undo_of_a_process_group_reaches_children_orphaned_by_a_sigkilled_leader
     child = ProcessRef.of(int(marker.read_text()))
     store = Store()
     Journal(store, "vm1").record("process", pid=leader.pid, start=ProcessRef.of(leader.pid).start, group=True)
-    leader.kill()
-    leader.wait()
-    assert child.alive()
     assert replay(store, "vm1") == []
+    assert leader.wait(timeout=5) == -15  # SIGTERM ended it, not the group's SIGKILL
     deadline = time.monotonic() + 5
     while child.alive() and time.monotonic() < deadline:
         time.sleep(0.02)

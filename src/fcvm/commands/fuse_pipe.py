@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from fcvm.core import log
+from fcvm.core import log, paths
 from fcvm.core.errors import FcvmError
 from fcvm_wire.fusepipe import RelayGiveUp
 from fcvm_wire.fusepipe.client import Relay, unix_connect, vsock_connect
@@ -43,7 +43,7 @@ def serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    paths.bind_private(listener, path)  # a client acts on the served directory: its owner's alone
     listener.listen(16)
     server = Server(root, read_only=args.ro)
 

@@ -87,6 +87,9 @@ def stop_clones(store_path: Path, serve_id: str, server: Server) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Everything the server writes (socket, working set, metrics) belongs to the snapshot, whose memory file is
+    # the guest's memory: its owner's alone. Set while this process has a single thread (umask is per process).
+    os.umask(0o077)
     store = Store()
     name, mem_file, sock, ws_path, snapshot = _resolve(args, store)
     if not mem_file.is_file():

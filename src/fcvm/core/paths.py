@@ -1,12 +1,22 @@
-"""Where fcvm keeps its state, assets and per-VM runtime files."""
+"""Where fcvm keeps its state, assets and per-VM runtime files, and the modes that keep them private.
+
+The data dir is 0711: other uids may pass through it (a jailed VMM's uid to its jail, users of root's shared
+assets to `assets/`) but not list it. What is inside is private by its own mode: the state store, logs,
+exported images and snapshots are 0600, per-VM directories 0700, sockets 0600. Only the guest assets are
+meant for everyone (0755 directories, 0644 files)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import stat
 from pathlib import Path
 
 DATA_DIR_ENV = "FCVM_DATA_DIR"
 ASSETS_DIR_ENV = "FCVM_ASSETS_DIR"
+DATA_DIR_MODE = 0o711
+PRIVATE_FILE_MODE = 0o600
 
 
 def data_dir() -> Path:
@@ -51,7 +61,24 @@ def vm_logs_dir(vm_id: str) -> Path:
     return data_dir() / "logs" / vm_id
 
 
+def ensure_data_dir() -> Path:
+    """The data dir, created 0711; one made by an older fcvm (0755) loses others' read and write bits."""
+    directory = data_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=DATA_DIR_MODE)
+    _remove_bits(directory, 0o066)
+    return directory
+
+
 def ensure_dir(path: Path, mode: int = 0o755) -> Path:
+    """mkdir -p. Inside the data dir, the directories on the way are created like the data dir itself: others
+    may pass through but not list them."""
+    data = data_dir()
+    if path == data or data in path.parents:
+        ensure_data_dir()
+        for parent in reversed(path.parents):
+            if data in parent.parents:
+                with contextlib.suppress(FileExistsError):
+                    parent.mkdir(mode=DATA_DIR_MODE)
     path.mkdir(parents=True, exist_ok=True, mode=mode)
     return path
 
@@ -59,3 +86,38 @@ def ensure_dir(path: Path, mode: int = 0o755) -> Path:
 def snapshots_dir() -> Path:
     """One directory per snapshot: its state stream, memory file, frozen disks and description."""
     return data_dir() / "snapshots"
+
+
+def make_private(path: Path) -> Path:
+    """Create `path` if it is missing, readable and writable by its owner only; an existing file of ours gets
+    the same mode. Created that way, never chmod-ed after the fact, so it is never briefly open to others.
+
+    An existing file is never opened: closing any descriptor of a file drops every POSIX lock this process holds
+    on it, and sqlite locks the state store that way from other connections of the same process."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         PRIVATE_FILE_MODE))
+    except FileExistsError:
+        keep_private(path)
+    return path
+
+
+def keep_private(path: Path) -> None:
+    """Take group and others' access away from an existing file of ours (made by an older fcvm); no-op if absent."""
+    _remove_bits(path, 0o077)
+
+
+def _remove_bits(path: Path, bits: int) -> None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & bits:
+        path.chmod(stat.S_IMODE(st.st_mode) & ~bits)
+
+
+def bind_private(sock: socket.socket, path: Path | str) -> None:
+    """Bind a Unix socket only its owner (and root) may connect to. The mode is set on the socket before bind,
+    which creates the file with it (less the umask): there is no moment in which another uid could connect."""
+    os.fchmod(sock.fileno(), PRIVATE_FILE_MODE)
+    sock.bind(os.fspath(path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,26 +56,67 @@ def start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
-def _live_members(pgid: int) -> list[int]:
-    """Pids in process group `pgid` that are not zombies (a zombie holds no resources)."""
-    members = []
+def _threads_running(pid: int) -> bool:
+    """Whether any thread of process `pid` has yet to exit. Its leader shows as a zombie as soon as the leader's
+    own thread is done, while the others may still run and hold the process's memory, files and sockets."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any((fields := _stat_fields(f"{pid}/task/{tid}")) and fields[0] not in (b"Z", b"X") for tid in tids)
+
+
+def _running(pid: int, fields: list[bytes]) -> bool:
+    return fields[0] not in (b"Z", b"X") or _threads_running(pid)
+
+
+def _group_members(pgid: int) -> dict[ProcessRef, bool]:
+    """Every process whose group is `pgid`, zombies too (they still hold the group's id), each with whether it
+    still runs."""
+    members = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             fields = _stat_fields(entry.name)
-            if fields and fields[0] != b"Z" and int(fields[2]) == pgid:
-                members.append(int(entry.name))
+            if fields and int(fields[2]) == pgid:
+                pid = int(entry.name)
+                members[ProcessRef(pid, int(fields[19]))] = _running(pid, fields)
     return members
 
 
-def kill_group(pgid: int, timeout: float = 5.0) -> None:
-    """SIGKILL every process in a group and wait until none runs: kill() returns before death."""
-    import signal
+def group_of(leader: ProcessRef) -> frozenset[ProcessRef]:
+    """The processes in the group `leader` leads: the proof `kill_group` needs that the group is ours. Empty when
+    `leader` is gone (its pid may now lead a stranger's group) or leads no group."""
+    members = _group_members(leader.pid)
+    return frozenset(members) if leader in members else frozenset()
 
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-    if not wait_until(lambda: not _live_members(pgid), timeout, interval=0.01):
-        log.get("proc").warning("process group %d: %s still running %.0fs after SIGKILL", pgid,
-                                _live_members(pgid), timeout)
+
+def kill_group(pgid: int, known: Collection[ProcessRef], timeout: float = 5.0) -> bool:
+    """SIGKILL process group `pgid` and wait until none of it runs, for as long as it is provably the group that
+    `known` (processes seen in it) belong to. True once nothing of it runs.
+
+    A group's id is its leader's pid, and the kernel hands that number out again only once no process is left
+    in the group. So while a process we saw in the group is still in it, the group is ours, and so is every
+    other member (it joined while the group was ours). Once none is, the id may be a stranger's: a reboot or pid
+    reuse gives dead VMs' pids to unrelated processes, which must never be signalled."""
+    proven = frozenset(known)
+
+    def done() -> bool:
+        nonlocal proven
+        members = _group_members(pgid)
+        if proven.isdisjoint(members) or not any(members.values()):
+            return True
+        proven = frozenset(members)
+        import signal
+
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        return False
+
+    if wait_until(done, timeout, interval=0.01):
+        return True
+    log.get("proc").warning("process group %d: %s still running %.0fs after SIGKILL", pgid,
+                 [ref.pid for ref, running in _group_members(pgid).items() if running and ref in proven], timeout)
+    return False
 
 
 @dataclass(frozen=True)
@@ -97,8 +138,9 @@ class ProcessRef:
         return cls.of(os.getpid())
 
     def alive(self) -> bool:
-        fields = _stat_fields(self.pid)  # one read: start time and state from the same snapshot
-        return fields is not None and int(fields[19]) == self.start and fields[0] != b"Z"
+        """Still running: the same process (start time), and not a zombie whose every thread has exited."""
+        fields = _stat_fields(self.pid)
+        return fields is not None and int(fields[19]) == self.start and _running(self.pid, fields)
 
     def signal(self, sig: int) -> bool:
         """Send `sig` only if this is still the same process; True if it was sent."""
@@ -110,16 +152,17 @@ class ProcessRef:
             return False
         return True
 
-    def terminate(self, timeout: float = 10.0) -> None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL."""
+    def terminate(self, timeout: float = 10.0) -> bool:
+        """SIGTERM, wait up to `timeout`, then SIGKILL. True once it no longer runs (False: not even SIGKILL
+        ended it within 5 s, e.g. it is stuck in the kernel)."""
         import signal
 
         if not self.signal(signal.SIGTERM):
-            return
+            return True
         if wait_until(lambda: not self.alive(), timeout, interval=0.05):
-            return
+            return True
         self.signal(signal.SIGKILL)
-        wait_until(lambda: not self.alive(), 5)
+        return wait_until(lambda: not self.alive(), 5, interval=0.01)
 
 
 def run(
@@ -201,7 +244,8 @@ class Child:
     def reap(self) -> int:
         if not self._reaped:
             if self.own_group:  # what it spawned (fc-mock's QEMU) goes with it
-                kill_group(self.popen.pid)
+                # Not reaped yet, so its pid, and with it the group's id, cannot have been handed out again.
+                kill_group(self.popen.pid, _group_members(self.popen.pid))
             self.popen.wait()
             self._reaped = True
         assert self.popen.returncode is not None

@@ -10,16 +10,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fcvm.core.proc import ProcessRef, kill_group
+from fcvm.core.proc import ProcessRef, group_of, kill_group
 
 
 def _process(data: dict[str, Any]) -> None:
-    pid = int(data["pid"])
-    ProcessRef(pid, int(data["start"])).terminate(timeout=float(data.get("grace", 5)))
-    if data.get("group"):
-        # What the leader spawned may outlive it. While any member lives, the kernel never hands out the
-        # group's id as a new pid, so a group that still exists is the one we journaled.
-        kill_group(pid)
+    """Stop a journaled process and, with `group`, whatever it spawned into its process group.
+
+    The group is signalled only if the journaled process itself (same pid *and* start time) was seen leading
+    it: after a reboot or pid reuse its old pid may lead a stranger's group. Raises while anything of it still
+    runs, so the entry stays for the next attempt and the VM is not reported exited."""
+    ref = ProcessRef(int(data["pid"]), int(data["start"]))
+    # Looked at before it is signalled: once it has exited, nothing proves its pid still names its group.
+    group = group_of(ref) if data.get("group") else frozenset()
+    if not ref.terminate(timeout=float(data.get("grace", 5))):
+        raise RuntimeError(f"pid {ref.pid} is still running after SIGKILL")
+    if group and not kill_group(ref.pid, group):
+        raise RuntimeError(f"process group {ref.pid} is still running after SIGKILL")
 
 
 def _path(data: dict[str, Any]) -> None:

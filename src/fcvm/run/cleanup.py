@@ -9,10 +9,13 @@ import time
 from collections.abc import Callable
 
 from fcvm.core import log
+from fcvm.core.kinds import VmStatus
 from fcvm.core.proc import ProcessRef
+from fcvm.core.wait import wait_until
 from fcvm.state.store import JournalEntry, Store, VmRecord
 
 # Loggers are fetched where something is logged: `fcvm ls` with nothing to reap never imports logging.
+
 Handler = Callable[[dict[str, object]], None]
 
 
@@ -48,27 +51,42 @@ def _undo(handlers: dict[str, Handler], entry: JournalEntry) -> None:
 
 
 def finish_vm(store: Store, vm: VmRecord, *, exit_code: int | None) -> list[str]:
-    """Release everything `vm` holds and mark it exited."""
+    """Release everything `vm` holds and mark it exited, unless one of its processes still runs (not even SIGKILL
+    ended it): then it stays `stopping`, holding its allocations, with no owner, so that the next reaper tries
+    again and nobody waits for us."""
     failures = replay(store, vm.id)
+    if any(entry.kind == "process" for entry in store.journal_entries(vm.id)):
+        store.update_vm(vm.id, status=VmStatus.STOPPING, pid=None, pid_start=None)
+        return failures
     store.release_allocations(vm.id)
-    store.update_vm(vm.id, status="exited", exited=time.time(), exit_code=exit_code, health="unknown")
+    store.update_vm(vm.id, status=VmStatus.EXITED, exited=time.time(), exit_code=exit_code, health="unknown")
     return failures
 
 
-def reap_stale(store: Store) -> list[VmRecord]:
-    """Clean up after live rows whose process is gone. Safe to run from many processes at once."""
+def reap_stale(store: Store, *, wait: float = 60.0) -> list[VmRecord]:
+    """Clean up after live rows whose process is gone. Safe to run from many processes at once.
+
+    Returns once no row is being reaped by another process either (waiting up to `wait` seconds), so what the
+    caller then reads is settled: a VM shows as exited only once nothing of it runs."""
     reaped: list[VmRecord] = []
     me = ProcessRef.self()
-    for vm in store.list_vms():
-        if not vm.is_stale():
-            continue
-        # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
-        # midway leaves a row that is stale again.
-        if not _take_over(store, vm, me):
-            continue
-        log.get("cleanup").info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
-        finish_vm(store, vm, exit_code=None)
-        reaped.append(vm)
+
+    def settled() -> bool:
+        busy = False
+        for vm in store.list_vms():
+            if vm.is_stale():
+                # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
+                # midway leaves a row that is stale again. Once per call: a row left unfinished stays stale.
+                if all(vm.id != done.id for done in reaped) and _take_over(store, vm, me):
+                    log.get("cleanup").info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
+                    finish_vm(store, vm, exit_code=None)
+                    reaped.append(vm)
+            elif vm.status == VmStatus.STOPPING:
+                busy = True  # another process is reaping it (only reapers set `stopping`): let it finish
+        return not busy
+
+    if not wait_until(settled, wait, interval=0.05):
+        log.get("cleanup").warning("another fcvm process is still cleaning up after a VM; its status may change")
     return reaped
 
 

@@ -31,7 +31,7 @@ def detach(request: RunRequest, *, quiet: bool = False) -> str:
     log_path = paths.ensure_dir(paths.vm_logs_dir(vm_id), 0o700) / SUPERVISOR_LOG
     store = Store()
     deadline = time.monotonic() + request.boot_timeout + 60  # the child gives up first, with the real reason
-    with open(log_path, "ab") as log_file, spawn(
+    with open(paths.make_private(log_path), "ab") as log_file, spawn(
         [sys.executable, "-m", "fcvm.run.detach", vm_id], stdin=subprocess.PIPE, stdout=log_file,
         stderr=subprocess.STDOUT,
     ) as child:

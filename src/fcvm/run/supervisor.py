@@ -133,7 +133,9 @@ class VmSupervisor:
         self.journal.record("dir", path=str(self.workdir))
         paths.ensure_dir(self.workdir, 0o700)
         paths.ensure_dir(self.log_dir, 0o700)
-        self._container_log = open(self.log_dir / "container.log", "a", buffering=1)  # noqa: SIM115
+        # What the container prints may be secret: its logs are the owner's alone (the VMM appends to console.log).
+        paths.make_private(self.log_dir / "console.log")
+        self._container_log = open(paths.make_private(self.log_dir / "container.log"), "a", buffering=1)  # noqa: SIM115
 
         if snapshot is not None:
             kernel, initrd, drives, maps = self._clone_disks(snapshot)

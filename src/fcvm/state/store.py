@@ -151,6 +151,11 @@ class Store:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or paths.state_db()
         paths.ensure_dir(self.path.parent)
+        # The store names every VM, its ports and its journal; sqlite gives its -wal and -shm files the
+        # database file's mode, so one owner-only file keeps all three private.
+        paths.make_private(self.path)
+        for suffix in ("-wal", "-shm"):
+            paths.keep_private(self.path.with_name(self.path.name + suffix))
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout = 30000")

@@ -46,7 +46,7 @@ def _writable_cache_dir() -> Path:
     shared, own = _cache_dirs()
     with contextlib.suppress(OSError):
         paths.ensure_dir(shared)
-    return shared if os.access(shared, os.W_OK | os.X_OK) else paths.ensure_dir(own)
+    return shared if os.access(shared, os.W_OK | os.X_OK) else paths.ensure_dir(own, 0o700)
 
 
 def export_image(ref: str) -> ImageDisk | None:
@@ -66,14 +66,20 @@ def export_image(ref: str) -> ImageDisk | None:
     for directory in _cache_dirs():
         target = directory / f"{key}.tar"
         size_file = target.with_suffix(".size")
-        if target.exists() and size_file.exists():
+        # Another user's export (owner-only) is no use to us: our VMM could not open it.
+        if target.exists() and size_file.exists() and os.access(target, os.R_OK):
+            paths.keep_private(target)  # exported by an older fcvm, world-readable
             break
     else:
         target = _writable_cache_dir() / f"{key}.tar"
         size_file = target.with_suffix(".size")
         partial = target.with_name(f".{target.name}.{os.getpid()}")
         try:
+            # The archive is the image's every file, secrets baked into it included: only its owner may read it
+            # (root's own podman storage is private too). podman writes into the file we created.
+            paths.make_private(partial)
             proc.run(["podman", "save", "--format", "docker-archive", "-o", partial, ref], timeout=600)
+            paths.keep_private(partial)  # in case a podman replaced the file instead of writing into it
             size = partial.stat().st_size
             with open(partial, "ab") as archive:
                 archive.truncate(-(-size // _SECTOR) * _SECTOR)

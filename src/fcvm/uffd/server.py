@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcvm.core import log
+from fcvm.core import log, paths
 from fcvm.uffd import holes, ioctls, memory, workingset
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, Region, parse_regions
 from fcvm.uffd.metrics import ClientMetrics
@@ -252,7 +252,7 @@ class Server:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        sock.bind(str(path))
+        paths.bind_private(sock, path)  # a client reads the snapshot's memory: guest secrets
         sock.listen(128)
         self._listener = sock
         self._watch(sock.fileno(), self._on_accept)
@@ -401,6 +401,11 @@ class Server:
             except OSError:
                 cred = (0, -1, -1)
             pending = _Pending(conn, cred, time.monotonic() + self.config.handshake_timeout)
+            # Whoever is served reads the snapshot's memory. The socket's mode already keeps others out; this
+            # holds even if the socket was made reachable (a chmod, a path in a shared directory).
+            if cred[1] not in (0, os.geteuid()):
+                self._reject(pending, f"uid {cred[1]} may not be served (only uid {os.geteuid()} and root)")
+                continue
             self._pending[conn.fileno()] = pending
             self._watch(conn.fileno(), functools.partial(self._on_handshake_data, conn.fileno()))
 

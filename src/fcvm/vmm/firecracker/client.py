@@ -17,7 +17,7 @@ import httpx
 
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
-from fcvm.vmm.firecracker.models import Model, Version, check_supported
+from fcvm.vmm.firecracker.models import MMDS, Model, Version, check_supported
 
 _log = log.get("vmm.firecracker")
 
@@ -76,7 +76,7 @@ class Client:
         headers = {"Accept": "application/json"}
         if content is not None:
             headers["Content-Type"] = "application/json"
-        _log.debug("%s %s %s", method, path, content.decode() if content else "")
+        _log.debug("%s %s %s", method, path, _loggable(path, content))
         try:
             response = self._http.request(method, path, content=content, headers=headers)
         except httpx.TransportError as exc:
@@ -114,6 +114,16 @@ class Client:
         self.version = check_supported(text)
         self.version_text = text
         return self.version
+
+
+def _loggable(path: str, content: bytes | None) -> str:
+    """A request body as the debug log shows it. MMDS data is the guest's plan, the container's environment
+    (its secrets) included: only its size is shown."""
+    if not content:
+        return ""
+    if path.split("?", 1)[0] == MMDS:
+        return f"<{len(content)} bytes of MMDS data, not logged>"
+    return content.decode(errors="replace")
 
 
 def _fault_message(response: httpx.Response) -> str:

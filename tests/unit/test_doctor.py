@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from fcvm.commands.doctor import Check, _hypervisor
+from fcvm.commands.doctor import Check, _hypervisor, _vmm_verdict
 from fcvm.core import host
 
-EXPECTED = {"kvm", "firecracker", "jailer", "qemu", "podman", "host runtime", "storage", "userfaultfd", "fuse", "tun",
-            "iptables", "slirp4netns", "guest kernel", "guest rootfs", "hypervisor"}
+EXPECTED = {"kvm", "firecracker", "jailer", "qemu", "vmm privileges", "podman", "host runtime", "storage",
+            "userfaultfd", "fuse", "tun", "iptables", "slirp4netns", "guest kernel", "guest rootfs", "hypervisor"}
 
 
 def test_doctor_json_covers_every_check_and_gives_a_fix_for_each_problem() -> None:
@@ -46,3 +46,20 @@ def test_the_hypervisor_verdict_needs_something_that_really_boots(
         "qemu": Check("qemu", qemu, ""),
     }
     assert _hypervisor(found).detail == expected
+
+
+@pytest.mark.parametrize(
+    ("root", "setpriv", "tun_mode", "firecracker", "status", "says"),
+    [
+        (True, True, 0o20666, True, "warn", "Firecracker without --jailer runs as root"),
+        (True, True, 0o20666, False, "ok", "a uid of its own"),
+        (True, False, 0o20666, False, "missing", "no setpriv"),
+        (True, True, 0o20600, False, "missing", "/dev/net/tun"),
+        (False, False, None, True, "ok", "this user"),
+    ],
+)
+def test_doctor_says_when_a_vmm_would_run_as_root(root: bool, setpriv: bool, tun_mode: int | None,
+                                                  firecracker: bool, status: str, says: str) -> None:
+    check = _vmm_verdict(root=root, setpriv=setpriv, tun_mode=tun_mode, firecracker=firecracker)
+    assert (check.status, says in check.detail) == (status, True), check
+    assert bool(check.fix) == (status != "ok")

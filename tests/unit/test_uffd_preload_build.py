@@ -101,3 +101,20 @@ def test_children_do_not_inherit_the_configuration(library: Path, tmp_path: Path
     env = {"FCVM_UFFD_SOCKET": str(tmp_path / "s"), "FCVM_UFFD_MEM_SIZE": str(64 << 20)}
     result = _run_preloaded(library, env, 'echo "${FCVM_UFFD_SOCKET-unset} ${FCVM_UFFD_MEM_SIZE-unset}"')
     assert (result.returncode, result.stdout, result.stderr) == (0, "unset unset\n", "")
+
+
+def test_env_for_a_connection_and_a_device_handed_over(library: Path) -> None:
+    env = preload.env_for(5, 64 << 20, library, device_fd=6)
+    assert env == {"LD_PRELOAD": str(library), "FCVM_UFFD_SOCKET_FD": "5", "FCVM_UFFD_DEV_FD": "6",
+                   "FCVM_UFFD_MEM_SIZE": str(64 << 20)}
+
+
+@pytest.mark.parametrize(("variable", "value"), [("FCVM_UFFD_SOCKET_FD", "x"), ("FCVM_UFFD_SOCKET_FD", "99"),
+                                                 ("FCVM_UFFD_DEV_FD", "-1"), ("FCVM_UFFD_DEV_FD", "99")])
+def test_an_inherited_fd_that_is_not_open_stops_the_process_at_load(library: Path, variable: str, value: str) -> None:
+    # The connection on stdin is open; the variable under test names no open fd.
+    env = {"FCVM_UFFD_SOCKET_FD": "0", "FCVM_UFFD_MEM_SIZE": "4096", variable: value}
+    result = _run_preloaded(library, env, "true")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"fcvm-uffd-preload: {variable} must be an open file descriptor")
+    assert result.stderr.count("\n") == 1

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from fcvm.core import host, paths, proc
 from fcvm.core.errors import FcvmError
@@ -194,6 +195,33 @@ def _assets() -> list[Check]:
     ]
 
 
+def _vmm_privileges() -> Check:
+    """What a VMM escape would give the guest: a uid of its own, or root."""
+    from fcvm.vmm.firecracker import find_firecracker
+
+    tun = Path("/dev/net/tun")
+    return _vmm_verdict(root=os.geteuid() == 0, setpriv=host.which("setpriv") is not None,
+                        tun_mode=tun.stat().st_mode if tun.exists() else None,
+                        firecracker=find_firecracker(None) is not None)
+
+
+def _vmm_verdict(*, root: bool, setpriv: bool, tun_mode: int | None, firecracker: bool) -> Check:
+    name = "vmm privileges"
+    if not root:
+        return Check(name, CheckStatus.OK, "VMMs run as this user, in a user namespace")
+    if not setpriv:
+        return Check(name, CheckStatus.MISSING, "no setpriv: bridged QEMU cannot leave root",
+                     "apt-get install util-linux")
+    if tun_mode is not None and tun_mode & 0o006 != 0o006:
+        return Check(name, CheckStatus.MISSING, "/dev/net/tun is root's alone: bridged QEMU, a uid of its own, cannot "
+                     "open its TAP", "chmod 0666 /dev/net/tun (what udev sets)")
+    qemu = "bridged QEMU runs as a uid of its own, sandboxed"
+    if firecracker:
+        return Check(name, CheckStatus.WARN, f"{qemu}; Firecracker without --jailer runs as root, unsandboxed: "
+                     "a VMM escape there is a host-root escape", "run Firecracker VMs with --jailer")
+    return Check(name, CheckStatus.OK, qemu)
+
+
 def _hypervisor(found: dict[str, Check]) -> Check:
     """A VM needs some hypervisor that can really boot a guest here (fc-mock boots through QEMU)."""
     kvm = found["kvm"].status == CheckStatus.OK
@@ -213,6 +241,7 @@ def checks() -> list[Check]:
         _firecracker(),
         _jailer(),
         _qemu(),
+        _vmm_privileges(),
         *_podman(),
         _storage(),
         _device("userfaultfd", "/dev/userfaultfd", "modprobe userfaultfd; needs root or vm.unprivileged_userfaultfd"),

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from fcvm.core import log, paths
 from fcvm.core.errors import FcvmError, UsageError
-from fcvm.core.kinds import Health, RowKind, VmmKind, VmStatus
+from fcvm.core.kinds import Health, NetworkMode, RowKind, VmmKind, VmStatus
 from fcvm.core.proc import ProcessRef
 from fcvm.run import cleanup
 from fcvm.run.agent_link import AgentLink, poll_health, published_health_target, start_thread
@@ -157,9 +157,13 @@ class VmSupervisor:
 
         from fcvm.network import setup_network
 
-        jail_uid = self._allocate_jail_uid() if request.jailer else None  # first: the TAP is created for it
+        # First: the TAP is created for it. Bridged QEMU runs as a uid of its own, as jailed Firecracker does.
+        jail_uid = self._allocate_uid("jail_uid") if request.jailer else None
+        vmm_uid = (self._allocate_uid("vmm_uid")
+                   if request.hypervisor == VmmKind.QEMU and request.network == NetworkMode.BRIDGED else None)
         network = self.network = setup_network(request.network, store=self.store, journal=self.journal,
-                                               vm_id=self.vm.id, ports=list(request.publish), tap_uid=jail_uid,
+                                               vm_id=self.vm.id, ports=list(request.publish),
+                                               tap_uid=jail_uid if jail_uid is not None else vmm_uid,
                                                host_loopback=request.allow_host_loopback)
         self.store.update_vm(self.vm.id, network=network.to_json(),
                              ports=[m.to_json() for m in request.publish])
@@ -202,12 +206,13 @@ class VmSupervisor:
             tap=network.tap, guest_mac=network.guest_spec()["mac"], vsock_uds=vsock_uds,
             guest_cid=wire_ports.GUEST_CID, enter_argv=network.enter_argv(), log_dir=self.log_dir,
             mem_file=self.workdir / "mem" if request.hypervisor == VmmKind.QEMU and snapshot is None else None,
-            restore=snapshot.restore_spec(request, self.workdir) if snapshot else None,
+            restore=snapshot.restore_spec(request, self.workdir) if snapshot else None, vmm_uid=vmm_uid,
         )
         self.hypervisor = self._hypervisor(spec, prepare)
         jail_info = {"jail": {"root": str(self.jail.root), "uid": self.jail.uid}} if self.jail else {}
         self.store.update_vm(self.vm.id, config={
             **self.vm.config, "vsock_uds": str(vsock_uds), **jail_info,
+            **({"vmm_uid": vmm_uid} if vmm_uid is not None else {}),
             "machine": self._machine_record(spec, maps),
         })
         self._start_hypervisor()
@@ -302,13 +307,15 @@ class VmSupervisor:
             raise UsageError(f"--initrd {initrd} does not exist")
         return kernel, initrd, rootfs
 
-    def _allocate_jail_uid(self) -> int:
-        """A uid (and gid) for this VM's jailed Firecracker alone: no two VMMs share an identity."""
+    def _allocate_uid(self, kind: str) -> int:
+        """A uid (and gid) for this VM's VMM alone (a jailed Firecracker, or QEMU), each kind from a range of its
+        own: no two VMMs share an identity."""
         from fcvm.vmm.firecracker.jail import JAIL_UID_BASE, JAIL_UID_COUNT
+        from fcvm.vmm.qemu import VMM_UID_BASE, VMM_UID_COUNT
 
         assert self.vm is not None
-        candidates = (str(JAIL_UID_BASE + i) for i in range(JAIL_UID_COUNT))
-        return int(self.store.allocate("jail_uid", self.vm.id, candidates))
+        base, count = (JAIL_UID_BASE, JAIL_UID_COUNT) if kind == "jail_uid" else (VMM_UID_BASE, VMM_UID_COUNT)
+        return int(self.store.allocate(kind, self.vm.id, (str(base + i) for i in range(count))))
 
     def _jail(self, network: VmNetwork, uid: int) -> Jail:
         """The jail's root, owned by the VM's uid, and the cgroup the jailed VMM joins; both journaled first."""

@@ -26,6 +26,8 @@ _log = log.get("uffd")
 
 SOURCE = Path(__file__).parent / "native" / "uffd_preload.c"
 SOCKET_ENV = "FCVM_UFFD_SOCKET"
+SOCKET_FD_ENV = "FCVM_UFFD_SOCKET_FD"
+DEVICE_FD_ENV = "FCVM_UFFD_DEV_FD"
 MEM_SIZE_ENV = "FCVM_UFFD_MEM_SIZE"
 PROGRAM_ENV = "FCVM_UFFD_PROGRAM"
 USERFAULTFD_LINK = "anon_inode:[userfaultfd]"
@@ -87,8 +89,11 @@ def find(dest_dirs: Iterable[Path], source: Path = SOURCE) -> Path | None:
     return None
 
 
-def env_for(socket: Path, mem_bytes: int, library: Path, program: str | None = None) -> dict[str, str]:
-    """The environment variables that make QEMU hand `mem_bytes` of guest RAM to the server at `socket`.
+def env_for(server: Path | int, mem_bytes: int, library: Path, program: str | None = None,
+            device_fd: int | None = None) -> dict[str, str]:
+    """The environment variables that make QEMU hand `mem_bytes` of guest RAM to the page server: `server` is
+    its socket's path, or a socket already connected to it that QEMU inherits (an unprivileged QEMU can reach
+    neither the socket nor, in `device_fd`, /dev/userfaultfd: its launcher opens them).
 
     `program` (an executable's file name) limits that to the process running it: wrappers that exec QEMU
     (nsenter into the VM's namespaces) then pass the configuration on untouched."""
@@ -96,13 +101,16 @@ def env_for(socket: Path, mem_bytes: int, library: Path, program: str | None = N
     # ld.so splits LD_PRELOAD at spaces and colons.
     if any(c in str(library) for c in " :"):
         raise ValueError(f"the preload library path must not contain spaces or colons: {library}")
-    if len(os.fsencode(socket)) > _SOCKET_PATH_MAX:
-        raise ValueError(f"socket path longer than {_SOCKET_PATH_MAX} bytes: {socket}")
+    if isinstance(server, Path) and len(os.fsencode(server)) > _SOCKET_PATH_MAX:
+        raise ValueError(f"socket path longer than {_SOCKET_PATH_MAX} bytes: {server}")
     if mem_bytes <= 0 or mem_bytes % mmap.PAGESIZE:
         raise ValueError(f"guest RAM size {mem_bytes} is not a positive multiple of the page size")
-    env = {"LD_PRELOAD": str(library), SOCKET_ENV: str(socket), MEM_SIZE_ENV: str(mem_bytes)}
+    env = {"LD_PRELOAD": str(library), MEM_SIZE_ENV: str(mem_bytes),
+           **({SOCKET_ENV: str(server)} if isinstance(server, Path) else {SOCKET_FD_ENV: str(server)})}
     if program is not None:
         env[PROGRAM_ENV] = program
+    if device_fd is not None:
+        env[DEVICE_FD_ENV] = str(device_fd)
     return env
 
 

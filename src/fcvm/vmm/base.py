@@ -58,6 +58,7 @@ class MachineSpec:
     log_dir: Path | None = None  # where console.log goes, if it must outlive `workdir`
     mem_file: Path | None = None  # guest RAM as a shared file (snapshot-capable); None: anonymous memory
     restore: RestoreSpec | None = None
+    vmm_uid: int | None = None  # the VMM runs as this uid and gid, with no capabilities; None: as fcvm does
 
     @property
     def console_log(self) -> Path:

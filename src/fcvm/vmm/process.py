@@ -53,7 +53,7 @@ class ConsoleSink:
 class VmmProcess:
     def __init__(self, argv: Sequence[str], *, console: Path, logger: logging.Logger, own_group: bool = True,
                  level: int = logging.DEBUG, transform: Callable[[str], str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> None:
         self.argv = list(argv)
         self.console = console
         self.logger = logger
@@ -61,6 +61,7 @@ class VmmProcess:
         self.level = level
         self.transform = transform
         self.env = env
+        self.pass_fds = tuple(pass_fds)  # what the VMM inherits (files it could not open itself)
         self.sink: ConsoleSink | None = None
         self._child: Child | None = None
         self._relog: threading.Thread | None = None
@@ -73,6 +74,7 @@ class VmmProcess:
         # the environment (FCVM_FC_SPEC=../shared/... for fc-mock) keeps meaning what they typed.
         child = self._child = self._stack.enter_context(spawn(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, own_group=self.own_group, env=self.env,
+            pass_fds=self.pass_fds,
         ))
         assert child.popen.stdout is not None
         self._relog = log.relog_in_thread(child.popen.stdout, self.logger, level=self.level,

@@ -4,8 +4,12 @@
  *
  * Configured by environment variables, read once at load and then removed from the environment so that
  * processes QEMU spawns (e.g. `exec:cat` for migrate-incoming) never act on them:
- *   FCVM_UFFD_SOCKET    the page server's Unix socket; unset means the library does nothing
+ *   FCVM_UFFD_SOCKET    the page server's Unix socket; unset, with no FCVM_UFFD_SOCKET_FD, the library does nothing
+ *   FCVM_UFFD_SOCKET_FD instead of FCVM_UFFD_SOCKET: an inherited socket already connected to the page server
+ *   FCVM_UFFD_DEV_FD    optional: an inherited fd open on /dev/userfaultfd
  *   FCVM_UFFD_MEM_SIZE  the guest RAM size in bytes (the memory-backend-ram `size`)
+ * The two inherited fds are how an unprivileged QEMU gets what it may not open itself (the socket sits in the
+ * snapshot's owner-only directory, /dev/userfaultfd is root's): its launcher opens them and QEMU inherits them.
  *
  * Fail closed: once configured, any error prints one line naming the step and calls _exit(1). A restored
  * VM whose RAM the server does not back reads zero-filled pages and runs on as a corrupted clone; dying
@@ -16,6 +20,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <linux/userfaultfd.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -37,6 +42,8 @@ _Static_assert(sizeof(off_t) == 8, "mmap and mmap64 must share one signature");
 
 static mmap_fn real_mmap;
 static struct sockaddr_un server_addr;
+static int server_fd = -1; /* FCVM_UFFD_SOCKET_FD: connected by the launcher */
+static int device_fd = -1; /* FCVM_UFFD_DEV_FD: /dev/userfaultfd, opened by the launcher */
 static size_t ram_bytes; /* 0 until configured: every mmap passes straight through */
 static int ram_claimed;  /* set by the one mapping handed to the server */
 
@@ -79,14 +86,30 @@ static int is_target_program(void)
 	return strcmp(base ? base + 1 : exe, program) == 0;
 }
 
+/* The fd named by variable `name`, or -1 when it is unset; it stays open but is not passed to QEMU's children. */
+static int inherited_fd(const char *name, const char *complaint)
+{
+	const char *text = getenv(name);
+	if (!text)
+		return -1;
+	char *end;
+	errno = 0;
+	long fd = strtol(text, &end, 10);
+	if (errno || end == text || *end || fd < 0 || fd > INT_MAX || fcntl((int)fd, F_SETFD, FD_CLOEXEC) < 0)
+		die(complaint, 0);
+	return (int)fd;
+}
+
 __attribute__((constructor)) static void configure(void)
 {
 	next_mmap();
 	const char *socket_path = getenv("FCVM_UFFD_SOCKET");
 	const char *size_text = getenv("FCVM_UFFD_MEM_SIZE");
-	if (!socket_path || !is_target_program())
+	if ((!socket_path && !getenv("FCVM_UFFD_SOCKET_FD")) || !is_target_program())
 		return;
-	if (!*socket_path || strlen(socket_path) >= sizeof server_addr.sun_path)
+	server_fd = inherited_fd("FCVM_UFFD_SOCKET_FD", "FCVM_UFFD_SOCKET_FD must be an open file descriptor");
+	device_fd = inherited_fd("FCVM_UFFD_DEV_FD", "FCVM_UFFD_DEV_FD must be an open file descriptor");
+	if (server_fd < 0 && (!*socket_path || strlen(socket_path) >= sizeof server_addr.sun_path))
 		die("FCVM_UFFD_SOCKET must be a socket path shorter than 108 bytes", 0);
 	char *end;
 	errno = 0;
@@ -94,10 +117,14 @@ __attribute__((constructor)) static void configure(void)
 	long page = sysconf(_SC_PAGESIZE);
 	if (!size_text || errno || end == size_text || *end || size == 0 || size % (unsigned long long)page)
 		die("FCVM_UFFD_MEM_SIZE must be the guest RAM size in bytes, a multiple of the page size", 0);
-	server_addr.sun_family = AF_UNIX;
-	strcpy(server_addr.sun_path, socket_path);
+	if (server_fd < 0) {
+		server_addr.sun_family = AF_UNIX;
+		strcpy(server_addr.sun_path, socket_path);
+	}
 	ram_bytes = (size_t)size;
 	unsetenv("FCVM_UFFD_SOCKET");
+	unsetenv("FCVM_UFFD_SOCKET_FD");
+	unsetenv("FCVM_UFFD_DEV_FD");
 	unsetenv("FCVM_UFFD_MEM_SIZE");
 	unsetenv("FCVM_UFFD_PROGRAM");
 }
@@ -117,11 +144,12 @@ static int is_guest_ram(size_t length, int prot, int flags, int fd)
 	       (flags & ~MAP_NORESERVE) == required;
 }
 
-/* /dev/userfaultfd (what Firecracker uses, and what an unprivileged QEMU may be granted), else the syscall. */
+/* /dev/userfaultfd (what Firecracker uses; an unprivileged QEMU is handed it open), else the syscall. */
 static int new_userfaultfd(void)
 {
 	const int flags = O_CLOEXEC | O_NONBLOCK;
-	int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+	int dev = device_fd >= 0 ? device_fd : open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+	device_fd = -1;
 	if (dev >= 0) {
 		int uffd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
 		close(dev);
@@ -140,10 +168,10 @@ static void send_handshake(int uffd, void *base, size_t length)
 	int n = snprintf(json, sizeof json,
 			 "[{\"base_host_virt_addr\":%lu,\"size\":%zu,\"offset\":0,\"page_size\":%ld,\"page_size_kib\":%ld}]",
 			 (unsigned long)(uintptr_t)base, length, page, page);
-	int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	int sock = server_fd >= 0 ? server_fd : socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (sock < 0)
 		die("socket", errno);
-	if (connect(sock, (struct sockaddr *)&server_addr, sizeof server_addr) < 0) {
+	if (server_fd < 0 && connect(sock, (struct sockaddr *)&server_addr, sizeof server_addr) < 0) {
 		int err = errno;
 		char step[160];
 		snprintf(step, sizeof step, "connect to the page server at %s", server_addr.sun_path);

@@ -12,9 +12,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
 
 from fcvm.core.kinds import Health
+from fcvm.core.terminal import neutralise
+from fcvm.run.agent_gate import AgentGate
+from fcvm.run.container_log import ContainerLog
 from fcvm_wire.checks import printable
 from fcvm_wire.control import (
     MAX_SHUTDOWN_TIMEOUT,
@@ -56,13 +59,17 @@ class AgentLink:
     `on_stage(name)` is called once per stage reached ("agent_connected", "prepared", "restored",
     "container_running"); `on_health` for every health change the agent reports (unless the host polls a health
     URL itself).
+
+    Only connections that start with the VM's `credential` are heard (run/agent_gate.py): anything else in the
+    guest that reaches the control port can neither report nor receive anything.
     """
 
-    def __init__(self, *, plan: Plan | None, prepare: Plan | None, restored: bool, container_log: IO[str],
-                 echo_output: bool, agent_reports_health: bool, on_stage: Callable[[str], None],
-                 on_health: Callable[[Health], None], logger: logging.Logger,
+    def __init__(self, *, plan: Plan | None, prepare: Plan | None, restored: bool, credential: bytes,
+                 container_log: ContainerLog, echo_output: bool, agent_reports_health: bool,
+                 on_stage: Callable[[str], None], on_health: Callable[[Health], None], logger: logging.Logger,
                  on_prepared: Callable[[], None] = lambda: None) -> None:
         self.plan = plan
+        self.credential = credential
         self.prepare = prepare
         self.restored = restored
         self.on_prepared = on_prepared
@@ -79,12 +86,14 @@ class AgentLink:
         self._control: ControlStream | None = None
 
     def accept_forever(self, listener: socket.socket, stop: threading.Event) -> None:
-        """Serve every connection to the control port until the listener closes (a guest reconnects after a
-        channel reset)."""
+        """Serve every connection to the control port that proves the credential, until the listener closes (the
+        agent reconnects after a channel reset)."""
+        gate = AgentGate(listener, self.credential, name="control port", logger=self.log)
+
         def accept_loop() -> None:
             while not stop.is_set():
                 try:
-                    conn, _ = listener.accept()
+                    conn, _ = gate.accept()
                 except OSError:
                     return
                 start_thread(self._session, ControlStream(conn))
@@ -143,10 +152,12 @@ class AgentLink:
             # Into the host's own log: escaped, so the guest cannot forge log lines or drive a terminal.
             self.log.info("agent: %s", printable(message.line))
             return
-        # The container's output, like `podman run` prints it.
-        self.container_log.write(message.line + "\n")
+        # The container's output, like `podman run` prints it; on a terminal, shown but never obeyed.
+        self.container_log.write_line(message.line)
         if self.echo_output:
-            print(message.line, file=sys.stdout if message.stream == LogStream.STDOUT else sys.stderr, flush=True)
+            out = sys.stdout if message.stream == LogStream.STDOUT else sys.stderr
+            line = message.line + "\n"  # whole, so that a CRLF line ending stays one
+            print(neutralise(line) if out.isatty() else line, end="", file=out, flush=True)
 
     def _on_status(self, status: Status) -> None:
         if self.container_done.is_set():

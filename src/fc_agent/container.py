@@ -7,9 +7,10 @@ import re
 import subprocess
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO
 
-from fc_agent import system
+from fc_agent import seccomp, system
 from fcvm_wire.control import MAX_LOG_LINE, LogStream
 from fcvm_wire.plan import Plan
 
@@ -48,8 +49,10 @@ def load_image(plan: Plan) -> None:
         raise ContainerError(f"podman load failed: {stderr.decode(errors='replace').strip()}")
 
 
-def run_argv(plan: Plan, volume_mounts: list[tuple[str, str, bool]]) -> list[str]:
-    argv = ["podman", "run", "-d", "--name", CONTAINER, "--network", "host", "--replace"]
+def run_argv(plan: Plan, volume_mounts: list[tuple[str, str, bool]], seccomp_profile: Path) -> list[str]:
+    # The profile keeps the container from creating AF_VSOCK sockets: the channel to the host is the agent's.
+    argv = ["podman", "run", "-d", "--name", CONTAINER, "--network", "host", "--replace",
+            "--security-opt", f"seccomp={seccomp_profile}"]
     if plan.hostname:
         argv += ["--hostname", plan.hostname]
     for key, value in plan.env.items():
@@ -64,7 +67,8 @@ def run_argv(plan: Plan, volume_mounts: list[tuple[str, str, bool]]) -> list[str
 
 
 def start(plan: Plan, volume_mounts: list[tuple[str, str, bool]]) -> None:
-    result = system.run(run_argv(plan, volume_mounts), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    argv = run_argv(plan, volume_mounts, seccomp.write_profile())
+    result = system.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if result.returncode != 0:
         raise ContainerError(f"podman run failed: {result.stderr.decode(errors='replace').strip()}")
 

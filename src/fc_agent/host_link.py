@@ -5,6 +5,9 @@ new. The link reconnects and says hello; the host answers `restore` with its wal
 up with the world: it sets the wall clock (frozen at the snapshot instant otherwise), flushes the neighbour
 cache (the gateway's MAC may differ), reports its container's state again and says `restored`, so the host can
 call the VM running (or send the run's plan, when the snapshot was taken before the run).
+
+Every connection the agent opens to the host starts with its credential (fcvm_wire.credential), which the host
+hands over once, at a cold boot, before anything else happens in the guest.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
 
 from fc_agent import network
 from fc_agent.channel import Channel
+from fcvm_wire import credential as credential_wire
 from fcvm_wire import ports
 from fcvm_wire.control import (
     ControlError,
@@ -31,25 +36,36 @@ from fcvm_wire.control import (
     Shutdown,
 )
 from fcvm_wire.plan import Plan
+from fcvm_wire.sockets import closed_on_error
 
 _log = logging.getLogger("fc_agent.host_link")
 
 
-def _connect(channel: Channel, timeout: float) -> ControlStream:
+def receive_credential(channel: Channel, timeout: float) -> bytes:
+    """The credential, from the first host connection to GUEST_CREDENTIAL that brings one whole; the port is
+    closed again before this returns, so nothing else in the guest is ever handed it."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return ControlStream(channel.connect(ports.HOST_CONTROL))
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    listener = channel.listen(ports.GUEST_CREDENTIAL)
+    try:
+        while True:
+            conn = listener.accept(timeout=max(0.0, deadline - time.monotonic()))
+            with conn:
+                try:
+                    credential = credential_wire.receive(conn)
+                    conn.sendall(credential_wire.CREDENTIAL_RECEIVED)
+                except OSError as exc:
+                    _log.warning("credential delivery broke off (%s); waiting for another", exc)
+                    continue
+            return credential
+    finally:
+        listener.close()
 
 
 class HostLink:
-    def __init__(self, channel: Channel, agent_version: str) -> None:
+    def __init__(self, channel: Channel, agent_version: str, credential: bytes) -> None:
         self.channel = channel
         self.agent_version = agent_version
+        self.credential = credential
         self.epoch = 0  # restores so far
         self.prepares: queue.Queue[Plan] = queue.Queue()
         self.plans: queue.Queue[Plan] = queue.Queue()
@@ -59,8 +75,23 @@ class HostLink:
         self._send_lock = threading.Lock()
         self._closing = False
 
+    def connect(self, port: int) -> socket.socket:
+        """A stream to the host's listener for `port`, the credential already sent on it."""
+        with closed_on_error(self.channel.connect(port)) as sock:
+            return credential_wire.present(sock, self.credential)
+
+    def _connect_control(self, timeout: float) -> ControlStream:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return ControlStream(self.connect(ports.HOST_CONTROL))
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def start(self, timeout: float = 60.0) -> None:
-        self._attach(_connect(self.channel, timeout))
+        self._attach(self._connect_control(timeout))
         threading.Thread(target=self._follow, daemon=True, name="host-link").start()
 
     def _attach(self, control: ControlStream) -> None:
@@ -93,7 +124,7 @@ class HostLink:
                 control.close()
             _log.info("control stream ended; reconnecting")
             try:
-                self._attach(_connect(self.channel, timeout=3600))
+                self._attach(self._connect_control(timeout=3600))
             except OSError as exc:
                 _log.error("cannot reach the host again: %s", exc)
                 return

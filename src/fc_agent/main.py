@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fc_agent import container, exec_server, mmds, network, system
 from fc_agent.channel import Channel, open_channel
-from fc_agent.host_link import HostLink
+from fc_agent.host_link import HostLink, receive_credential
 from fcvm_wire import ports
 from fcvm_wire.control import (
     MAX_DETAIL,
@@ -88,7 +88,7 @@ def _wait(plans: queue.Queue[Plan], what: str) -> Plan:
         raise PlanError(f"the host sent no {what} within {PLAN_TIMEOUT} s") from None
 
 
-def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
+def _mount_volumes(link: HostLink, plan: Plan) -> list[tuple[str, str, bool]]:
     mounts: list[tuple[str, str, bool]] = []
     if not plan.volumes:
         return mounts
@@ -98,7 +98,7 @@ def _mount_volumes(channel: Channel, plan: Plan) -> list[tuple[str, str, bool]]:
         mountpoint = VOLUME_ROOT / str(index)
         mountpoint.mkdir(parents=True, exist_ok=True)
         start_relay(
-            lambda port=volume.port: channel.connect(port),  # type: ignore[misc]
+            lambda port=volume.port: link.connect(port),  # type: ignore[misc]
             str(mountpoint), readers=2, read_only=volume.read_only,
         )
         mounts.append((str(mountpoint), volume.guest_path, volume.read_only))
@@ -149,7 +149,7 @@ def run_plan(channel: Channel, link: HostLink) -> int:
     plan = _wait(link.plans, "plan")
     _log.info("plan for %s: image %s", plan.name, plan.image.ref)
     network.set_hostname(plan.hostname or plan.name)
-    mounts = _mount_volumes(channel, plan)
+    mounts = _mount_volumes(link, plan)
     container.start(plan, mounts)
     reporter = _Reporter(link)
     reporter.set_running()
@@ -181,7 +181,14 @@ def main() -> int:
         system.boot_mounts()
         system.start_orphan_reaper()
     channel = open_channel()
-    link = HostLink(channel, AGENT_VERSION)
+    try:
+        credential = receive_credential(channel, PLAN_TIMEOUT)
+    except OSError as exc:  # the host never delivered it: it gave up on this VM long ago
+        _log.error("no credential from the host: %s", exc)
+        if pid1:
+            system.power_off()
+        return 125
+    link = HostLink(channel, AGENT_VERSION, credential)
     link.start()
     _to_host.link = link
     try:

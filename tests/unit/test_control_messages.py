@@ -4,7 +4,6 @@ misbehaving guest cannot kill."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import socket
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 
 from fcvm.core.kinds import Health
 from fcvm.run.agent_link import MAX_BAD_MESSAGES, AgentLink
+from fcvm.run.container_log import ContainerLog
 from fcvm_wire.control import (
     MAX_LINE,
     MAX_LOG_LINE,
@@ -39,6 +39,7 @@ from fcvm_wire.control import (
     decode,
     log_messages,
 )
+from fcvm_wire.credential import CREDENTIAL_SIZE
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
 
 HUGE_DIGITS = "9" * 5000  # past int()'s 4300-digit limit
@@ -209,9 +210,14 @@ class _Host:
         self.link, self.socket_path, self.stages, self.health = link, socket_path, stages, health
 
     def guest(self) -> socket.socket:
+        """A connection as the agent makes it: the VM's credential first."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(self.socket_path))
+        sock.sendall(CREDENTIAL)
         return sock
+
+
+CREDENTIAL = bytes(range(CREDENTIAL_SIZE))
 
 
 @pytest.fixture
@@ -225,7 +231,8 @@ def host(tmp_path: Path) -> Iterator[_Host]:
     link = AgentLink(
         plan=Plan(name="web", image=ImageSpec("localhost/web"),
                   network=NetworkSpec("172.31.0.2", 30, "172.31.0.1", "06:00:ac:1f:00:02")),
-        prepare=None, restored=False, container_log=io.StringIO(), echo_output=False, agent_reports_health=True,
+        prepare=None, restored=False, credential=CREDENTIAL, container_log=ContainerLog(tmp_path / "container.log"),
+        echo_output=False, agent_reports_health=True,
         on_stage=stages.append, on_health=health.append, logger=logging.getLogger("fcvm.test.agent_link"),
     )
     path = tmp_path / "control.sock"

@@ -1,33 +1,99 @@
-"""`fcvm logs NAME [-f]`: the container's output (or the VM console with --console)."""
+"""`fcvm logs NAME [-f]`: the container's output (or the VM console with --console).
+
+The container's output is `container.log.1` (once it rotated) then `container.log`. Both it and the console are
+the guest's text: on a terminal its control sequences are shown, never obeyed (fcvm.core.terminal); elsewhere the
+bytes pass unchanged, as with podman.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
 
 from fcvm.core import paths
+from fcvm.core.terminal import TerminalWriter
 from fcvm.run.cleanup import reap_stale
+from fcvm.run.container_log import CONTAINER_LOG, log_files
 from fcvm.state import Store
+
+_CHUNK = 65536
 
 
 def run(args: argparse.Namespace) -> int:
     store = Store()
     reap_stale(store)
     vm = store.require_vm(args.name)
-    path = paths.vm_logs_dir(vm.id) / ("console.log" if args.console else "container.log")
-    if not path.exists():
+    directory = paths.vm_logs_dir(vm.id)
+    files = [directory / "console.log"] if args.console else log_files(directory)
+    files = [f for f in files if f.exists()]
+    if not files:
         return 0
-    with open(path, "rb") as source:
+    write = _writer()
+    for path in files[:-1]:
+        with open(path, "rb") as source:
+            _copy(source, write)
+
+    def still_running() -> bool:
+        current = store.get_vm(vm.id)
+        return current is not None and current.live and not current.is_stale()
+
+    _follow(files[-1], write, still_running if args.follow else None)
+    write(b"", True)
+    return 0
+
+
+def _writer() -> Callable[[bytes, bool], None]:
+    """Writes guest bytes to stdout: neutralised on a terminal, unchanged otherwise."""
+    out = sys.stdout
+    if not out.isatty():
+        def write_bytes(chunk: bytes, final: bool) -> None:
+            out.buffer.write(chunk)
+            out.flush()
+        return write_bytes
+    terminal = TerminalWriter()
+
+    def write_text(chunk: bytes, final: bool) -> None:
+        out.write(terminal.text(chunk, final))
+        out.flush()
+    return write_text
+
+
+def _copy(source: BinaryIO, write: Callable[[bytes, bool], None]) -> None:
+    # Line by line, so that a CRLF stays together for the terminal writer.
+    while chunk := source.readline(_CHUNK):
+        write(chunk, False)
+
+
+def _follow(path: Path, write: Callable[[bytes, bool], None], running: Callable[[], bool] | None) -> None:
+    """Copy `path`; with `running`, keep copying what is appended while it returns True. When container.log
+    rotates (it becomes container.log.1), the rest of the old file comes first, then the new one."""
+    source = open(path, "rb")  # noqa: SIM115 (replaced when the file rotates)
+    try:
         while True:
-            chunk = source.read(65536)
-            if chunk:
-                sys.stdout.buffer.write(chunk)
+            _copy(source, write)
+            if running is None:
+                return
+            if path.name == CONTAINER_LOG and _replaced(source, path):
+                _copy(source, write)  # what the old file got before it was renamed
+                source.close()
+                source = open(path, "rb")  # noqa: SIM115
                 continue
-            sys.stdout.flush()
-            if not args.follow:
-                return 0
-            current = store.get_vm(vm.id)
-            if current is None or not current.live or current.is_stale():
-                return 0
+            if not running():
+                _copy(source, write)
+                return
             time.sleep(0.2)
+    finally:
+        source.close()
+
+
+def _replaced(source: BinaryIO, path: Path) -> bool:
+    """Whether `path` now names another file than the one open as `source`."""
+    try:
+        return os.stat(path).st_ino != os.fstat(source.fileno()).st_ino
+    except FileNotFoundError:  # between the rename and the new file
+        return False

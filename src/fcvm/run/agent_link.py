@@ -13,9 +13,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from fcvm.core.kinds import Health
+from fcvm.core.terminal import neutralise
+from fcvm.run.agent_gate import AgentGate
+from fcvm.run.container_log import ContainerLog
 from fcvm_wire import control as wire
 from fcvm_wire.checks import printable
 from fcvm_wire.plan import Plan
@@ -43,12 +46,16 @@ class AgentLink:
     `on_stage(name)` is called once per stage reached ("agent_connected", "prepared", "restored",
     "container_running"); `on_health` for every health change the agent reports (unless the host polls a health
     URL itself).
+
+    Only connections that start with the VM's `credential` are heard (run/agent_gate.py): anything else in the
+    guest that reaches the control port can neither report nor receive anything.
     """
 
     plan: Plan | None  # sent once the agent is prepared (or restored before the run); None: never
     prepare: Plan | None  # sent on the first hello (None: under Firecracker MMDS holds it, or a restore)
     restored: bool  # the agent wakes up in a snapshot and must catch up with the world
-    container_log: IO[str]
+    credential: bytes
+    container_log: ContainerLog
     echo_output: bool
     agent_reports_health: bool
     on_stage: Callable[[str], None]
@@ -62,12 +69,14 @@ class AgentLink:
     _control: wire.ControlStream | None = field(default=None, init=False, repr=False)
 
     def accept_forever(self, listener: socket.socket, stop: threading.Event) -> None:
-        """Serve every connection to the control port until the listener closes (a guest reconnects after a
-        channel reset)."""
+        """Serve every connection to the control port that proves the credential, until the listener closes (the
+        agent reconnects after a channel reset)."""
+        gate = AgentGate(listener, self.credential, name="control port", logger=self.logger)
+
         def accept_loop() -> None:
             while not stop.is_set():
                 try:
-                    conn, _ = listener.accept()
+                    conn, _ = gate.accept()
                 except OSError:
                     return
                 start_thread(self._session, wire.ControlStream(conn))
@@ -127,9 +136,11 @@ class AgentLink:
             self.logger.info("agent: %s", printable(message.line))
             return
         # The container's output, like `podman run` prints it.
-        self.container_log.write(message.line + "\n")
-        if self.echo_output:
-            print(message.line, file=sys.stdout if message.stream == wire.LogStream.STDOUT else sys.stderr, flush=True)
+        self.container_log.write_line(message.line)
+        if self.echo_output:  # on a terminal, shown but never obeyed
+            out = sys.stdout if message.stream == wire.LogStream.STDOUT else sys.stderr
+            line = message.line + "\n"  # whole, so that a CRLF line ending stays one
+            print(neutralise(line) if out.isatty() else line, end="", file=out, flush=True)
 
     def _on_status(self, status: wire.Status) -> None:
         if self.container_done.is_set():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -16,19 +17,22 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fcvm.core import log, paths
 from fcvm.core.errors import FcvmError, UsageError
 from fcvm.core.kinds import Health, NetworkMode, RowKind, VmmKind, VmStatus
 from fcvm.core.proc import ProcessRef
 from fcvm.run import cleanup
+from fcvm.run.agent_gate import AgentGate, deliver_credential
 from fcvm.run.agent_link import AgentLink, poll_health, published_health_target, start_thread
+from fcvm.run.container_log import CONTAINER_LOG, ContainerLog
 from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
 from fcvm.snapshot.cache import CacheLevel, RunShape
 from fcvm.state import Store, VmRecord
 from fcvm.state.journal import Journal
 from fcvm.vmm.base import Drive, Hypervisor, MachineSpec
+from fcvm_wire import credential as credential_wire
 from fcvm_wire import ports as wire_ports
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
 
@@ -65,7 +69,8 @@ class VmSupervisor:
         self._failure: str | None = None
         self._cache_shape: RunShape | None = None  # a cold run that leaves cache entries behind
         self._stand_ins: list[tuple[int, Path]] = []  # journal entry, path: removed once the VM runs
-        self._container_log: IO[str] | None = None
+        self._container_log: ContainerLog | None = None
+        self._credential = b""  # what the agent proves itself with (fcvm_wire.credential)
         self._listeners: list[socket.socket] = []
         self._volume_servers: list[Any] = []
         self._log = log.get(f"vm.{request.name}")
@@ -135,7 +140,10 @@ class VmSupervisor:
         paths.ensure_dir(self.log_dir, 0o700)
         # What the container prints may be secret: its logs are the owner's alone (the VMM appends to console.log).
         paths.make_private(self.log_dir / "console.log")
-        self._container_log = open(paths.make_private(self.log_dir / "container.log"), "a", buffering=1)  # noqa: SIM115
+        self._container_log = ContainerLog(self.log_dir / CONTAINER_LOG)  # created 0600
+        # A clone's agent already holds its source's credential; a cold boot's gets a new one.
+        self._credential = (credential_wire.from_hex(snapshot.description.agent_credential) if snapshot
+                            else secrets.token_bytes(credential_wire.CREDENTIAL_SIZE))
 
         if snapshot is not None:
             kernel, initrd, drives, maps = self._clone_disks(snapshot)
@@ -192,7 +200,7 @@ class VmSupervisor:
         self.agent = AgentLink(
             plan=plan if snapshot is None or restoring_before_the_run else None,
             prepare=prepare if snapshot is None and not firecracker else None,
-            restored=snapshot is not None, container_log=self._container_log,
+            restored=snapshot is not None, credential=self._credential, container_log=self._container_log,
             echo_output=request.echo_output, agent_reports_health=not request.health_url,
             on_stage=self._on_stage, on_health=self._set_health, logger=self._log,
             on_prepared=self._on_prepared,
@@ -216,6 +224,8 @@ class VmSupervisor:
             "machine": self._machine_record(spec, maps),
         })
         self._start_hypervisor()
+        if snapshot is None:  # a restored agent holds its credential already
+            start_thread(deliver_credential, vsock_uds, self._credential, self._stop, request.boot_timeout, self._log)
 
     def _open_snapshot(self) -> OpenSnapshot:
         from fcvm.snapshot.restore import open_snapshot
@@ -272,6 +282,7 @@ class VmSupervisor:
             "kernel": str(spec.kernel), "initrd": str(spec.initrd or ""),
             "volumes": [{"host_dir": str(m.host_dir), "guest_path": m.guest_path, "read_only": m.read_only}
                         for m in maps],
+            "agent_credential": self._credential.hex(),  # a clone's host side must know it
         }
         if self.request.hypervisor == VmmKind.QEMU:
             from fcvm.vmm.qemu import qmp_socket
@@ -424,10 +435,13 @@ class VmSupervisor:
         from fcvm.fusepipe import Server
 
         for index, volume in enumerate(maps):
-            listener = self._listen(Path(f"{vsock_uds}_{wire_ports.HOST_VOLUME_BASE + index}"))
+            port = wire_ports.HOST_VOLUME_BASE + index
+            # The server sees only connections that proved the agent's credential.
+            gate = AgentGate(self._listen(Path(f"{vsock_uds}_{port}")), self._credential,
+                             name=f"volume port {port}", logger=self._log)
             server = Server(str(volume.host_dir), read_only=volume.read_only)
             self._volume_servers.append(server)
-            start_thread(server.serve_forever, listener)
+            start_thread(server.serve_forever, cast(socket.socket, gate))  # it only accepts, as from a socket
 
     def _start_health_poll(self, health_url: str) -> None:
         assert self.network is not None

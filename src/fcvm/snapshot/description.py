@@ -15,6 +15,7 @@ from typing import Any
 
 from fcvm.core.errors import FcvmError
 from fcvm.core.kinds import NetworkMode, VmmKind
+from fcvm_wire import credential as credential_wire
 
 DESCRIPTION_FILE = "snapshot.json"
 FORMAT_VERSION = 1
@@ -83,9 +84,13 @@ class SnapshotDescription:
             data["drives"] = tuple(DriveRecord(**d) for d in data["drives"])
             data["volumes"] = tuple(VolumeRecord(**v) for v in data["volumes"])
             data["cmd"] = tuple(data["cmd"])
+            credential_wire.from_hex(data["agent_credential"])  # without it a clone's host side cannot hear its agent
             return cls(**data)
         except FileNotFoundError:
             raise SnapshotError(f"{path} is missing: the snapshot is incomplete") from None
+        except credential_wire.CredentialError as exc:
+            raise SnapshotError(f"{path}: {exc}, so a clone could not hear its agent",
+                                hint="take the snapshot again with this fcvm") from None
         except (ValueError, TypeError, KeyError) as exc:
             raise SnapshotError(f"{path} is damaged: {exc}") from None
 

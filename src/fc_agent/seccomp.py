@@ -7,7 +7,9 @@ are replaced by an allow-list of families:
 - seccomp sees all 64 bits of an argument while the kernel reads `int family` from the low 32, so a deny rule
   for 40 would let 0x1_0000_0028 through; every allowed range is matched on all 64 bits instead (MASKED_EQ with
   a full mask), and everything else falls to the profile's default action;
-- libseccomp cannot combine rules whose conditions overlap (the allow wins), so the ranges do not overlap;
+- where rules with different actions overlap, libseccomp's decision tree picks one by the order it tests the
+  arguments, not by which rule is narrower (a deny for 40 beside podman's allow for "protocol != 9" loses), and
+  crun refuses to start a container when two rules conflict outright; so the rules never overlap;
 - 32-bit x86 code (which any process can run, through `int 0x80`) can create sockets with
   `socketcall(SYS_SOCKET, args)`, whose family sits in memory where seccomp cannot read it, and libseccomp turns
   every x86 `socket` rule into a `socketcall` rule that ignores the family. So the profile leaves out the x86

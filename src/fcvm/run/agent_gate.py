@@ -120,10 +120,10 @@ class AgentGate:
 
 
 def deliver_credential(vsock_uds: Path, credential: bytes, stop: threading.Event, timeout: float,
-                       logger: logging.Logger) -> bool:
+                       logger: logging.Logger) -> None:
     """Hand the credential to the cold-booting agent: connect to its GUEST_CREDENTIAL port until it listens and
-    answers that it holds the credential, `stop` is set or `timeout` passes. Returns whether it arrived; when it
-    did not, the agent never connects and the boot times out as any stuck boot does."""
+    answers that it holds the credential, `stop` is set or `timeout` passes. An agent without it never connects,
+    so the boot then times out as any stuck boot does."""
     delivered = False
 
     def attempt() -> bool:
@@ -143,4 +143,5 @@ def deliver_credential(vsock_uds: Path, credential: bytes, stop: threading.Event
     wait_until(attempt, timeout, interval=0.05)
     if delivered:
         logger.debug("the agent holds its credential")
-    return delivered
+    elif not stop.is_set():
+        logger.warning("the agent did not take its credential within %g s", timeout)

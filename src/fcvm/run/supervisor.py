@@ -441,7 +441,7 @@ class VmSupervisor:
                              name=f"volume port {port}", logger=self._log)
             server = Server(str(volume.host_dir), read_only=volume.read_only)
             self._volume_servers.append(server)
-            start_thread(server.serve_forever, cast(socket.socket, gate))  # it only accepts, as from a socket
+            start_thread(server.serve_forever, cast(socket.socket, gate))  # it calls settimeout and accept only
 
     def _start_health_poll(self, health_url: str) -> None:
         assert self.network is not None

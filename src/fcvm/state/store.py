@@ -122,7 +122,12 @@ class VmRecord:
         return self.live and (proc is None or not proc.alive())
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The row as `ls --json` and `inspect` show it: the agent's credential is shown as redacted."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        machine = self.config.get("machine")
+        if isinstance(machine, dict) and machine.get("agent_credential"):
+            data["config"] = {**self.config, "machine": {**machine, "agent_credential": "<redacted>"}}
+        return data
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from fcvm.core.wait import wait_until
 from tests.support import require
 
 HYPERVISORS = ["qemu", "firecracker"]
@@ -66,3 +68,48 @@ def get(url: str, timeout: float = 60) -> str:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+PAGE = "fcvm demo page"
+
+
+def page(port: int, timeout: float = 60) -> str:
+    return get(f"http://127.0.0.1:{port}/", timeout)
+
+
+def rows() -> list[dict[str, object]]:
+    return list(json.loads(fcvm("ls", "-a", "--json").stdout))
+
+
+def live_names() -> set[str]:
+    return {str(r["name"]) for r in rows() if r["status"] != "exited"}
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], result.stderr
+
+
+class Server:
+    """`fcvm snapshot serve TAG` in the background, as a user starts it with `&`."""
+
+    def __init__(self, tag: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "fcvm", "snapshot", "serve", tag],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert wait_until(lambda: any(s["pid"] == self.pid and s["status"] == "running"
+                                      for s in self.servers()), 60), "the memory server did not start"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @staticmethod
+    def servers() -> list[dict[str, object]]:
+        data = json.loads(fcvm("snapshot", "ls", "--json").stdout)
+        return [s for snap in data["snapshots"] for s in snap["servers"]] + list(data["servers"])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)

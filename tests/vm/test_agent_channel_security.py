@@ -21,7 +21,7 @@ from fcvm_wire import ports
 from fcvm_wire.fusepipe import proto
 from fcvm_wire.sockets import connect
 from tests.hoststate import HostState
-from tests.vm.test_podman_run import fcvm, hypervisor_env, vm_row
+from tests.vm.support import fcvm, hypervisor_env, vm_row
 from tests.vsock_probes import write_probes
 
 FORGED_EXIT = b'{"type":"status","state":"exited","exit_code":0}\n'

@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,66 +15,7 @@ import pytest
 from fcvm.core.wait import wait_until
 from tests.hoststate import HostState
 from tests.vm.conftest import free_port
-
-PAGE = "fcvm demo page"
-
-
-def fcvm(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "fcvm", *args], capture_output=True, text=True,
-                            timeout=timeout, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"fcvm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return result
-
-
-def page(port: int, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                return str(response.read().decode())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-def rows() -> list[dict[str, object]]:
-    return list(json.loads(fcvm("ls", "-a", "--json").stdout))
-
-
-def live_names() -> set[str]:
-    return {str(r["name"]) for r in rows() if r["status"] != "exited"}
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], text: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], result.stderr
-
-
-class Server:
-    """`fcvm snapshot serve TAG` in the background, as a user starts it with `&`."""
-
-    def __init__(self, tag: str) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "fcvm", "snapshot", "serve", tag],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert wait_until(lambda: any(s["pid"] == self.pid and s["status"] == "running"
-                                      for s in self.servers()), 60), "the memory server did not start"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @staticmethod
-    def servers() -> list[dict[str, object]]:
-        data = json.loads(fcvm("snapshot", "ls", "--json").stdout)
-        return [s for snap in data["snapshots"] for s in snap["servers"]] + list(data["servers"])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=60)
+from tests.vm.support import PAGE, Server, fcvm, live_names, one_line_error, page, rows
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 from tests.hoststate import HostState
 from tests.support import require
 from tests.vm.conftest import free_port
-from tests.vm.test_podman_run import SPEC, fcvm, get, published_url, vm_row
+from tests.vm.support import SPEC, fcvm, get, published_url, vm_row
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 PAGE = "fcvm demo page"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fcvm.core.wait import wait_until
 from tests.vm.conftest import free_port
-from tests.vm.test_snapshots import PAGE, fcvm, live_names, page
+from tests.vm.support import PAGE, fcvm, live_names, page
 
 IMAGE = "localhost/fcvm-demo-httpd"
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from fcvm.network import GATEWAY_IP
 from tests.support import require
-from tests.vm.test_podman_run import fcvm, vm_row
+from tests.vm.support import fcvm, vm_row
 
 
 @contextlib.contextmanager

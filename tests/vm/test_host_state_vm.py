@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fcvm.core import paths
 from tests.support import as_other_user, require_tool
-from tests.vm.test_podman_run import fcvm, hypervisor_env, vm_row
+from tests.vm.support import fcvm, hypervisor_env, vm_row
 
 SECRET = "hunter2-xyz"
 

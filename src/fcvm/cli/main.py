@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove what crashed fcvm processes left behind")
     _handler(gc, "gc:run")
 
+    serve = sub.add_parser("serve", help="a sandbox API the official E2B SDKs drive (templates: snapshots, images)")
+    serve.add_argument("--listen", default="127.0.0.1:3000", metavar="HOST:PORT", help="default 127.0.0.1:3000")
+    serve.add_argument("--default-template", default="localhost/fcvm-busybox", metavar="TEMPLATE",
+                       help="what the SDK's default template `base` starts: a snapshot or an image")
+    serve.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="fail a sandbox that is not running this long after start (default 300)")
+    _handler(serve, "serve:run")
+
     fuse = _group(sub, "fuse-pipe", "host directories over one byte stream (FUSE over vsock)")
     fuse_serve = fuse.add_parser("serve", help="serve DIR on a Unix socket")
     fuse_serve.add_argument("dir")

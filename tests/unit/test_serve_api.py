@@ -40,6 +40,7 @@ Handler = Callable[..., Awaitable[object]]
 class LocalMachine:
     name: str
     root: Path
+    template: str
     snapshottable: bool = True
     vcpus: int = 1
     mem_mib: int = 256
@@ -96,6 +97,7 @@ class LocalBackend:
         self.taken: list[str] = []
         self.removed: list[str] = []
         self.started: list[str] = []
+        self.running: list[LocalMachine] = []
 
     async def start(self, template: str, name: str) -> Machine:
         if template != TEMPLATE and template not in self.user_snapshots:
@@ -103,10 +105,14 @@ class LocalBackend:
         root = self.base / f"{name}-{len(self.started)}"
         root.mkdir()
         self.started.append(template)
-        return LocalMachine(name, root)
+        machine = LocalMachine(name, root, template)
+        self.running.append(machine)
+        return machine
 
     async def stop(self, machine: Machine) -> None:
         assert isinstance(machine, LocalMachine)
+        await asyncio.sleep(0.3)  # a VM takes a while to go
+        self.running.remove(machine)
         for group in machine.groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
@@ -118,6 +124,8 @@ class LocalBackend:
         self.taken.append(tag)
 
     async def remove_snapshot(self, tag: str) -> bool:
+        if any(m.template == tag for m in self.running):
+            return False
         self.user_snapshots.pop(tag, None)
         self.removed.append(tag)
         return True
@@ -232,6 +240,15 @@ def test_background_command_wait_connect_list_and_kill(sandbox: Sandbox) -> None
     assert killed.value.exit_code == 128 + signal.SIGKILL
     assert wait_for(lambda: all(p.pid != sleeper.pid for p in sandbox.commands.list()))
     assert sandbox.commands.kill(sleeper.pid) is False
+
+
+def test_a_command_runs_as_the_user_named(sandbox: Sandbox) -> None:
+    require(os.geteuid() == 0, "switching user needs root")
+    assert sandbox.commands.run("id -un", user="nobody").stdout == "nobody\n"
+    with pytest.raises(e2b.CommandExitException):
+        sandbox.commands.run("id -un", user="no-such-user")
+    with pytest.raises(e2b.InvalidArgumentException):
+        sandbox.commands.run("true", user="bad user; rm")
 
 
 def test_stdin_is_sent_and_closed(sandbox: Sandbox) -> None:
@@ -395,7 +412,10 @@ def test_pause_connect_snapshot_and_fork(server: Running, sandbox: Sandbox, tmp_
     assert resumed.commands.run("echo source").stdout == "source\n"
     assert Sandbox.delete_snapshot("my-template") is True
     assert Sandbox.delete_snapshot("my-template") is False
-    assert pause_tag in server.backend.removed  # the server's own snapshots go once unused
+    assert pause_tag not in server.backend.removed  # the resumed machine runs on its memory
+    assert resumed.kill() is True
+    assert wait_for(lambda: pause_tag in server.backend.removed)  # the server's own snapshots go once unused
+    assert not server.backend.user_snapshots
 
 
 def test_a_sandbox_that_cannot_be_snapshotted_says_so(server: Running, sandbox: Sandbox) -> None:
@@ -408,21 +428,40 @@ def test_a_sandbox_that_cannot_be_snapshotted_says_so(server: Running, sandbox: 
 
 
 def test_the_pre_v2_sdk(server: Running, tmp_path: Path) -> None:
-    python = _old_sdk_python()
+    python = old_sdk_python()
     script = f"""
-from e2b import Sandbox, CommandExitException
-s = Sandbox.create(template={TEMPLATE!r}, envs={{"A": "1"}})
+from e2b import Sandbox, CommandExitException, SandboxQuery
+s = Sandbox.create(template={TEMPLATE!r}, envs={{"A": "1"}}, metadata={{"sdk": "old"}})
 assert s.commands.run("echo $A").stdout == "1\\n"
-s.files.write("{tmp_path}/old.txt", "old sdk")
-assert s.files.read("{tmp_path}/old.txt") == "old sdk"
 try:
     s.commands.run("exit 7")
 except CommandExitException as e:
     assert e.exit_code == 7
 else:
     raise SystemExit("no CommandExitException")
-assert s.pause() and Sandbox.connect(s.sandbox_id).commands.run("echo again").stdout == "again\\n"
-assert s.kill()
+handle = s.commands.run("cat", background=True, stdin=True)
+s.commands.send_stdin(handle.pid, "piped")
+s.commands.close_stdin(handle.pid)
+assert handle.wait().stdout == "piped"
+s.files.write("{tmp_path}/old/a.txt", "old sdk")
+assert s.files.read("{tmp_path}/old/a.txt") == "old sdk" and s.files.exists("{tmp_path}/old/a.txt")
+assert s.files.make_dir("{tmp_path}/old/d") and not s.files.make_dir("{tmp_path}/old/d")
+s.files.rename("{tmp_path}/old/a.txt", "{tmp_path}/old/d/b.txt")
+assert [e.name for e in s.files.list("{tmp_path}/old/d")] == ["b.txt"]
+s.files.remove("{tmp_path}/old/d")
+assert not s.files.exists("{tmp_path}/old/d")
+listed = Sandbox.list(query=SandboxQuery(metadata={{"sdk": "old"}})).next_items()
+assert [x.sandbox_id for x in listed] == [s.sandbox_id]
+s.set_timeout(120)
+assert s.get_info().metadata == {{"sdk": "old"}}
+assert s.pause() and not s.pause()
+s = Sandbox.connect(s.sandbox_id)
+assert s.commands.run("echo again").stdout == "again\\n"
+snapshot = s.create_snapshot(name="old-sdk-template")
+assert Sandbox.create(template=snapshot.snapshot_id).kill()
+forks = s.fork(count=2)
+assert len(forks) == 2 and all(f.commands.run("echo f").stdout == "f\\n" and f.kill() for f in forks)
+assert s.kill() and Sandbox.delete_snapshot("old-sdk-template")
 print("ok")
 """
     result = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=300, env=os.environ)
@@ -432,7 +471,7 @@ print("ok")
     assert ("POST", "/v2/sandboxes") not in server.seen
 
 
-def _old_sdk_python() -> str:
+def old_sdk_python() -> str:
     """A venv with the pre-/v2 SDK, made once and kept in the system temp dir."""
     venv = Path(os.environ.get("TMPDIR", "/tmp")) / f"fcvm-test-e2b-{OLD_SDK}"
     python = venv / "bin" / "python"
@@ -442,3 +481,27 @@ def _old_sdk_python() -> str:
                                    capture_output=True, text=True, timeout=600)
         require(installed.returncode == 0, f"cannot install e2b=={OLD_SDK}: {installed.stderr[-300:]}")
     return str(python)
+
+
+def test_a_hostile_client_or_sandbox_gets_errors_not_the_server(server: Running, sandbox: Sandbox,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    headers = {"E2b-Sandbox-Id": sandbox.sandbox_id, "X-Access-Token": sandbox._envd_access_token or ""}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        cut = client.post("/process.Process/Start", content=c.envelope({"process": {"cmd": "true"}})[:-2],
+                          headers={**headers, "Content-Type": c.STREAM_CONTENT_TYPE})
+        flags, last = c.split_envelopes(cut.content)[-1]
+        assert flags == c.FLAG_END_STREAM and json.loads(last)["error"]["code"] == "invalid_argument"
+        huge = client.post("/filesystem.Filesystem/Stat", content=b" " * (c.MAX_MESSAGE + 1),
+                           headers={**headers, "Content-Type": "application/json"})
+        assert huge.status_code == 429 and huge.json()["code"] == "resource_exhausted"
+
+        # A sandbox whose shell floods stdout instead of reporting the command's pid.
+        real_exec = server.backend.exec
+
+        async def flooding(machine: Machine, argv: list[str], env: dict[str, str], *, stdin: bool) -> LocalStream:
+            return await real_exec(machine, ["/bin/sh", "-c", "head -c 5000000 /dev/zero; sleep 600"], env,
+                                   stdin=stdin)
+
+        monkeypatch.setattr(server.backend, "exec", flooding)
+        with pytest.raises(e2b.SandboxException, match="did not start"):
+            sandbox.commands.run("echo hi")

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from fcvm.serve import connect as c
-from fcvm.serve.envd import ENVD_VERSION, check_env
+from fcvm.serve.envd import ENVD_VERSION, check_env, read_body
 from fcvm.serve.sandboxes import (
     DEFAULT_TIMEOUT,
     MAX_FORKS,
@@ -54,8 +54,8 @@ def detail_json(sandbox: Sandbox) -> dict[str, Any]:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.content.read(_MAX_BODY + 1)
-    if len(raw) > _MAX_BODY:
+    raw = await read_body(request, _MAX_BODY)
+    if raw is None:
         raise SandboxError(413, "request body too large")
     if not raw.strip():
         return {}

@@ -135,10 +135,8 @@ class Envd:
 
     @staticmethod
     async def _unary_body(request: web.Request) -> dict[str, Any]:
-        if request.content_length is not None and request.content_length > _MAX_RPC_BODY:
-            raise c.ConnectError(c.Code.RESOURCE_EXHAUSTED, "request too large")
-        body = await request.content.read(_MAX_RPC_BODY + 1)
-        if len(body) > _MAX_RPC_BODY:
+        body = await read_body(request, _MAX_RPC_BODY)
+        if body is None:
             raise c.ConnectError(c.Code.RESOURCE_EXHAUSTED, "request too large")
         if request.content_type == c.STREAM_CONTENT_TYPE:
             return c.stream_request(body)
@@ -337,7 +335,7 @@ class Envd:
             while (frame := await stream.frame()) is not None:
                 kind, payload = frame
                 if kind == ep.STDERR:
-                    stderr += payload[:4096]
+                    _keep_some(stderr, payload)
                 elif kind == ep.STDOUT and payload:
                     if response is None:
                         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -404,7 +402,7 @@ class Envd:
             while (frame := await stream.frame()) is not None:
                 kind, payload = frame
                 if kind == ep.STDERR:
-                    stderr += payload[:4096]
+                    _keep_some(stderr, payload)
                 elif kind == ep.EXIT:
                     code = ep.parse_exit(payload)
                     return None if code == 0 else self._file_status(code, path, bytes(stderr))
@@ -413,6 +411,23 @@ class Envd:
         finally:
             stream.close()
         return self.file_error(502, "the connection to the sandbox ended during the upload")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole request body, or None when it is longer than `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _keep_some(buffer: bytearray, data: bytes, limit: int = 4096) -> None:
+    """What a script said on stderr, for the error message: its first bytes only (the sandbox is untrusted)."""
+    buffer += data[:max(0, limit - len(buffer))]
 
 
 def _abort(request: web.Request) -> None:

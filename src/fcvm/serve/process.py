@@ -25,6 +25,7 @@ if [ -n "$user" ] && [ "$user" != root ]; then exec su -s /bin/sh "$user" -c 'ex
 exec "$@"
 """
 _PID_LINE_MAX = 24
+_EARLY_MAX = 1 << 20
 _QUEUE = 64
 
 
@@ -160,6 +161,8 @@ async def _read_pid(stream: ExecStream) -> tuple[int, list[Event]]:
                 break
         elif kind == ep.STDOUT and payload:
             early.append(Event("data", payload, ep.STDOUT))
+            if sum(len(e.data) for e in early) > _EARLY_MAX:  # the wrapper writes the pid first: a broken sandbox
+                break
         elif kind == ep.EXIT:
             break
     head, _, rest = line.partition(b"\n")

@@ -72,6 +72,7 @@ class Sandbox:
     processes: ProcessTable | None
     state: SandboxState = SandboxState.RUNNING
     pause_tag: str | None = None
+    stopping: asyncio.Task[None] | None = None  # the machine it had last, still shutting down
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     vcpus: int = 0
     mem_mib: int = 0
@@ -102,6 +103,8 @@ class Sandboxes:
         self.clock = clock
         self._sandboxes: dict[str, Sandbox] = {}
         self._ephemeral: set[str] = set()  # pause and fork snapshots, removed once unused
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._collecting = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
 
     # --- lookup ----------------------------------------------------------------------------------
@@ -148,12 +151,26 @@ class Sandboxes:
             if self._sandboxes.pop(sandbox_id, None) is None:
                 raise SandboxError(404, f"sandbox {sandbox_id!r} not found")
             machine = sandbox.detach()
-            if machine is not None:
-                await self.backend.stop(machine)
             if sandbox.pause_tag:
                 self._ephemeral.add(sandbox.pause_tag)
+            if machine is not None:
+                self._stop_later(sandbox, machine)
         _log.info("sandbox %s killed", sandbox_id)
-        await self._collect()
+        if machine is None:
+            await self._collect()
+
+    def _stop_later(self, sandbox: Sandbox, machine: Machine) -> None:
+        """Shutting a VM down takes seconds: the sandbox is gone (or paused) at once; resuming it waits."""
+        async def stop() -> None:
+            try:
+                await self.backend.stop(machine)
+            except Exception:
+                _log.exception("stopping %s failed", machine.name)
+            await self._collect()
+
+        task = sandbox.stopping = asyncio.create_task(stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def set_timeout(self, sandbox_id: str, timeout: int) -> None:
         """From now: may shorten the sandbox's life (E2B's `timeout`)."""
@@ -188,6 +205,8 @@ class Sandboxes:
 
     async def _resume(self, sandbox: Sandbox, timeout: int) -> None:
         assert sandbox.pause_tag is not None
+        if sandbox.stopping is not None:  # its name is free once the paused machine is gone
+            await asyncio.shield(sandbox.stopping)
         machine = await self._start(sandbox.pause_tag, sandbox.vm_name)
         sandbox.attach(self.backend, machine)
         self._ephemeral.add(sandbox.pause_tag)  # the clone maps it: removed once the clone is gone
@@ -214,9 +233,8 @@ class Sandboxes:
         machine = sandbox.detach()
         assert machine is not None
         sandbox.state, sandbox.pause_tag = SandboxState.PAUSED, tag
-        await self.backend.stop(machine)
+        self._stop_later(sandbox, machine)
         _log.info("sandbox %s paused as %s", sandbox.id, tag)
-        await self._collect()
 
     async def _snapshot(self, machine: Machine, tag: str) -> None:
         try:
@@ -252,6 +270,7 @@ class Sandboxes:
     async def delete_snapshot(self, tag: str) -> None:
         if tag not in self.snapshots():
             raise SandboxError(404, f"snapshot {tag!r} not found")
+        await asyncio.gather(*self._stopping, return_exceptions=True)  # killed sandboxes may still use it
         if not await self.backend.remove_snapshot(tag):
             raise SandboxError(409, f"snapshot {tag!r} is in use by a running sandbox")
 
@@ -314,14 +333,15 @@ class Sandboxes:
 
     async def _collect(self) -> None:
         """Remove the server's own snapshots no machine needs any more."""
-        for tag in sorted(self._ephemeral):
-            if any(s.pause_tag == tag for s in self._sandboxes.values()):
-                continue
-            try:
-                if await self.backend.remove_snapshot(tag):
-                    self._ephemeral.discard(tag)
-            except FcvmError as exc:
-                _log.warning("snapshot %s: removing it failed: %s", tag, exc)
+        async with self._collecting:
+            for tag in sorted(self._ephemeral):
+                if any(s.pause_tag == tag for s in self._sandboxes.values()):
+                    continue
+                try:
+                    if await self.backend.remove_snapshot(tag):
+                        self._ephemeral.discard(tag)
+                except FcvmError as exc:
+                    _log.warning("snapshot %s: removing it failed: %s", tag, exc)
 
     async def shutdown(self) -> None:
         """Kill every sandbox and remove the server's own snapshots."""
@@ -332,4 +352,5 @@ class Sandboxes:
         for sandbox in list(self._sandboxes.values()):
             with contextlib.suppress(SandboxError):
                 await self.kill(sandbox.id)
+        await asyncio.gather(*self._stopping, return_exceptions=True)
         await self._collect()

@@ -5,7 +5,10 @@ Commands reach the container over the agent's exec channel, but not through `pod
 per call under TCG: the agent runs them in the VM (0.1-0.5 s), where nsenter enters the container's namespaces,
 root and working directory, and the command joins the container's cgroup. The container's pid, cgroup and
 environment are read once per machine. Each command leads a process group of its own, so a signal reaches
-whatever it started."""
+whatever it started.
+
+Every sandbox can pause and fork: clones (and warm starts) run on their own shared copy of the snapshot's
+memory, which a snapshot can freeze in turn; they share no pages with their siblings."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import argparse
 import asyncio
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fcvm.core import log, paths
@@ -32,6 +35,7 @@ _log = log.get("serve")
 KEEP_ALIVE = ("/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done")
 STOP_GRACE = 2.0
 _FRAME_HEADER = struct.Struct(">BI")
+_PENDING_MAX = 16
 
 # Run in the VM: the container's pid, its cgroup, then its environment (NUL-separated, as the kernel has it).
 _DISCOVER = """for f in /run/containers/storage/overlay-containers/*/userdata/pidfile; do
@@ -96,8 +100,10 @@ class VmExecStream:
                 line += payload
                 if len(line) > 32 and b"\n" not in line[:32]:
                     break
-            else:
+            elif len(self._pending) < _PENDING_MAX:  # _ENTER reports first: more is a broken guest
                 self._pending.append(frame)
+            else:
+                break
         head, _, rest = line.partition(b"\n")
         if not (head.isdigit() and len(head) <= 10 and int(head) > 1):
             raise c.ConnectError(c.Code.INTERNAL, "the sandbox broke the exec protocol")
@@ -167,9 +173,9 @@ class VmBackend:
         if snapshot is not None and clone:
             from fcvm.commands.snapshot_run import build_request
 
-            request = build_request(argparse.Namespace(
+            request = replace(build_request(argparse.Namespace(
                 snapshot=snapshot.name, pid=None, name=name, publish=[], network=None, firecracker_bin=None,
-                rm=True, exec=None, boot_timeout=self.boot_timeout), store)
+                rm=True, exec=None, boot_timeout=self.boot_timeout), store), snapshottable=True)
         else:
             request = self._image_request(template, name, store)
         vm = store.require_vm(detach(request, quiet=True))
@@ -189,7 +195,7 @@ class VmBackend:
                                   hint="see `fcvm snapshot ls` and `podman images`")
         hypervisor, binary = choose_hypervisor("auto", None)
         request = RunRequest(image=image, name=name, cmd=KEEP_ALIVE, network=default_mode(), hypervisor=hypervisor,
-                             firecracker_bin=binary, remove=True, boot_timeout=self.boot_timeout)
+                             firecracker_bin=binary, remove=True, boot_timeout=self.boot_timeout, snapshottable=True)
         return choose_start(request, store)
 
     async def stop(self, machine: Machine) -> None:

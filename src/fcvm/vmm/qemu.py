@@ -183,11 +183,11 @@ def _memory_backend(spec: MachineSpec) -> tuple[str, list[str]]:
     restore = spec.restore
     if restore is not None and restore.backend == MemBackend.UFFD:
         backend = f"memory-backend-ram,id=mem,{size}"
+    elif spec.mem_file is not None:  # booted, or a clone on its own reflink of the snapshot's memory
+        backend = f"memory-backend-file,id=mem,{size},mem-path={spec.mem_file},share=on"
     elif restore is not None:
         # QEMU opens mem-path read-write even with share=off, but MAP_PRIVATE never writes back.
         backend = f"memory-backend-file,id=mem,{size},mem-path={restore.memory},share=off"
-    elif spec.mem_file is not None:
-        backend = f"memory-backend-file,id=mem,{size},mem-path={spec.mem_file},share=on"
     else:
         return "", []
     return ",memory-backend=mem", ["-object", backend]

@@ -86,8 +86,9 @@ class LocalStream:
         assert self.process.stdin is not None
         self.process.stdin.close()
 
-    def close(self) -> None:
+    def close(self) -> None:  # like a closed connection: the reader sees its end
         self._task.cancel()
+        self._frames.put_nowait(None)
 
 
 class LocalBackend:
@@ -130,8 +131,8 @@ class LocalBackend:
         self.removed.append(tag)
         return True
 
-    def snapshots(self) -> dict[str, str]:
-        return dict(self.user_snapshots)
+    def snapshots(self) -> set[str]:
+        return set(self.user_snapshots)
 
     async def exec(self, machine: Machine, argv: list[str], env: dict[str, str], *, stdin: bool) -> LocalStream:
         assert isinstance(machine, LocalMachine)
@@ -156,7 +157,8 @@ class Running:
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]:
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Running]:
+    """The server on a free port, the SDK pointed at it; `pool` (indirect parameter) machines started ahead."""
     from aiohttp import web
 
     backend = LocalBackend(tmp_path)
@@ -172,7 +174,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]
         return await handler(request)
 
     async def main() -> None:
-        sandboxes = Sandboxes(backend, default_template=TEMPLATE)
+        sandboxes = Sandboxes(backend, default_template=TEMPLATE, pool=getattr(request, "param", 0))
         app = Server(sandboxes, API_KEY).app()
         app.middlewares.append(record)
         runner = web.AppRunner(app)
@@ -194,6 +196,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Running]
     yield Running(url, backend, holder["sandboxes"], seen)  # type: ignore[arg-type]
     loop.call_soon_threadsafe(holder["stop"].set)  # type: ignore[attr-defined]
     thread.join(30)
+    assert not backend.running  # every machine is stopped with the server
 
 
 @pytest.fixture
@@ -418,6 +421,26 @@ def test_pause_connect_snapshot_and_fork(server: Running, sandbox: Sandbox, tmp_
     assert not server.backend.user_snapshots
 
 
+def test_a_command_streaming_when_its_sandbox_pauses_ends_with_an_error(sandbox: Sandbox) -> None:
+    handle = sandbox.commands.run("sleep 600", background=True)
+    assert sandbox.pause() is True
+    with pytest.raises(e2b.SandboxNotRunningException):  # at once: not a plain deadline's TimeoutException
+        handle.wait()
+
+
+@pytest.mark.parametrize("server", [1], indirect=True)
+def test_a_pool_hands_out_machines_started_ahead(server: Running) -> None:
+    first = Sandbox.create(template=TEMPLATE)
+    assert server.sandboxes.get(first.sandbox_id).machine.name == f"e2b-{first.sandbox_id}"  # type: ignore[union-attr]
+    assert wait_for(lambda: len(server.backend.running) == 2)  # one more, started ahead
+    second = Sandbox.create(template=TEMPLATE)
+    machine = server.sandboxes.get(second.sandbox_id).machine
+    assert machine is not None and machine.name.startswith("e2b-pool-")
+    assert second.commands.run("echo pooled").stdout == "pooled\n"
+    assert wait_for(lambda: len(server.backend.running) == 3)
+    assert first.kill() and second.kill()
+
+
 def test_a_sandbox_that_cannot_be_snapshotted_says_so(server: Running, sandbox: Sandbox) -> None:
     machine = server.sandboxes.get(sandbox.sandbox_id).machine
     assert machine is not None
@@ -475,8 +498,9 @@ def old_sdk_python() -> str:
     """A venv with the pre-/v2 SDK, made once and kept in the system temp dir."""
     venv = Path(os.environ.get("TMPDIR", "/tmp")) / f"fcvm-test-e2b-{OLD_SDK}"
     python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    probe = f"import importlib.metadata as m; assert m.version('e2b') == {OLD_SDK!r}"
+    if not python.exists() or subprocess.run([str(python), "-c", probe], capture_output=True).returncode != 0:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
         installed = subprocess.run([str(python), "-m", "pip", "install", "-q", f"e2b=={OLD_SDK}"],
                                    capture_output=True, text=True, timeout=600)
         require(installed.returncode == 0, f"cannot install e2b=={OLD_SDK}: {installed.stderr[-300:]}")

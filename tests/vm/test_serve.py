@@ -77,7 +77,7 @@ def served(guest_assets: None) -> Iterator[Served]:
     saved = {name: os.environ.get(name) for name in _SDK_ENV}
     try:
         # The template: a running busybox VM with a file of its own, snapshotted, then stopped.
-        served.fcvm("podman", "run", "-d", "--name", "tpl-src", IMAGE, "sleep", "1000000")
+        served.fcvm("podman", "run", "-d", "--no-snapshot", "--name", "tpl-src", IMAGE, "sleep", "1000000")
         served.fcvm("exec", "tpl-src", "--", "sh", "-c", "echo from-template > /root/template.txt")
         served.fcvm("snapshot", "create", "tpl-src", "--tag", TEMPLATE)
         served.fcvm("stop", "tpl-src")

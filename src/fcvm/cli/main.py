@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the SDK's default template `base` starts: a snapshot or an image")
     serve.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
                        help="fail a sandbox that is not running this long after start (default 300)")
+    serve.add_argument("--pool", type=int, default=0, metavar="N",
+                       help="keep N machines of each template in use started ahead, so creates only take one")
     _handler(serve, "serve:run")
 
     fuse = _group(sub, "fuse-pipe", "host directories over one byte stream (FUSE over vsock)")

@@ -45,7 +45,8 @@ async def _serve(args: argparse.Namespace, host: str, port: int, api_key: str, k
     from fcvm.serve.sandboxes import Sandboxes
     from fcvm.serve.vm import VmBackend
 
-    sandboxes = Sandboxes(VmBackend(boot_timeout=args.boot_timeout), default_template=args.default_template)
+    sandboxes = Sandboxes(VmBackend(boot_timeout=args.boot_timeout), default_template=args.default_template,
+                          pool=args.pool)
     runner = web.AppRunner(Server(sandboxes, api_key).app(), access_log=None)
     await runner.setup()
     try:
@@ -67,6 +68,8 @@ async def _serve(args: argparse.Namespace, host: str, port: int, api_key: str, k
 
 def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
+    if args.pool < 0:
+        raise UsageError("--pool must be 0 or more")
     api_key = os.environ.get(API_KEY_ENV, "")
     if api_key:
         key_shown = f"${API_KEY_ENV}"  # a key the user chose is a secret: never echoed

@@ -57,8 +57,8 @@ class Backend(Protocol):
         """Remove the snapshot; False while a machine still uses it (it is left for a later try)."""
         ...
 
-    def snapshots(self) -> dict[str, str]:
-        """The user snapshots there are: tag -> the name of the machine each was taken of."""
+    def snapshots(self) -> set[str]:
+        """The tags of the user snapshots there are (templates)."""
         ...
 
     async def exec(self, machine: Machine, argv: list[str], env: dict[str, str], *, stdin: bool) -> ExecStream:

@@ -20,7 +20,7 @@ from aiohttp import BodyPartReader, web
 from fcvm.serve import connect as c
 from fcvm.serve import files
 from fcvm.serve.backend import Backend, Machine
-from fcvm.serve.process import Event, Process, ProcessTable
+from fcvm.serve.process import Event, EventKind, Process, ProcessTable
 from fcvm.serve.sandboxes import Sandbox
 from fcvm_wire import exec_proto as ep
 
@@ -171,6 +171,9 @@ class Envd:
         except c.ConnectError as exc:
             await response.write(c.end_stream(exc))
             return response
+        except (OSError, ep.ExecProtocolError) as exc:  # the sandbox, not the client: the stream says so
+            await response.write(c.end_stream(c.ConnectError(c.Code.UNAVAILABLE, f"the command did not start: {exc}")))
+            return response
         async with process.attached() as queue:
             table.run(process)
             await response.write(c.envelope({"event": {"start": {"pid": process.pid}}}))
@@ -212,12 +215,12 @@ class Envd:
                 if ends is None or loop.time() < ends:
                     await response.write(c.envelope({"event": {"keepalive": {}}}))
                 continue
-            if event.kind == "lost":
+            if event.kind == EventKind.LOST:
                 await response.write(c.end_stream(c.ConnectError(
                     c.Code.UNAVAILABLE, "the connection to the sandbox ended before the command did")))
                 return
             await response.write(c.envelope(event.to_json()))
-            if event.kind == "end":
+            if event.kind == EventKind.END:
                 await response.write(c.end_stream())
                 return
 
@@ -238,7 +241,10 @@ class Envd:
             raise c.ConnectError(c.Code.UNIMPLEMENTED, "fcvm: pseudo-terminals are not implemented")
         if not process.stdin:
             raise c.ConnectError(c.Code.FAILED_PRECONDITION, "the command was started without stdin")
-        await process.stream.send_stdin(c.bytes_field(data, "stdin"))
+        try:
+            await process.stream.send_stdin(c.bytes_field(data, "stdin"))
+        except OSError:
+            raise c.ConnectError(c.Code.NOT_FOUND, "the command has ended") from None
         return self._unary({})
 
     async def close_stdin(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
@@ -246,7 +252,10 @@ class Envd:
         process = self._process(sandbox, message)
         if not process.stdin:
             raise c.ConnectError(c.Code.FAILED_PRECONDITION, "the command was started without stdin")
-        await process.stream.close_stdin()
+        try:
+            await process.stream.close_stdin()
+        except OSError:
+            raise c.ConnectError(c.Code.NOT_FOUND, "the command has ended") from None
         return self._unary({})
 
     async def send_signal(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from fcvm.serve import connect as c
@@ -29,17 +30,21 @@ _EARLY_MAX = 1 << 20
 _QUEUE = 64
 
 
+class EventKind(StrEnum):
+    DATA = "data"  # output on `stream` (exec_proto.STDOUT or STDERR)
+    END = "end"  # the command exited
+    LOST = "lost"  # the connection to the sandbox ended first
+
+
 @dataclass(frozen=True)
 class Event:
-    """One ProcessEvent: kind is "data" (stream STDOUT/STDERR), "end" or "lost" (the connection ended first)."""
-
-    kind: str
+    kind: EventKind
     data: bytes = b""
     stream: int = ep.STDOUT
     exit_code: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        if self.kind == "data":
+        if self.kind == EventKind.DATA:
             return {"event": {"data": {"stdout" if self.stream == ep.STDOUT else "stderr": c.b64(self.data)}}}
         return {"event": {"end": {"exitCode": self.exit_code, "exited": True,
                                   "status": f"exit status {self.exit_code}"}}}
@@ -119,15 +124,15 @@ class ProcessTable:
     async def _pump(self, process: Process) -> None:
         for event in process.early:
             await self._publish(process, event)
-        ended = Event("lost")
+        ended = Event(EventKind.LOST)
         try:
             while (frame := await process.stream.frame()) is not None:
                 kind, payload = frame
                 if kind == ep.EXIT:
-                    ended = Event("end", exit_code=ep.parse_exit(payload))
+                    ended = Event(EventKind.END, exit_code=ep.parse_exit(payload))
                     break
                 if kind in (ep.STDOUT, ep.STDERR) and payload:
-                    await self._publish(process, Event("data", payload, kind))
+                    await self._publish(process, Event(EventKind.DATA, payload, kind))
         except (OSError, ep.ExecProtocolError):  # the guest is untrusted: a broken stream only ends the command
             pass
         finally:
@@ -160,7 +165,7 @@ async def _read_pid(stream: ExecStream) -> tuple[int, list[Event]]:
             if len(line) > _PID_LINE_MAX and b"\n" not in line[:_PID_LINE_MAX]:
                 break
         elif kind == ep.STDOUT and payload:
-            early.append(Event("data", payload, ep.STDOUT))
+            early.append(Event(EventKind.DATA, payload, ep.STDOUT))
             if sum(len(e.data) for e in early) > _EARLY_MAX:  # the wrapper writes the pid first: a broken sandbox
                 break
         elif kind == ep.EXIT:
@@ -170,5 +175,5 @@ async def _read_pid(stream: ExecStream) -> tuple[int, list[Event]]:
         detail = line.decode(errors="replace").strip()[-300:] or "no output"
         raise c.ConnectError(c.Code.INTERNAL, f"the command did not start: {detail}")
     if rest:
-        early.append(Event("data", rest, ep.STDERR))
+        early.append(Event(EventKind.DATA, rest, ep.STDERR))
     return int(head), early

@@ -97,11 +97,16 @@ class Sandbox:
 
 
 class Sandboxes:
-    def __init__(self, backend: Backend, *, default_template: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, backend: Backend, *, default_template: str, pool: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.backend = backend
         self.default_template = default_template
+        self.pool_size = pool
         self.clock = clock
         self._sandboxes: dict[str, Sandbox] = {}
+        self._pool: dict[str, list[Machine]] = {}  # template -> machines started ahead, for the next creates
+        self._filling: dict[str, asyncio.Task[None]] = {}
+        self._made: dict[str, str] = {}  # snapshot tag -> the sandbox `create_snapshot` took it of
         self._ephemeral: set[str] = set()  # pause and fork snapshots, removed once unused
         self._stopping: set[asyncio.Task[None]] = set()
         self._collecting = asyncio.Lock()
@@ -129,13 +134,41 @@ class Sandboxes:
         sandbox = Sandbox(id=new_sandbox_id(), template_id=template, token=secrets.token_hex(16),
                           metadata=dict(metadata), envs=dict(envs), started_at=self.clock(), end_at=0.0,
                           auto_pause=auto_pause, machine=None, processes=None)
-        machine = await self._start(source, sandbox.vm_name)
+        began = time.monotonic()
+        pooled = self._pool.get(source)
+        machine = pooled.pop(0) if pooled else await self._start(source, sandbox.vm_name)
+        self._refill(source)
         sandbox.attach(self.backend, machine)
         sandbox.started_at = self.clock()
         sandbox.end_at = sandbox.started_at + timeout
         self._sandboxes[sandbox.id] = sandbox
-        _log.info("sandbox %s: %s from %s", sandbox.id, machine.name, source)
+        _log.info("sandbox %s: %s from %s in %.2f s", sandbox.id, machine.name, source, time.monotonic() - began)
         return sandbox
+
+    def _refill(self, template: str) -> None:
+        """Keep `pool_size` machines of a template in use started ahead: a create then only takes one."""
+        if self.pool_size > 0 and template not in self._filling:
+            self._filling[template] = asyncio.create_task(self._fill(template))
+
+    async def _fill(self, template: str) -> None:
+        try:
+            while len(self._pool.setdefault(template, [])) < self.pool_size:
+                machine = await self.backend.start(template, f"e2b-pool-{secrets.token_hex(4)}")
+                self._pool[template].append(machine)
+        except FcvmError as exc:
+            _log.warning("starting a %s machine ahead failed: %s", template, exc)
+        finally:
+            del self._filling[template]
+
+    async def _drain(self, template: str | None = None) -> None:
+        """Stop the machines started ahead (of one template, or of all)."""
+        templates = [template] if template is not None else list(self._pool) + list(self._filling)
+        for name in templates:
+            filling = self._filling.get(name)
+            if filling is not None:
+                await asyncio.shield(filling)
+            for machine in self._pool.pop(name, []):
+                await self.backend.stop(machine)
 
     async def _start(self, template: str, name: str) -> Machine:
         try:
@@ -260,16 +293,18 @@ class Sandboxes:
             if sandbox.machine is None:
                 raise SandboxError(409, f"sandbox {sandbox_id!r} is paused: connect to it first")
             await self._snapshot(sandbox.machine, tag)
+        self._made[tag] = sandbox_id
         return tag
 
     def snapshots(self, sandbox_id: str | None = None) -> list[str]:
-        return [tag for tag, source in sorted(self.backend.snapshots().items())
+        return [tag for tag in sorted(self.backend.snapshots())
                 if tag not in self._ephemeral and not any(tag == s.pause_tag for s in self._sandboxes.values())
-                and (sandbox_id is None or source == f"e2b-{sandbox_id}")]
+                and (sandbox_id is None or self._made.get(tag) == sandbox_id)]
 
     async def delete_snapshot(self, tag: str) -> None:
         if tag not in self.snapshots():
             raise SandboxError(404, f"snapshot {tag!r} not found")
+        await self._drain(tag)
         await asyncio.gather(*self._stopping, return_exceptions=True)  # killed sandboxes may still use it
         if not await self.backend.remove_snapshot(tag):
             raise SandboxError(409, f"snapshot {tag!r} is in use by a running sandbox")
@@ -344,11 +379,13 @@ class Sandboxes:
                     _log.warning("snapshot %s: removing it failed: %s", tag, exc)
 
     async def shutdown(self) -> None:
-        """Kill every sandbox and remove the server's own snapshots."""
+        """Kill every sandbox, stop the machines started ahead and remove the server's own snapshots."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        self.pool_size = 0
+        await self._drain()
         for sandbox in list(self._sandboxes.values()):
             with contextlib.suppress(SandboxError):
                 await self.kill(sandbox.id)

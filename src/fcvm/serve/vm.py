@@ -238,9 +238,8 @@ class VmBackend:
 
         return await asyncio.to_thread(remove)
 
-    def snapshots(self) -> dict[str, str]:
-        return {s.name: str(s.info.get("source", "")) for s in Store().list_snapshots()
-                if s.info.get("kind") == SnapshotKind.USER}
+    def snapshots(self) -> set[str]:
+        return {s.name for s in Store().list_snapshots() if s.info.get("kind") == SnapshotKind.USER}
 
     # --- commands --------------------------------------------------------------------------------
 

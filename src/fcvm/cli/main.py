@@ -198,6 +198,18 @@ def _gc(sub: argparse._SubParsersAction) -> None:
     _handler(gc, "gc:run")
 
 
+def _serve(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="a sandbox API the official E2B SDKs drive (templates: snapshots, images)")
+    serve.add_argument("--listen", default="127.0.0.1:3000", metavar="HOST:PORT", help="default 127.0.0.1:3000")
+    serve.add_argument("--default-template", default="localhost/fcvm-busybox", metavar="TEMPLATE",
+                       help="what the SDK's default template `base` starts: a snapshot or an image")
+    serve.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
+                       help="fail a sandbox that is not running this long after start (default 300)")
+    serve.add_argument("--pool", type=int, default=0, metavar="N",
+                       help="keep N machines of each template in use started ahead, so creates only take one")
+    _handler(serve, "serve:run")
+
+
 def _fuse_pipe(sub: argparse._SubParsersAction) -> None:
     fuse = _group(sub, "fuse-pipe", "host directories over one byte stream (FUSE over vsock)")
     fuse_serve = fuse.add_parser("serve", help="serve DIR on a Unix socket")
@@ -231,6 +243,7 @@ _COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "setup": _setup,
     "doctor": _doctor,
     "gc": _gc,
+    "serve": _serve,
     "fuse-pipe": _fuse_pipe,
 }
 

@@ -95,6 +95,7 @@ class RunRequest:
     serve_id: str | None = None  # the page server's row (Uffd)
     warm: CacheLevel | None = None  # a `podman run` restored from this level of the snapshot cache
     use_cache: bool = True  # --no-snapshot: neither restore from the cache nor add to it
+    snapshottable: bool = False  # a QEMU clone on its own shared copy of the memory, so it can be snapshotted
 
     def __post_init__(self) -> None:
         validate_name(self.name)

@@ -31,7 +31,7 @@ from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
 from fcvm.snapshot.cache import CacheLevel, RunShape
 from fcvm.state import Store, VmRecord
 from fcvm.state.journal import Journal
-from fcvm.vmm.base import Drive, Hypervisor, MachineSpec
+from fcvm.vmm.base import Drive, Hypervisor, MachineSpec, MemBackend
 from fcvm_wire import credential as credential_wire
 from fcvm_wire import ports as wire_ports
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
@@ -213,7 +213,7 @@ class VmSupervisor:
             boot_args="", vcpus=request.cpus, mem_mib=request.mem_mib, drives=drives,
             tap=network.tap, guest_mac=network.guest_spec()["mac"], vsock_uds=vsock_uds,
             guest_cid=wire_ports.GUEST_CID, enter_argv=network.enter_argv(), log_dir=self.log_dir,
-            mem_file=self.workdir / "mem" if request.hypervisor == VmmKind.QEMU and snapshot is None else None,
+            mem_file=self._memory_file(snapshot),
             restore=snapshot.restore_spec(request, self.workdir) if snapshot else None, vmm_uid=vmm_uid,
         )
         self.hypervisor = self._hypervisor(spec, prepare)
@@ -232,6 +232,21 @@ class VmSupervisor:
 
         assert self.request.snapshot is not None
         return open_snapshot(self.store, self.request)
+
+    def _memory_file(self, snapshot: OpenSnapshot | None) -> Path | None:
+        """QEMU's RAM in a shared file of the VM's own, so the VM can be snapshotted: a booted VM's, or a clone's
+        reflink of the snapshot's memory when the request asks for it (it then shares no pages with other clones)."""
+        request = self.request
+        if request.hypervisor != VmmKind.QEMU or (snapshot is not None and not (
+                request.snapshottable and request.memory == MemBackend.FILE)):
+            return None
+        mem_file = self.workdir / "mem"
+        if snapshot is not None:
+            from fcvm.snapshot.create import snapshot_files
+            from fcvm.storage.btrfs import clone_file
+
+            clone_file(snapshot_files(snapshot.directory)[1], mem_file)
+        return mem_file
 
     def _clone_disks(self, snapshot: OpenSnapshot) -> tuple[Path, Path | None, list[Drive], tuple[VolumeMap, ...]]:
         """The clone's own reflink of every frozen writable disk; shared read-only ones in place."""

@@ -251,14 +251,14 @@ def _memory_backend(spec: MachineSpec, handover: Handover) -> tuple[str, list[st
     restore = spec.restore
     if restore is not None and restore.backend == MemBackend.UFFD:
         backend = f"memory-backend-ram,id=mem,{size}"
-    elif restore is not None:
-        fd = handover.keep(os.open(restore.memory, os.O_RDONLY | os.O_CLOEXEC))
-        backend = f"memory-backend-file,id=mem,{size},mem-path=/proc/self/fd/{fd},share=off"
-    elif spec.mem_file is not None:
+    elif spec.mem_file is not None:  # booted, or a clone on its own reflink of the snapshot's memory
         fd = handover.keep(os.open(spec.mem_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         if spec.vmm_uid is not None:
             os.fchown(fd, spec.vmm_uid, spec.vmm_uid)  # the VM's own RAM: its QEMU writes it
         backend = f"memory-backend-file,id=mem,{size},mem-path=/proc/self/fd/{fd},share=on"
+    elif restore is not None:
+        fd = handover.keep(os.open(restore.memory, os.O_RDONLY | os.O_CLOEXEC))
+        backend = f"memory-backend-file,id=mem,{size},mem-path=/proc/self/fd/{fd},share=off"
     else:
         return "", []
     return ",memory-backend=mem", ["-object", backend]

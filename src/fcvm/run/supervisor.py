@@ -148,6 +148,10 @@ class VmSupervisor:
         if snapshot is not None:
             kernel, initrd, drives, maps = self._clone_disks(snapshot)
             image_disk = None
+            if request.warm == CacheLevel.PRESTART:  # its own run: once healthy, a startup entry for its config
+                from fcvm.run.warm import run_shape
+
+                self._cache_shape = run_shape(request)
         else:
             from fcvm.run.warm import run_shape
 

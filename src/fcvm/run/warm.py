@@ -58,7 +58,9 @@ def choose_start(request: RunRequest, store: Store) -> RunRequest:
         return request
     level, record = found
     _log.info("starting warm from the %s entry %s", level, record.name)
-    return replace(request, snapshot=record.name, warm=level)
+    # On its own copy of the entry's memory: a warm VM can be snapshotted like a cold one (and leave a startup
+    # entry of its own), at the cost of sharing no memory pages with other runs of the entry.
+    return replace(request, snapshot=record.name, warm=level, snapshottable=True)
 
 
 def run_with_fallback(request: RunRequest, vm_id: str | None = None) -> int:

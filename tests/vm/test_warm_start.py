@@ -77,8 +77,9 @@ def test_later_runs_restore_from_the_best_entry_and_behave_like_cold_runs(guest_
     result = fcvm("podman", "run", "--rm", "--no-snapshot", "--name", "web", "-e", "GREETING=first", IMAGE,
                   "sh", "-c", "echo cold-run", check=False)
     assert "cold-run" in result.stdout
-    hits = {str(s["name"]): s["hits"] for s in cache_entries()}
-    assert sorted(hits.values()) == [1, 1], hits
+    # Each entry used once; the run from the pre-start entry left a startup entry of its own, unused so far.
+    hits = sorted(int(str(s["hits"])) for s in cache_entries())
+    assert hits == [0, 1, 1], cache_entries()
 
 
 def test_a_truncated_entry_falls_back_to_a_cold_boot_and_is_removed(guest_assets: None,

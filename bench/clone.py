@@ -263,6 +263,59 @@ def sequential(label: str, count: int, serve_pid: int | None) -> list[dict[str, 
     return runs
 
 
+def traced_clone(name: str, port: int, work: Path) -> dict[str, float]:
+    """Where the host-side time to `cont` goes, for one File clone: `perf record` of the scheduler's process
+    tracepoints (fork, exec, exit; system-wide, no ptrace, so nothing is slowed) gives every process the clone's
+    start runs, the supervisor's own stages the rest. Milliseconds since the launch, by event."""
+    data = work / "perf.data"
+    recorder = subprocess.Popen(["perf", "record", "-q", "-k", "monotonic", "-a", "-o", str(data),
+                                 "-e", "sched:sched_process_fork", "-e", "sched:sched_process_exec",
+                                 "-e", "sched:sched_process_exit"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)  # perf is recording
+    wall_offset = time.time() - time.monotonic()
+    start = time.monotonic()
+    launched = subprocess.Popen([sys.executable, "-m", "fcvm", *clone_argv(name, port, serve_pid=None)],
+                                stdout=subprocess.DEVNULL)
+    launched.wait(timeout=300)
+    recorder.send_signal(signal.SIGINT)
+    recorder.wait(timeout=60)
+    script = subprocess.run(["perf", "script", "-i", str(data), "-F", "pid,time,event,trace"], capture_output=True,
+                            text=True, check=True).stdout
+    timings = inspect(name)["config"]["timings"]
+    tree = {launched.pid}
+    events: list[tuple[float, int, str, str]] = []  # (time, pid, event, filename or child pid)
+    for line in script.splitlines():
+        head, _, trace = line.partition(": sched:")
+        fields = head.split()
+        if len(fields) != 2:
+            continue
+        pid, ts = int(fields[0]), float(fields[1])
+        event, _, args = trace.partition(": ")
+        values = dict(kv.split("=", 1) for kv in args.split() if "=" in kv)
+        if event == "sched_process_fork" and pid in tree:
+            tree.add(int(values["child_pid"]))
+        elif pid in tree and event in ("sched_process_exec", "sched_process_exit"):
+            events.append((ts, pid, event, values.get("filename", "")))
+    execs = [(ts, pid, filename) for ts, pid, event, filename in events if event == "sched_process_exec"]
+    pythons = [(ts, pid) for ts, pid, filename in execs if "/python" in filename]
+    inside_start, inside = pythons[2]  # `snapshot run`, the supervisor, then the netns setup under nsenter
+    qemu_exec = next(ts for ts, _, filename in execs if "qemu-system" in filename)
+    host_iptables = [ts for ts, _, filename in execs if filename.endswith("/iptables") and ts < inside_start]
+    marks = {
+        "main": pythons[0][0], "child": pythons[1][0], "t0": timings["t0_wall"] - wall_offset,
+        "iptables_first": host_iptables[0], "inside_start": inside_start,
+        "inside_end": next(ts for ts, pid, event, _ in events if pid == inside and event == "sched_process_exit"),
+        "qemu_exec": qemu_exec, "loaded": timings["t0_wall"] + timings["loaded"] - wall_offset,
+        "resumed": timings["t0_wall"] + timings["resumed"] - wall_offset,
+    }
+    result = {k: (v - start) * 1000 for k, v in marks.items()}
+    result["iptables_host"] = len(host_iptables)
+    result["processes"] = sum(1 for ts, _, _ in execs if ts <= marks["resumed"])
+    data.unlink()
+    return result
+
+
 def parallel(label: str, count: int, serve_pid: int | None) -> dict[str, Any]:
     names = [f"{label}{i}" for i in range(count)]
     ports: list[int] = []
@@ -340,6 +393,27 @@ def summarize(results: dict[str, Any]) -> None:
               f"{statistics.median((r['uffd']['prefetch_bytes'] or 0) for r in rest) / MiB:.0f} MiB, demand-copied "
               f"{statistics.median((r['uffd']['bytes_copied'] or 0) for r in rest) / MiB:.0f} MiB")
 
+    if "trace" in results:
+        t = results["trace"]
+        steps = [
+            ("launch -> `python3 -m fcvm snapshot run` exec'd", 0, t["main"]),
+            ("`fcvm snapshot run`: Python start, imports, request; spawns the supervisor", t["main"], t["child"]),
+            ("supervisor: Python start and imports until it begins (t0)", t["child"], t["t0"]),
+            ("t0 -> first iptables: reap, state row, reflinked disk, pyroute2 import, netns and veth",
+             t["t0"], t["iptables_first"]),
+            (f"{t['iptables_host']:.0f} host iptables processes (and the rest of the host side of the network)",
+             t["iptables_first"], t["inside_start"]),
+            ("`python3 -m fcvm.network.inside` in the netns (TAP, routes, 2 iptables)", t["inside_start"],
+             t["inside_end"]),
+            ("-> QEMU exec'd (through nsenter)", t["inside_end"], t["qemu_exec"]),
+            ("QEMU start, QMP connect, version, capabilities, device state loaded", t["qemu_exec"], t["loaded"]),
+            ("`cont`", t["loaded"], t["resumed"]),
+        ]
+        print(f"\nhost-side time to `cont` of one File clone (`perf record` of process starts; {t['processes']:.0f} "
+              f"execs): {t['resumed']:.0f} ms")
+        for label, begin, end in steps:
+            print(f"  {end - begin:6.0f} ms  {label}")
+
     for key, label in (("file_par", "File"), ("uffd_par", "Uffd")):
         par = results[key]
         print(f"\n{len(par['names'])} {label} clones started at once: all serve their page after "
@@ -389,6 +463,10 @@ def main() -> None:
         phase_source(results, args.pause_runs)
         log("sequential File clones")
         results["file_seq"] = sequential("file", args.clones, None)
+        if shutil.which("perf"):
+            log("one File clone under `perf record`: where the host-side time goes")
+            results["trace"] = traced_clone("traced", free_port(), args.data_dir)
+            stop_all(["traced"])
         log("sequential Uffd clones, prefetch on (the first records the working set)")
         with page_server("on") as serve_pid:
             results["uffd_seq"] = sequential("uffd", args.clones, serve_pid)

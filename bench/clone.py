@@ -86,9 +86,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def page_served(port: int, start: float, timeout: float = 180) -> float:
-    """Seconds from `start` until GET / on the published port returns the demo page. A new attempt every 25 ms:
-    a SYN sent before the guest runs waits in its TAP queue (or is lost), so one attempt alone could lag."""
+def page_served(port: int, start: float, give_up: threading.Event, timeout: float = 180) -> float | None:
+    """Seconds from `start` until GET / on the published port returns the demo page (None if `give_up` is set
+    first). A new attempt every 25 ms: a SYN sent before the guest runs waits in its TAP queue (or is lost), so
+    one attempt alone could lag."""
     done = threading.Event()
     first: list[float] = []
     in_flight = threading.Semaphore(40)
@@ -109,6 +110,8 @@ def page_served(port: int, start: float, timeout: float = 180) -> float:
 
     deadline = start + timeout
     while not done.wait(0.025):
+        if give_up.is_set():
+            return None
         if time.perf_counter() > deadline:
             raise SystemExit(f"port {port} did not serve the page within {timeout:.0f} s")
         if in_flight.acquire(blocking=False):
@@ -130,14 +133,21 @@ def exec_ok(name: str, *, vm: bool = False, deadline: float = 120) -> tuple[floa
 
 
 def launch(argv: list[str], name: str, port: int, *, run_exec: bool = True) -> dict[str, Any]:
-    """Run `fcvm ARGV -d` for VM `name` publishing `port`: launch -> returned, -> exec-ready, -> page served."""
+    """Run `fcvm ARGV -d` for VM `name` publishing `port`: launch -> returned, -> exec-ready, -> page served.
+    A start that fails is recorded (its error in "failed"), not fatal: the summary counts it."""
     wall0 = time.time()
     start = time.perf_counter()
-    page: list[float] = []
-    poller = threading.Thread(target=lambda: page.append(page_served(port, start)), daemon=True)
+    page: list[float | None] = []
+    give_up = threading.Event()
+    poller = threading.Thread(target=lambda: page.append(page_served(port, start, give_up)), daemon=True)
     poller.start()
-    fcvm(*argv, timeout=600)
+    started = fcvm(*argv, timeout=600, check=False)
     result: dict[str, Any] = {"name": name, "returned": time.perf_counter() - start, "load": load()}
+    if started.returncode != 0:
+        give_up.set()
+        result["failed"] = started.stderr.strip()
+        log(f"{name} failed to start: {result['failed']}")
+        return result
     if run_exec:
         _, result["exec_attempts"] = exec_ok(name)
         result["exec"] = time.perf_counter() - start
@@ -250,6 +260,10 @@ def sequential(label: str, count: int, serve_pid: int | None) -> list[dict[str, 
     for i in range(count):
         name, port = f"{label}{i}", free_port()
         run = launch(clone_argv(name, port, serve_pid=serve_pid), name, port)
+        runs.append(run)
+        if "failed" in run:
+            stop_all([name])
+            continue
         run.update(exec_durations(name))
         if serve_pid:
             time.sleep(1.5)  # the server publishes its metrics about once a second
@@ -258,7 +272,6 @@ def sequential(label: str, count: int, serve_pid: int | None) -> list[dict[str, 
                                                       "prefetch_bytes", "prefetch_seconds")}
         log(f"{name}: returned {run['returned']:.2f} s, exec-ready {run['exec']:.2f} s, page {run['page']:.2f} s, "
             f"host to cont {run.get('host_to_cont', 0) * 1000:.0f} ms")
-        runs.append(run)
         stop_all([name])  # before the next: idle clones would load the 2 cores
     return runs
 
@@ -327,10 +340,12 @@ def parallel(label: str, count: int, serve_pid: int | None) -> dict[str, Any]:
     with ThreadPoolExecutor(count) as pool:
         runs = list(pool.map(lambda np: launch(clone_argv(np[0], np[1], serve_pid=serve_pid), np[0], np[1],
                                                run_exec=False), zip(names, ports, strict=True)))
-    wall = max(r["page"] for r in runs)
-    log(f"all {count} serve their page after {wall:.2f} s")
-    return {"names": names, "runs": runs, "wall_all_pages": wall,
-            "wall_all_returned": max(r["returned"] for r in runs), "load": load()}
+    served = [r for r in runs if "failed" not in r]
+    wall = max(r["page"] for r in served)
+    log(f"{len(served)} of {count} serve their page after {wall:.2f} s")
+    return {"all_names": names, "names": [r["name"] for r in served], "runs": runs, "wall_all_pages": wall,
+            "wall_all_returned": max(r["returned"] for r in served), "load": load(),
+            "failed": [r["failed"] for r in runs if "failed" in r]}
 
 
 def memory(names: list[str], steps: list[tuple[str, str]]) -> dict[str, Any]:
@@ -363,8 +378,13 @@ def summarize(results: dict[str, Any]) -> None:
           f"({', '.join(f'{p:.3f}' for p in idle)}), after {WORKING_SET_MIB + COLD_MIB} MiB written "
           f"{results['pause_dirty']['pause_s']:.3f} s; the command {results['pause_dirty']['command_s']:.2f} s")
 
-    series = [("File", results["file_seq"]), ("Uffd, prefetch on", results["uffd_seq"]),
-              ("Uffd, prefetch off", results["uffd_seq_off"])]
+    series = [(label, [r for r in results[key] if "failed" not in r])
+              for label, key in (("File", "file_seq"), ("Uffd, prefetch on", "uffd_seq"),
+                                 ("Uffd, prefetch off", "uffd_seq_off"))]
+    for key in ("file_seq", "uffd_seq", "uffd_seq_off"):
+        for run in results[key]:
+            if "failed" in run:
+                print(f"FAILED to start: {run['name']}: {run['failed']}")
     print(f"\nclone spawn, {n} sequential clones each (p50 / p95, seconds; ratio = p50 / the cold boot's):")
     print(f"{'':<22}{'-d returned':>22}{'exec-ready':>22}{'page served':>22}{'host to cont':>16}")
     for label, runs in series:
@@ -385,7 +405,7 @@ def summarize(results: dict[str, Any]) -> None:
         in_vm = statistics.median(r["exec_vm_s"] for r in runs)
         print(f"  {'':<20} one exec on the running clone: container {container:.2f} s, --vm {in_vm:.2f} s")
     for label, runs in series[1:]:
-        first, rest = runs[0], runs[1:]
+        first, rest = runs[0], runs[1:]  # the first of the series records the working set
         print(f"  {label}: first clone page {first['page']:.2f} s exec-ready {first['exec']:.2f} s "
               f"({first['uffd']['prefetch']}, {(first['uffd']['bytes_copied'] or 0) / MiB:.0f} MiB demand-copied); "
               f"later clones p50 page {statistics.median(r['page'] for r in rest):.2f} s exec-ready "
@@ -416,9 +436,11 @@ def summarize(results: dict[str, Any]) -> None:
 
     for key, label in (("file_par", "File"), ("uffd_par", "Uffd")):
         par = results[key]
-        print(f"\n{len(par['names'])} {label} clones started at once: all serve their page after "
+        print(f"\n{len(par['all_names'])} {label} clones started at once: {len(par['names'])} serve their page after "
               f"{par['wall_all_pages']:.2f} s (all `-d` returned after {par['wall_all_returned']:.2f} s); "
               f"{par['wall_all_pages'] / anchor['page']:.3f}x one cold boot to its page")
+        for failure in par["failed"]:
+            print(f"  FAILED to start (not in the wall time): {failure}")
 
     source_rss = results["source_memory"]["Rss"]
     print(f"\nmemory: the source's QEMU RSS {source_rss / MiB:.0f} MiB after it read its working set")
@@ -474,7 +496,7 @@ def main() -> None:
             mem = results["uffd_mem"] = memory(par["names"], [
                 ("read the working set", "dd if=/root/ws of=/dev/null bs=1M status=none")])
             mem["server"] = rollup(serve_pid)
-            stop_all(par["names"])
+            stop_all(par["all_names"])
         log("sequential Uffd clones, prefetch off")
         with page_server("off") as serve_pid:
             results["uffd_seq_off"] = sequential("uoff", args.clones, serve_pid)
@@ -482,7 +504,7 @@ def main() -> None:
         results["file_mem"] = memory(par["names"], [
             ("read the working set", "dd if=/root/ws of=/dev/null bs=1M status=none"),
             ("+ read an uncached file", "dd if=/root/cold of=/dev/null bs=1M status=none")])
-        stop_all(par["names"])
+        stop_all(par["all_names"])
     finally:
         sampler_stop.set()
         cleanup()

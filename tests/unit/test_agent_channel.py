@@ -19,6 +19,7 @@ import pytest
 
 from fcvm.core.kinds import Health
 from fcvm.core.terminal import TerminalWriter, neutralise
+from fcvm.core.wait import wait_until
 from fcvm.fusepipe import Server
 from fcvm.run.agent_gate import LOGGED_REFUSALS, AgentGate
 from fcvm.run.agent_link import AgentLink, start_thread
@@ -155,7 +156,8 @@ def test_a_forged_status_without_the_credential_changes_nothing(
         assert closed_by_peer(forger)
     assert link.agent.exit_code is None and not link.agent.container_done.is_set()
     assert link.stages == [] and link.health == []
-    assert any("refused a connection without the agent's credential" in line for line in log.lines)
+    assert wait_until(lambda: any("refused a connection without the agent's credential" in line
+                                  for line in log.lines), 30)
 
     with link.agent_stream() as agent:  # the same bytes from the agent are heard
         agent.sendall(Hello("1", 0).encode() + FORGED_EXIT)
@@ -251,7 +253,8 @@ def test_a_volume_server_sees_only_the_agent(listener: tuple[socket.socket, Path
         with connect(path) as raw:
             raw.sendall(hello)
             assert closed_by_peer(raw)
-        assert any("volume port 5000: refused" in line for line in log.lines)
+        # The gate logs the refusal right after closing the connection: poll for it.
+        assert wait_until(lambda: any("volume port 5000: refused" in line for line in log.lines), 30)
         with credential_wire.present(connect(path), credential) as relay:
             relay.sendall(hello)
             relay.settimeout(10)

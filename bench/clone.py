@@ -11,7 +11,9 @@ Every clone is launched as a user would: `python3 -m fcvm snapshot run ... -d`, 
 soon as that returns (exec-ready); an HTTP poller started with the launch gives the time the published page is
 first served. The source, before its snapshot, writes a 384 MiB file that stays in its page cache (the working
 set every clone then reads: pages of the snapshot) and a 128 MiB file it drops from its cache (what a clone
-reads into fresh guest pages).
+reads into fresh guest pages). With `perf` installed, one more File clone is traced (scheduler tracepoints for
+fork, exec and exit, system-wide: no ptrace) to break the host-side time down by process.
+Figures and their reading: docs/PERFORMANCE.md, "Snapshots and clones".
 """
 
 from __future__ import annotations

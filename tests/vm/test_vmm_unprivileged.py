@@ -13,23 +13,23 @@ from pathlib import Path
 
 from fcvm.core.wait import wait_until
 from tests.vm.conftest import free_port
-from tests.vm.support import PAGE, Server, fcvm, live_names, page
+from tests.vm.support import PAGE, RunVm, Server, fcvm, page
 
 IMAGE = "localhost/fcvm-demo-httpd"
 
 
-def _vmm_status(name: str) -> dict[str, str]:
-    """/proc/<pid>/status of the VM's VMM process, as journaled by fcvm."""
+def _vmm_pid(name: str) -> int:
+    """The VM's VMM process, as journaled by fcvm."""
     document = json.loads(fcvm("inspect", name).stdout)[0]
     pid = next(int(r["pid"]) for r in document["resources"] if r["kind"] == "process")
     assert Path(f"/proc/{pid}/comm").read_text().startswith("qemu-system"), name
+    return pid
+
+
+def _assert_unprivileged(name: str, pid: int) -> int:
+    """The uid of VM `name`'s VMM `pid`, once shown to be neither root nor able to become it."""
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
-
-
-def _assert_unprivileged(name: str) -> int:
-    """Its uid, once shown to be neither root nor able to become it."""
-    status = _vmm_status(name)
+    status = {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
     uids, gids = set(status["Uid"].split()), set(status["Gid"].split())  # real, effective, saved, filesystem
     assert len(uids) == 1 and uids != {"0"}, (name, status["Uid"])
     assert len(gids) == 1 and gids != {"0"}, (name, status["Gid"])
@@ -49,17 +49,16 @@ def _readable_as(uid: int, path: Path) -> bool:
 
 
 def test_a_bridged_vm_and_its_clones_run_qemu_unprivileged_and_still_work(
-        guest_assets: None, tmp_path: Path, isolated_data_dir: Path) -> None:
+        run_vm: RunVm, tmp_path: Path, isolated_data_dir: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
     (site / "note.txt").write_text("from the host\n")
     port = free_port()
-    fcvm("podman", "run", "-d", "--no-snapshot", "--name", "src", "-p", f"{port}:80", "--map", f"{site}:/data:ro",
-         IMAGE)
+    run_vm("-d", "--no-snapshot", "--name", "src", "-p", f"{port}:80", "--map", f"{site}:/data:ro", IMAGE)
     server: Server | None = None
-    uids: dict[str, int] = {}
+    pids = {"src": _vmm_pid("src")}
+    uids = {"src": _assert_unprivileged("src", pids["src"])}
     try:
-        uids["src"] = _assert_unprivileged("src")
         assert PAGE in page(port)
         assert fcvm("exec", "src", "--", "cat", "/data/note.txt").stdout == "from the host\n"
 
@@ -69,7 +68,8 @@ def test_a_bridged_vm_and_its_clones_run_qemu_unprivileged_and_still_work(
         fcvm("snapshot", "run", "--snapshot", "src-v1", "--name", "f1", "-p", f"{clone_ports['f1']}:80", "-d")
         fcvm("snapshot", "run", "--pid", str(server.pid), "--name", "u1", "-p", f"{clone_ports['u1']}:80", "-d")
         for name, clone_port in clone_ports.items():
-            uids[name] = _assert_unprivileged(name)
+            pids[name] = _vmm_pid(name)
+            uids[name] = _assert_unprivileged(name, pids[name])
             assert PAGE in page(clone_port), name
             assert fcvm("exec", name, "--", "cat", "/data/note.txt").stdout == "from the host\n", name
         assert len(set(uids.values())) == 3, uids  # no two VMMs share an identity
@@ -84,10 +84,9 @@ def test_a_bridged_vm_and_its_clones_run_qemu_unprivileged_and_still_work(
         assert snapshot_memory.stat().st_mode & 0o777 == 0o600
         assert "system.posix_acl_access" not in os.listxattr(snapshot_memory)
     finally:
-        for name in live_names():
-            fcvm("stop", name, check=False)
         if server is not None:
             server.stop()
-    # Nothing runs on as a VMM's uid once its VM has stopped.
-    assert wait_until(lambda: subprocess.run(["pgrep", "-u", ",".join(map(str, uids.values()))],
-                                             capture_output=True, check=False).returncode == 1, 30)
+        for name in ("u1", "f1", "src"):
+            fcvm("stop", name, check=False)
+    # No VMM outlives its VM.
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids.values()), 30), pids

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import signal
 import subprocess
@@ -53,6 +54,25 @@ def test_twenty_concurrent_writers_never_share_an_allocation(tmp_path: Path) -> 
     store = Store(Path(db))
     assert len(store.list_vms()) == 200
     assert store.execute_integrity_check() == "ok"
+
+
+def _open_fresh(db: str, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait()
+    Store(Path(db)).list_vms()
+
+
+def test_processes_opening_a_new_store_at_the_same_moment_all_succeed(tmp_path: Path) -> None:
+    # Two first `fcvm podman run`s on a new data dir: each used to switch the store to WAL, and sqlite answers the
+    # loser with "database is locked" at once.
+    for attempt in range(15):
+        start = multiprocessing.Barrier(6)
+        workers = [multiprocessing.Process(target=_open_fresh, args=(str(tmp_path / f"{attempt}.db"), start))
+                   for _ in range(6)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert [worker.exitcode for worker in workers] == [0] * 6
 
 
 def test_journal_replays_newest_first_and_forgets_what_it_undid(tmp_path: Path) -> None:

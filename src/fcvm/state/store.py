@@ -164,12 +164,25 @@ class Store:
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA busy_timeout = 30000")
-        mode = self._db.execute("PRAGMA journal_mode").fetchone()[0]
-        if mode != "wal":
-            self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        if not self._initialised():
+            self._initialise()
+
+    def _initialised(self) -> bool:
+        return bool(self._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+                    and self._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION)
+
+    def _initialise(self) -> None:
+        """Switch a new store to WAL and create its schema, one process at a time: sqlite answers a second
+        process's `journal_mode = WAL` with "database is locked" at once, without waiting on busy_timeout."""
+        import fcntl
+
+        lock_path = paths.make_private(self.path.with_name(self.path.name + ".init-lock"))
+        with open(lock_path, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._initialised():
+                return
+            self._db.execute("PRAGMA journal_mode = WAL")
             with self.transaction():
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)

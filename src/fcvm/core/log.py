@@ -64,8 +64,11 @@ def _apply() -> None:
             target = record.name.removeprefix("fcvm.") if record.name != "fcvm" else "fcvm"
             level = record.levelname.lower()
             message = record.getMessage()
-            if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
-                message += "\n" + self.formatException(record.exc_info)
+            if record.exc_info and record.exc_info[1] is not None:
+                # The exception in one line always; its traceback at debug level (FCVM_LOG=debug).
+                message += f": {record.exc_info[1]!r}"
+                if numeric <= logging.DEBUG:
+                    message += "\n" + self.formatException(record.exc_info)
             if self.colour:
                 colour = _COLOURS.get(record.levelno, "")
                 return f"{colour}{level:>7}{_RESET} \x1b[2m{target}\x1b[0m {message}"

@@ -29,6 +29,7 @@ _COLOURS = {
     _LEVELS["CRITICAL"]: "\x1b[1;31m",
 }
 _RESET = "\x1b[0m"
+MAX_LINE = 64 << 10  # longer lines of a child's output are re-logged in pieces
 _pending: tuple[int, IO[str]] | None = None
 
 
@@ -138,7 +139,8 @@ def relog_in_thread(
 
     thread = threading.Thread(
         target=relog_lines,
-        args=(iter(stream.readline, b""), logger),
+        # A bounded readline: a guest printing without a newline would otherwise grow one line in host memory.
+        args=(iter(lambda: stream.readline(MAX_LINE), b""), logger),
         kwargs={"level": level, "transform": transform, "sink": sink},
         name=f"relog-{logger.name}",
         daemon=True,

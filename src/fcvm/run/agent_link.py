@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fcvm.core.bounded_log import BoundedLog
 from fcvm.core.kinds import Health
 from fcvm.core.terminal import neutralise
 from fcvm.run.agent_gate import AgentGate
-from fcvm.run.container_log import ContainerLog
 from fcvm_wire import control as wire
 from fcvm_wire.checks import printable
 from fcvm_wire.plan import Plan
@@ -55,7 +55,7 @@ class AgentLink:
     prepare: Plan | None  # sent on the first hello (None: under Firecracker MMDS holds it, or a restore)
     restored: bool  # the agent wakes up in a snapshot and must catch up with the world
     credential: bytes
-    container_log: ContainerLog
+    container_log: BoundedLog
     echo_output: bool
     agent_reports_health: bool
     on_stage: Callable[[str], None]

@@ -26,6 +26,7 @@ from fcvm_wire.plan import Plan
 # A guest that sends this many malformed messages on one connection is cut off: it is broken or hostile, and
 # logging every one would let it fill the host's log.
 MAX_BAD_MESSAGES = 20
+DEFAULT_STOP_GRACE = 10.0  # seconds, as `podman stop`: SIGTERM, then SIGKILL
 STOP_SLACK = 30.0  # seconds past the stop timeout to wait for the container's exit code
 
 

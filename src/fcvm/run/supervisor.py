@@ -26,7 +26,13 @@ from fcvm.core.kinds import Health, NetworkMode, RowKind, VmmKind, VmStatus
 from fcvm.core.proc import ProcessRef
 from fcvm.run import cleanup
 from fcvm.run.agent_gate import AgentGate, deliver_credential
-from fcvm.run.agent_link import AgentLink, poll_health, published_health_target, start_thread
+from fcvm.run.agent_link import (
+    DEFAULT_STOP_GRACE,
+    AgentLink,
+    poll_health,
+    published_health_target,
+    start_thread,
+)
 from fcvm.run.container_log import CONTAINER_LOG
 from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
 from fcvm.snapshot.cache import CacheLevel, RunShape
@@ -497,7 +503,14 @@ class VmSupervisor:
                     self._failure = f"the VM exited unexpectedly (hypervisor exit code {code})"
                 return
         if self._stop_reason and not agent.container_done.is_set():
-            agent.stop_container(10.0, self._stop_reason)
+            agent.stop_container(self._stop_grace(), self._stop_reason)
+
+    def _stop_grace(self) -> float:
+        """What `fcvm stop -t` asked for, else podman's default: a terminal's Ctrl-C, a plain SIGTERM."""
+        assert self.vm is not None
+        row = self.store.get_vm(self.vm.id)
+        requested = row.config.get("stop_grace") if row is not None and self._stop_reason == "SIGTERM" else None
+        return float(requested) if isinstance(requested, (int, float)) else DEFAULT_STOP_GRACE
 
     def _page_server(self) -> ProcessRef | None:
         if self.request.serve_id is None:

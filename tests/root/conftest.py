@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from fcvm.network import teardown_network
 from fcvm.state.journal import Journal
 from fcvm.state.store import Store
+from fcvm.uffd import ioctls
 from tests.root.network_support import Outside, outside_world
 from tests.support import require, require_root, require_tool
 
@@ -32,3 +34,18 @@ def outside() -> Iterator[Outside]:
     """A namespace joined to this host by a veth (network_support.outside_world)."""
     with outside_world() as world:
         yield world
+
+
+def _userfaultfd_works() -> bool:
+    try:
+        os.close(ioctls.create())
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def userfaultfd() -> None:
+    """Root and a working userfaultfd (/dev/userfaultfd or the syscall), which the page server needs."""
+    require_root()
+    require(_userfaultfd_works(), "needs userfaultfd (/dev/userfaultfd or the syscall)")

@@ -239,21 +239,19 @@ class Envd:
         data = c.obj(message, "input")
         if "pty" in data:
             raise c.ConnectError(c.Code.UNIMPLEMENTED, "fcvm: pseudo-terminals are not implemented")
-        if not process.stdin:
-            raise c.ConnectError(c.Code.FAILED_PRECONDITION, "the command was started without stdin")
-        try:
-            await process.stream.send_stdin(c.bytes_field(data, "stdin"))
-        except OSError:
-            raise c.ConnectError(c.Code.NOT_FOUND, "the command has ended") from None
-        return self._unary({})
+        return await self._to_stdin(process, lambda: process.stream.send_stdin(c.bytes_field(data, "stdin")))
 
     async def close_stdin(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
         message = await self._unary_body(request)
         process = self._process(sandbox, message)
+        return await self._to_stdin(process, process.stream.close_stdin)
+
+    async def _to_stdin(self, process: Process, write: Callable[[], Awaitable[None]]) -> web.StreamResponse:
+        """Do `write` to the command's stdin: refused when it was started without one, NOT_FOUND once it ended."""
         if not process.stdin:
             raise c.ConnectError(c.Code.FAILED_PRECONDITION, "the command was started without stdin")
         try:
-            await process.stream.close_stdin()
+            await write()
         except OSError:
             raise c.ConnectError(c.Code.NOT_FOUND, "the command has ended") from None
         return self._unary({})

@@ -284,10 +284,14 @@ class Envd:
             raise c.ConnectError(c.Code.INVALID_ARGUMENT, f"{name} is required")
         return path
 
-    async def stat(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
+    async def _entry_after(self, request: web.Request, sandbox: Sandbox, script: str) -> web.StreamResponse:
+        """Run `script` on the request's path; answer with the entry there."""
         path = self._path(await self._unary_body(request))
-        out = await self._script(request, sandbox, files.STAT, [path], path)
+        out = await self._script(request, sandbox, script, [path], path)
         return self._unary({"entry": files.one_entry(out, path)})
+
+    async def stat(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
+        return await self._entry_after(request, sandbox, files.STAT)
 
     async def list_dir(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
         message = await self._unary_body(request)
@@ -300,9 +304,7 @@ class Envd:
         return self._unary({"entries": list(files.entries(out))})
 
     async def make_dir(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
-        path = self._path(await self._unary_body(request))
-        out = await self._script(request, sandbox, files.MAKE_DIR, [path], path)
-        return self._unary({"entry": files.one_entry(out, path)})
+        return await self._entry_after(request, sandbox, files.MAKE_DIR)
 
     async def move(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
         message = await self._unary_body(request)

@@ -9,30 +9,19 @@ import collections
 import errno
 import fcntl
 import os
-import shutil
-import socket
 import struct
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fcvm.fusepipe.fs import Filesystem
-from fcvm.fusepipe.server import Server
 from fcvm_wire.fusepipe import proto
-from tests.support import require, require_root
+from tests.root.test_fusepipe_reconnect import ResettingProxy, setup  # noqa: F401 (a fixture)
 
 CAPABILITY = "security.capability"
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000000, 1 << 13, 0, 0, 0)  # vfs_cap_data v2: cap_net_raw permitted
-
-
-def _mounted(mountpoint: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(mountpoint) for line in f)
 
 
 class Served:
@@ -45,9 +34,8 @@ class Served:
 
 
 @pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
-    require_root()
-    require(os.path.exists("/dev/fuse"), "needs /dev/fuse")
+def served(setup: tuple[Path, Path, ResettingProxy], monkeypatch: pytest.MonkeyPatch) -> Served:  # noqa: F811
+    """The reconnect tests' mount (in-process server, relay in `fcvm fuse-pipe mount`), its requests counted."""
     requests: collections.Counter[tuple[str, int]] = collections.Counter()
     dispatch = Filesystem.dispatch
 
@@ -56,35 +44,8 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
         return dispatch(self, h, msg)
 
     monkeypatch.setattr(Filesystem, "dispatch", counting)
-    base = Path("/var/tmp") / f"fp-relay-{os.getpid()}"
-    src, mnt = base / "src", base / "mnt"
-    for d in (src, mnt):
-        d.mkdir(parents=True)
-    server = Server(str(src))
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(base / "server.sock"))
-    listener.listen()
-    threading.Thread(target=server.serve_forever, args=(listener,), daemon=True).start()
-    proc = subprocess.Popen([sys.executable, "-m", "fcvm", "fuse-pipe", "mount", "--socket",
-                             str(base / "server.sock"), str(mnt)])
-    deadline = time.monotonic() + 20
-    while not _mounted(mnt):
-        assert proc.poll() is None and time.monotonic() < deadline, "mount did not come up"
-        time.sleep(0.05)
-    os.stat(mnt)
-    try:
-        yield Served(src, mnt, requests)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if _mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        server.close()
-        listener.close()
-        shutil.rmtree(base, ignore_errors=True)
+    src, mnt, _ = setup
+    return Served(src, mnt, requests)
 
 
 def test_a_written_file_costs_no_capability_probe_or_flush_at_the_server(served: Served) -> None:

@@ -547,14 +547,9 @@ class Filesystem:
         with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
             fd = os.open(_name(name), (flags & ~os.O_NOCTTY) | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                          _guest_mode(mode), dir_fd=parent.fd)
-        try:
-            ino, st = self._adopt(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        fh = self._new_handle(fd, ino)
+        reply = self._opened_new(fd, proto.FOPEN_KEEP_CACHE)
         self._changed(parent)
-        return self._entry(ino, st) + proto.OPEN_OUT.pack(fh, proto.FOPEN_KEEP_CACHE, 0)
+        return reply
 
     def op_tmpfile(self, h: InHeader, b: memoryview) -> bytes:
         flags, mode, _umask, _ = struct.unpack_from("<IIII", b, 0)
@@ -564,13 +559,18 @@ class Filesystem:
             flags |= os.O_RDWR
         with sysc.exact_modes():
             fd = os.open(".", flags, _guest_mode(mode), dir_fd=parent.fd)
+        return self._opened_new(fd, 0)
+
+    def _opened_new(self, fd: int, open_flags: int) -> bytes:
+        """CREATE and TMPFILE: the inode behind the new open `fd` (owned from here on) and a handle on it; the
+        entry and open reply."""
         try:
             ino, st = self._adopt(fd)
         except BaseException:
             os.close(fd)
             raise
         fh = self._new_handle(fd, ino)
-        return self._entry(ino, st) + proto.OPEN_OUT.pack(fh, 0, 0)
+        return self._entry(ino, st) + proto.OPEN_OUT.pack(fh, open_flags, 0)
 
     def op_read(self, h: InHeader, b: memoryview) -> bytes:
         fh, offset, size = struct.unpack_from("<QQI", b, 0)

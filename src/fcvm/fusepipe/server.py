@@ -364,11 +364,9 @@ class Server:
         unpack_from = struct.unpack_from
         process = session.process
         start = end = 0
+        make_room = proto.make_room
         while True:
-            if end == len(buf):  # a partial message sits at the end: move it to the front
-                view[:end - start] = view[start:end]
-                end -= start
-                start = 0
+            start, end = make_room(view, start, end)
             try:
                 n = sock.recv_into(view[end:])
             except OSError:

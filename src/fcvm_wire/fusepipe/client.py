@@ -302,6 +302,7 @@ class Relay:
         unpack_from = struct.unpack_from
         no_reply = proto.NO_REPLY
         answered_here = _ANSWERED_HERE
+        make_room = proto.make_room
         inflight = self.inflight
         stop_r = self._stop_r
         header = proto.IN_HEADER.size
@@ -340,10 +341,7 @@ class Relay:
                 elif fd == stop_r:
                     return
                 else:  # the stream
-                    if end == len(rbuf):  # a partial message sits at the end: move it to the front
-                        rview[:end - start] = rview[start:end]
-                        end -= start
-                        start = 0
+                    start, end = make_room(rview, start, end)
                     try:
                         n = sock.recv_into(rview[end:])
                     except BlockingIOError:

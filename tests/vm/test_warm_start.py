@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from fcvm.core.wait import wait_until
 from tests.vm.conftest import free_port
@@ -82,13 +85,25 @@ def test_later_runs_restore_from_the_best_entry_and_behave_like_cold_runs(guest_
     assert hits == [0, 1, 1], cache_entries()
 
 
-def test_a_truncated_entry_falls_back_to_a_cold_boot_and_is_removed(guest_assets: None,
-                                                                     isolated_data_dir: Path) -> None:
+def _truncate(memory: Path) -> None:
+    with memory.open("r+b") as handle:
+        handle.truncate(memory.stat().st_size // 2)
+
+
+def _zero(memory: Path) -> None:
+    """Same size, no content: QEMU loads it, and the guest dies at once."""
+    size = memory.stat().st_size
+    memory.unlink()
+    with memory.open("wb") as handle:
+        handle.truncate(size)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _zero], ids=["truncated", "zeroed"])
+def test_a_damaged_entry_falls_back_to_a_cold_boot_and_is_removed(damage: Callable[[Path], None],
+                                                                  guest_assets: None, isolated_data_dir: Path) -> None:
     cold_run_leaving_entries("web")
     for entry in cache_entries():
-        memory = Path(str(entry["path"])) / "memory"
-        with memory.open("r+b") as handle:
-            handle.truncate(memory.stat().st_size // 2)
+        damage(Path(str(entry["path"])) / "memory")
     port = free_port()
     result = fcvm("podman", "run", "-d", "--name", "web", "-p", f"{port}:80", IMAGE)
     try:
@@ -144,3 +159,26 @@ def test_sigkill_while_an_entry_is_created_leaves_no_usable_half_entry(guest_ass
     finally:
         fcvm("stop", "web")
     assert "web" not in live_names()
+
+
+def test_ctrl_c_just_after_the_page_leaves_no_entry_that_starts_a_container_on_its_way_out(
+        guest_assets: None) -> None:
+    # Ctrl-C comes while the startup entry may be being taken (the container has just become healthy).
+    port = free_port()
+    child = subprocess.Popen([sys.executable, "-m", "fcvm", "podman", "run", "--name", "brief", "-p", f"{port}:80",
+                              IMAGE], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert PAGE in page(port, 300)
+    finally:
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait(timeout=300)
+    # The same command again starts from whatever entry the first left, and its container stays up: one
+    # restored on its way out would be gone within its 10 s stop timeout.
+    port = free_port()
+    fcvm("podman", "run", "-d", "--name", "brief", "-p", f"{port}:80", IMAGE)
+    try:
+        assert PAGE in page(port)
+        assert not wait_until(lambda: inspect("brief")["status"] != "running", 30, interval=1)
+        assert PAGE in page(port)
+    finally:
+        fcvm("stop", "brief")

@@ -69,6 +69,7 @@ class VmSupervisor:
         self.jail: Jail | None = None
         self.agent: AgentLink | None = None
         self._stop = threading.Event()
+        self._entry_lock = threading.Lock()  # held while a cache entry is taken
         self._stop_reason = ""
         self._booted = False
         self._t0 = time.monotonic()
@@ -401,17 +402,32 @@ class VmSupervisor:
         if stage == "container_running" and self.request.health_url:
             self._start_health_poll(self.request.health_url)
         if stage == "healthy" and self._cache_shape is not None:
-            from fcvm.run.warm import take_entry_in_background
-
-            take_entry_in_background(self.vm.id, self._cache_shape, CacheLevel.STARTUP)
+            threading.Thread(target=self._take_cache_entry, args=(CacheLevel.STARTUP,), daemon=True,
+                             name="cache-startup").start()
 
     def _on_prepared(self) -> None:
         """The image is loaded and podman warm, and nothing of the run has reached the guest yet: the moment
         for a pre-start cache entry (taken before the agent gets its plan, so the pause is the run's own)."""
-        if self._cache_shape is not None and self.vm is not None:
-            from fcvm.run.warm import take_entry
+        if self._cache_shape is not None:
+            self._take_cache_entry(CacheLevel.PRESTART)
 
-            take_entry(self.vm.id, self._cache_shape, CacheLevel.PRESTART)
+    def _take_cache_entry(self, level: CacheLevel) -> None:
+        """A cache entry of this run, unless it is being stopped or its container has ended: an entry that caught
+        the container on its way out would hand that to every later run it starts."""
+        from fcvm.run.warm import take_entry
+        from fcvm.snapshot.cache import remove_entry
+
+        assert self.vm is not None and self._cache_shape is not None and self.agent is not None
+        with self._entry_lock:
+            if self._stop.is_set() or self.agent.container_done.is_set():
+                return
+            record = take_entry(self.vm.id, self._cache_shape, level)
+            if record is not None and self.agent.container_done.is_set():  # it may have ended during the pause
+                store = Store()
+                try:
+                    remove_entry(store, record)
+                finally:
+                    store.close()
 
     def _set_health(self, health: Health) -> None:
         assert self.vm is not None
@@ -503,6 +519,10 @@ class VmSupervisor:
                     self._failure = f"the VM exited unexpectedly (hypervisor exit code {code})"
                 return
         if self._stop_reason and not agent.container_done.is_set():
+            # A cache entry being taken is finished before the container hears of the stop, and none is begun
+            # after (_stop is set).
+            with self._entry_lock:
+                pass
             agent.stop_container(self._stop_grace(), self._stop_reason)
 
     def _stop_grace(self) -> float:
@@ -538,8 +558,9 @@ class VmSupervisor:
         failures = cleanup.finish_vm(self.store, self.vm, exit_code=exit_code)
         for failure in failures:
             self._log.error("left behind (run `fcvm gc`): %s", failure)
-        # A VM that never booted leaves no row behind, like a failed `podman run` that created nothing.
-        if self.request.remove or not self._booted:
+        # A VM that never booted (or whose restore never reached its agent) leaves no row behind, like a failed
+        # `podman run` that created nothing; a warm run then boots cold under the same id.
+        if self.request.remove or not self._booted or self._restoring_failed():
             self.store.delete_vm(self.vm.id)
             failed = self._failure or (self.agent.failure if self.agent else None)
             # Keep the console of a failed boot for the error message's hint, and a detached run's log for the

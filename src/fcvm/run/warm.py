@@ -3,7 +3,6 @@ fails, and the entries a cold run leaves behind (see fcvm.snapshot.cache)."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 
 from fcvm.core import log
@@ -21,7 +20,7 @@ from fcvm.snapshot.cache import (
     tag_for,
 )
 from fcvm.snapshot.description import SnapshotKind
-from fcvm.state import Store
+from fcvm.state import SnapshotRecord, Store
 
 _log = log.get("snapshot.cache")
 
@@ -81,9 +80,9 @@ def run_with_fallback(request: RunRequest, vm_id: str | None = None) -> int:
         return VmSupervisor(replace(request, snapshot=None, warm=None), vm_id=vm_id).run()
 
 
-def take_entry(vm_id: str, shape: RunShape, level: CacheLevel) -> None:
+def take_entry(vm_id: str, shape: RunShape, level: CacheLevel) -> SnapshotRecord | None:
     """Snapshot the running VM as a cache entry, unless one exists or another run is taking it right now
-    (that run does not wait: it boots on and leaves the entry to the first)."""
+    (that run does not wait: it boots on and leaves the entry to the first). Returns the entry it took."""
     from fcvm.snapshot.create import create_snapshot
 
     tag = tag_for(level, shape.key(level))
@@ -91,18 +90,16 @@ def take_entry(vm_id: str, shape: RunShape, level: CacheLevel) -> None:
     try:
         with creation_claim(tag) as mine:
             if not mine or store.get_snapshot(tag) is not None:
-                return
+                return None
             vm = store.get_vm(vm_id)
             if vm is None:
-                return
-            create_snapshot(store, vm, tag, kind=SnapshotKind.CACHE,
-                            extra_info={"level": level, "key": shape.key(level), "hits": 0})
+                return None
+            record = create_snapshot(store, vm, tag, kind=SnapshotKind.CACHE,
+                                     extra_info={"level": level, "key": shape.key(level), "hits": 0})
         prune(store)  # the least recently used entries make room
+        return record
     except FcvmError as exc:  # the run goes on without the entry
         _log.warning("could not add the %s cache entry: %s", level, exc)
+        return None
     finally:
         store.close()
-
-
-def take_entry_in_background(vm_id: str, shape: RunShape, level: CacheLevel) -> None:
-    threading.Thread(target=take_entry, args=(vm_id, shape, level), daemon=True, name=f"cache-{level}").start()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.cli.main import _exec_options_after_name, _load, build_parser
+from fcvm.cli.main import _load
+from fcvm.cli.parser import build_parser, parse
 
 
 def fcvm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -108,6 +109,5 @@ def test_inspect_and_rm_of_unknown_vm_fail_clearly() -> None:
 def test_exec_flags_may_come_before_or_after_the_name(
     argv: list[str], vm: bool, interactive: bool, tty: bool, command: list[str]
 ) -> None:
-    args = build_parser().parse_args(argv)
-    _exec_options_after_name(args)
+    args = parse(argv)
     assert (args.vm, args.interactive, args.tty, args.command) == (vm, interactive, tty, command)

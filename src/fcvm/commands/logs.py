@@ -7,7 +7,6 @@ bytes pass unchanged, as with podman.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,10 +20,15 @@ from fcvm.run.cleanup import reap_stale
 from fcvm.run.container_log import CONTAINER_LOG, log_files
 from fcvm.state import Store
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from types import SimpleNamespace
+
 _CHUNK = 65536
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace | SimpleNamespace) -> int:
     store = Store()
     reap_stale(store)
     vm = store.require_vm(args.name)

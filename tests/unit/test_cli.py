@@ -56,10 +56,11 @@ def test_every_advertised_command_is_built() -> None:
         assert callable(_load(*target.split(":"))), target
 
 
-def test_unknown_log_level_is_a_usage_error() -> None:
-    result = fcvm("--log-level", "chatty", "ls")
+@pytest.mark.parametrize(("argv", "env"), [(["--log-level", "chatty", "ls"], {}), (["ls"], {"FCVM_LOG": "chatty"})])
+def test_unknown_log_level_is_a_usage_error(argv: list[str], env: dict[str, str]) -> None:
+    result = fcvm(*argv, env=env)
     assert result.returncode == 2
-    assert "unknown log level 'chatty'" in result.stderr
+    assert result.stderr == "Error: fcvm: unknown log level 'chatty': use debug, info, warning or error\n"
 
 
 def test_ls_shows_a_live_row_and_reaps_it_after_sigkill(tmp_path: Path) -> None:

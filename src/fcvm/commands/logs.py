@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import BinaryIO
 
 from fcvm.core import paths
 from fcvm.core.terminal import TerminalWriter
@@ -23,7 +20,10 @@ from fcvm.state import Store
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
+    from pathlib import Path
     from types import SimpleNamespace
+    from typing import BinaryIO  # typing costs every `fcvm logs` 3 ms at start
 
 _CHUNK = 65536
 

@@ -166,12 +166,12 @@ def _jail_id() -> str:
 
 
 def _run(work: Path, exec_file: Path, jail_id: str, *flags: str, extra: Sequence[str] = (),
-         env: dict[str, str] | None = None) -> Result:
+         env: dict[str, str] | None = None, umask: int = -1) -> Result:
     argv = [str(JAILER), "--id", jail_id, "--exec-file", str(exec_file), "--uid", str(UID), "--gid", str(GID),
             "--chroot-base-dir", str(work / "base"), *flags]
     if extra:
         argv += ["--", *extra]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, umask=umask)
     stdout, stderr = proc.communicate(timeout=120)
     return Result(proc.pid, proc.returncode, stdout, stderr)
 
@@ -243,6 +243,18 @@ def test_jailed_identity_view_args_and_process(work: Path) -> None:
     # The jailer's default no-file limit; fsize untouched.
     assert report["nofile"] == [2048, 2048]
     assert _mounts_under(work) == []
+
+
+def test_a_caller_with_umask_077_still_gets_a_jail_its_uid_can_use(work: Path) -> None:
+    # The directories the jailer makes for the runtime binds lead to the interpreter and the API spec: the jailed
+    # uid must be able to walk them.
+    report = _run(work, _exec_file(work), _jail_id(), umask=0o077).report()
+    assert report["uid"] == [UID] * 3
+    try:
+        find_spec()
+    except SpecNotFoundError:
+        return
+    assert report["spec_readable"]
 
 
 def test_resource_limits(work: Path) -> None:

@@ -17,13 +17,14 @@ from typing import cast
 
 import pytest
 
+from fcvm.core.bounded_log import BoundedLog
 from fcvm.core.kinds import Health
 from fcvm.core.terminal import TerminalWriter, neutralise
 from fcvm.core.wait import wait_until
 from fcvm.fusepipe import Server
 from fcvm.run.agent_gate import LOGGED_REFUSALS, AgentGate
 from fcvm.run.agent_link import AgentLink, start_thread
-from fcvm.run.container_log import ContainerLog, log_files
+from fcvm.run.container_log import log_files
 from fcvm_wire import credential as credential_wire
 from fcvm_wire.control import ContainerState, Hello, Log, LogStream, Status
 from fcvm_wire.fusepipe import proto
@@ -130,7 +131,7 @@ def test_a_flood_of_refusals_is_counted_not_logged_line_by_line(
 class Link:
     """An AgentLink serving a control listener, as the supervisor runs it."""
 
-    def __init__(self, sock: socket.socket, path: Path, logger: logging.Logger, container_log: ContainerLog,
+    def __init__(self, sock: socket.socket, path: Path, logger: logging.Logger, container_log: BoundedLog,
                  *, echo_output: bool = False) -> None:
         self.path = path
         self.credential = secrets.token_bytes(credential_wire.CREDENTIAL_SIZE)
@@ -150,7 +151,7 @@ def test_a_forged_status_without_the_credential_changes_nothing(
         listener: tuple[socket.socket, Path], captured: tuple[logging.Logger, Captured], tmp_path: Path) -> None:
     sock, path = listener
     logger, log = captured
-    link = Link(sock, path, logger, ContainerLog(tmp_path / "container.log"))
+    link = Link(sock, path, logger, BoundedLog(tmp_path / "container.log"))
     with connect(path) as forger:
         forger.sendall(Hello("1", 0).encode() + FORGED_EXIT + b'{"type":"health","health":"healthy"}\n')
         assert closed_by_peer(forger)
@@ -171,7 +172,7 @@ def test_container_log_rotates_at_its_bound_and_logs_reads_both_in_order(
     sock, path = listener
     logger, _ = captured
     bound = 4096
-    link = Link(sock, path, logger, ContainerLog(tmp_path / "container.log", max_bytes=bound))
+    link = Link(sock, path, logger, BoundedLog(tmp_path / "container.log", max_bytes=bound))
     lines = [f"line {i:04d} " + "x" * 90 for i in range(200)]  # 100 bytes each: 20000 bytes in all
     with link.agent_stream() as agent:
         agent.sendall(b"".join(Log(LogStream.STDOUT, line).encode() for line in lines)
@@ -213,7 +214,7 @@ def test_container_output_is_neutralised_on_a_terminal_and_passed_through_otherw
     main, secondary = pty.openpty()
     terminal = os.fdopen(secondary, "w", encoding="utf-8")
     monkeypatch.setattr("sys.stdout", terminal)
-    link = Link(sock, path, logger, ContainerLog(tmp_path / "container.log"), echo_output=True)
+    link = Link(sock, path, logger, BoundedLog(tmp_path / "container.log"), echo_output=True)
     echo(link, ESCAPES)
     shown = os.read(main, 4096)
     assert b"\x1b" not in shown and b"\x07" not in shown and b"\\x1b]0;owned" in shown
@@ -227,7 +228,7 @@ def test_container_output_is_neutralised_on_a_terminal_and_passed_through_otherw
     sock2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock2.bind(str(tmp_path / "v.sock_1000b"))
     sock2.listen(4)
-    link = Link(sock2, tmp_path / "v.sock_1000b", logger, ContainerLog(tmp_path / "other.log"), echo_output=True)
+    link = Link(sock2, tmp_path / "v.sock_1000b", logger, BoundedLog(tmp_path / "other.log"), echo_output=True)
     echo(link, ESCAPES)
     piped.close()
     assert os.read(read_end, 4096) == (ESCAPES + "\n").encode()  # not a terminal: unchanged, as podman

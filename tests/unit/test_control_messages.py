@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fcvm.core.bounded_log import BoundedLog
 from fcvm.core.kinds import Health
 from fcvm.run.agent_link import MAX_BAD_MESSAGES, AgentLink
-from fcvm.run.container_log import ContainerLog
 from fcvm_wire.control import (
     MAX_LINE,
     MAX_LOG_LINE,
@@ -231,7 +231,7 @@ def host(tmp_path: Path) -> Iterator[_Host]:
     link = AgentLink(
         plan=Plan(name="web", image=ImageSpec("localhost/web"),
                   network=NetworkSpec("172.31.0.2", 30, "172.31.0.1", "06:00:ac:1f:00:02")),
-        prepare=None, restored=False, credential=CREDENTIAL, container_log=ContainerLog(tmp_path / "container.log"),
+        prepare=None, restored=False, credential=CREDENTIAL, container_log=BoundedLog(tmp_path / "container.log"),
         echo_output=False, agent_reports_health=True,
         on_stage=stages.append, on_health=health.append, logger=logging.getLogger("fcvm.test.agent_link"),
     )

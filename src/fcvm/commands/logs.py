@@ -1,6 +1,7 @@
 """`fcvm logs NAME [-f]`: the container's output (or the VM console with --console).
 
-The container's output is `container.log.1` (once it rotated) then `container.log`. Both it and the console are
+The container's output is `container.log.1` (once it rotated) then `container.log`, and the console's
+`console.log.1` then `console.log`. Both it and the console are
 the guest's text: on a terminal its control sequences are shown, never obeyed (fcvm.core.terminal); elsewhere the
 bytes pass unchanged, as with podman.
 """
@@ -12,10 +13,12 @@ import sys
 import time
 
 from fcvm.core import paths
+from fcvm.core.bounded_log import existing_files
 from fcvm.core.terminal import TerminalWriter
 from fcvm.run.cleanup import reap_stale
-from fcvm.run.container_log import CONTAINER_LOG, log_files
+from fcvm.run.container_log import log_files
 from fcvm.state import Store
+from fcvm.vmm.base import CONSOLE_LOG
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,8 +36,7 @@ def run(args: argparse.Namespace | SimpleNamespace) -> int:
     reap_stale(store)
     vm = store.require_vm(args.name)
     directory = paths.vm_logs_dir(vm.id)
-    files = [directory / "console.log"] if args.console else log_files(directory)
-    files = [f for f in files if f.exists()]
+    files = existing_files(directory / CONSOLE_LOG) if args.console else log_files(directory)
     if not files:
         return 0
     write = _writer()
@@ -74,15 +76,15 @@ def _copy(source: BinaryIO, write: Callable[[bytes, bool], None]) -> None:
 
 
 def _follow(path: Path, write: Callable[[bytes, bool], None], running: Callable[[], bool] | None) -> None:
-    """Copy `path`; with `running`, keep copying what is appended while it returns True. When container.log
-    rotates (it becomes container.log.1), the rest of the old file comes first, then the new one."""
+    """Copy `path`; with `running`, keep copying what is appended while it returns True. When the log rotates
+    (container.log becomes container.log.1), the rest of the old file comes first, then the new one."""
     source = open(path, "rb")  # noqa: SIM115 (replaced when the file rotates)
     try:
         while True:
             _copy(source, write)
             if running is None:
                 return
-            if path.name == CONTAINER_LOG and _replaced(source, path):
+            if _replaced(source, path):
                 _copy(source, write)  # what the old file got before it was renamed
                 source.close()
                 source = open(path, "rb")  # noqa: SIM115

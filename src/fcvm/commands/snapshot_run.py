@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 from fcvm.core.errors import FcvmError, NotFoundError, UsageError
@@ -31,36 +32,48 @@ def _server(store: Store, pid: int) -> VmRecord:
 
 
 def build_request(args: argparse.Namespace, store: Store) -> RunRequest:
+    return clone_request(
+        store, snapshot=args.snapshot, serve_pid=args.pid, name=args.name, publish=args.publish,
+        network=NetworkMode(args.network) if args.network else None, allow_host_loopback=args.allow_host_loopback,
+        firecracker_bin=args.firecracker_bin, remove=args.rm or bool(args.exec), boot_timeout=args.boot_timeout)
+
+
+def clone_request(store: Store, *, snapshot: str | None, serve_pid: int | None = None, name: str | None = None,
+                  publish: Sequence[str] = (), network: NetworkMode | None = None, allow_host_loopback: bool = False,
+                  firecracker_bin: str | None = None, remove: bool = False, boot_timeout: float) -> RunRequest:
+    """The run of a clone of `snapshot` (memory from the file), or of the snapshot `serve_pid` serves (memory
+    from that page server)."""
     from fcvm.network import default_mode
     from fcvm.network.ports import parse_publish_all
 
-    if (args.snapshot is None) == (args.pid is None):
+    if (snapshot is None) == (serve_pid is None):
         raise UsageError("give --snapshot TAG (memory from the file) or --pid SERVE_PID (memory from that server)")
-    server = _server(store, args.pid) if args.pid is not None else None
-    tag = server.config["snapshot"] if server else args.snapshot
+    server = _server(store, serve_pid) if serve_pid is not None else None
+    tag = str(server.config["snapshot"]) if server else snapshot
+    assert tag is not None
     record = find_snapshot(store, tag)
     description = SnapshotDescription.read(Path(record.path))
     binary = None
     if description.hypervisor == VmmKind.FIRECRACKER:
         from fcvm.vmm.firecracker import find_firecracker
 
-        binary = find_firecracker(args.firecracker_bin)
+        binary = find_firecracker(firecracker_bin)
         if binary is None:
             raise FcvmError("this snapshot was taken by Firecracker, and no firecracker binary is found",
                             hint="fcvm setup firecracker, --firecracker-bin, or FCVM_FIRECRACKER_BIN")
     return RunRequest(
         image=description.image,
-        name=validate_name(args.name) if args.name is not None else generate_name(),
+        name=validate_name(name) if name is not None else generate_name(),
         cmd=description.cmd,
-        publish=tuple(parse_publish_all(args.publish)),
-        network=NetworkMode(args.network) if args.network else default_mode(),
-        allow_host_loopback=args.allow_host_loopback,
+        publish=tuple(parse_publish_all(list(publish))),
+        network=network or default_mode(),
+        allow_host_loopback=allow_host_loopback,
         hypervisor=description.hypervisor,
         firecracker_bin=binary,
         cpus=description.vcpus,
         mem_mib=description.mem_mib,
-        remove=args.rm or bool(args.exec),
-        boot_timeout=args.boot_timeout,
+        remove=remove,
+        boot_timeout=boot_timeout,
         snapshot=record.name,
         memory=MemBackend.UFFD if server else MemBackend.FILE,
         serve_id=server.id if server else None,

@@ -29,6 +29,7 @@ _COLOURS = {
     _LEVELS["CRITICAL"]: "\x1b[1;31m",
 }
 _RESET = "\x1b[0m"
+MAX_LINE = 64 << 10  # longer lines of a child's output are re-logged in pieces
 _pending: tuple[int, IO[str]] | None = None
 
 
@@ -64,8 +65,11 @@ def _apply() -> None:
             target = record.name.removeprefix("fcvm.") if record.name != "fcvm" else "fcvm"
             level = record.levelname.lower()
             message = record.getMessage()
-            if record.exc_info and logging.getLogger().isEnabledFor(logging.DEBUG):
-                message += "\n" + self.formatException(record.exc_info)
+            if record.exc_info and record.exc_info[1] is not None:
+                # The exception in one line always; its traceback at debug level (FCVM_LOG=debug).
+                message += f": {record.exc_info[1]!r}"
+                if numeric <= logging.DEBUG:
+                    message += "\n" + self.formatException(record.exc_info)
             if self.colour:
                 colour = _COLOURS.get(record.levelno, "")
                 return f"{colour}{level:>7}{_RESET} \x1b[2m{target}\x1b[0m {message}"
@@ -134,7 +138,8 @@ def relog_in_thread(
 
     thread = threading.Thread(
         target=relog_lines,
-        args=(iter(stream.readline, b""), logger),
+        # A bounded readline: a guest printing without a newline would otherwise grow one line in host memory.
+        args=(iter(lambda: stream.readline(MAX_LINE), b""), logger),
         kwargs={"level": level, "transform": transform, "sink": sink},
         name=f"relog-{logger.name}",
         daemon=True,

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fcvm.core.bounded_log import BoundedLog
 from fcvm.core.kinds import Health
 from fcvm.core.terminal import neutralise
 from fcvm.run.agent_gate import AgentGate
-from fcvm.run.container_log import ContainerLog
 from fcvm_wire import control as wire
 from fcvm_wire.checks import printable
 from fcvm_wire.plan import Plan
@@ -26,6 +26,7 @@ from fcvm_wire.plan import Plan
 # A guest that sends this many malformed messages on one connection is cut off: it is broken or hostile, and
 # logging every one would let it fill the host's log.
 MAX_BAD_MESSAGES = 20
+DEFAULT_STOP_GRACE = 10.0  # seconds, as `podman stop`: SIGTERM, then SIGKILL
 STOP_SLACK = 30.0  # seconds past the stop timeout to wait for the container's exit code
 
 
@@ -55,7 +56,7 @@ class AgentLink:
     prepare: Plan | None  # sent on the first hello (None: under Firecracker MMDS holds it, or a restore)
     restored: bool  # the agent wakes up in a snapshot and must catch up with the world
     credential: bytes
-    container_log: ContainerLog
+    container_log: BoundedLog
     echo_output: bool
     agent_reports_health: bool
     on_stage: Callable[[str], None]

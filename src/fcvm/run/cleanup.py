@@ -77,11 +77,15 @@ def reap_stale(store: Store, *, wait: float = 60.0) -> list[VmRecord]:
             if owner_gone(pid, pid_start):
                 # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
                 # midway leaves a row that is stale again. Once per call: a row left unfinished stays stale.
-                if all(vm_id != done.id for done in reaped) and _take_over(store, vm_id, pid, pid_start, me):
+                if any(vm_id == done.id for done in reaped):
+                    continue
+                if _take_over(store, vm_id, pid, pid_start, me):
                     vm = store.require_vm(vm_id)
                     log.get("cleanup").info("reaping %s (%s): its process %s is gone", vm.name, vm.id, pid)
                     finish_vm(store, vm, exit_code=None)
                     reaped.append(vm)
+                else:
+                    busy = True  # another reaper took it over since we listed it: look again
             elif status == VmStatus.STOPPING:
                 busy = True  # another process is reaping it (only reapers set `stopping`): let it finish
         return not busy

@@ -20,18 +20,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from fcvm.core import log, paths
+from fcvm.core.bounded_log import BoundedLog
 from fcvm.core.errors import FcvmError, UsageError
 from fcvm.core.kinds import Health, NetworkMode, RowKind, VmmKind, VmStatus
 from fcvm.core.proc import ProcessRef
 from fcvm.run import cleanup
 from fcvm.run.agent_gate import AgentGate, deliver_credential
-from fcvm.run.agent_link import AgentLink, poll_health, published_health_target, start_thread
-from fcvm.run.container_log import CONTAINER_LOG, ContainerLog
+from fcvm.run.agent_link import (
+    DEFAULT_STOP_GRACE,
+    AgentLink,
+    poll_health,
+    published_health_target,
+    start_thread,
+)
+from fcvm.run.container_log import CONTAINER_LOG
 from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
 from fcvm.snapshot.cache import CacheLevel, RunShape
 from fcvm.state import Store, VmRecord
 from fcvm.state.journal import Journal
-from fcvm.vmm.base import Drive, Hypervisor, MachineSpec, MemBackend
+from fcvm.vmm.base import CONSOLE_LOG, Drive, Hypervisor, MachineSpec, MemBackend
 from fcvm_wire import credential as credential_wire
 from fcvm_wire import ports as wire_ports
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
@@ -69,7 +76,7 @@ class VmSupervisor:
         self._failure: str | None = None
         self._cache_shape: RunShape | None = None  # a cold run that leaves cache entries behind
         self._stand_ins: list[tuple[int, Path]] = []  # journal entry, path: removed once the VM runs
-        self._container_log: ContainerLog | None = None
+        self._container_log: BoundedLog | None = None
         self._credential = b""  # what the agent proves itself with (fcvm_wire.credential)
         self._listeners: list[socket.socket] = []
         self._volume_servers: list[Any] = []
@@ -139,8 +146,8 @@ class VmSupervisor:
         paths.ensure_dir(self.workdir, 0o700)
         paths.ensure_dir(self.log_dir, 0o700)
         # What the container prints may be secret: its logs are the owner's alone (the VMM appends to console.log).
-        paths.make_private(self.log_dir / "console.log")
-        self._container_log = ContainerLog(self.log_dir / CONTAINER_LOG)  # created 0600
+        paths.make_private(self.log_dir / CONSOLE_LOG)
+        self._container_log = BoundedLog(self.log_dir / CONTAINER_LOG)  # created 0600
         # A clone's agent already holds its source's credential; a cold boot's gets a new one.
         self._credential = (credential_wire.from_hex(snapshot.description.agent_credential) if snapshot
                             else secrets.token_bytes(credential_wire.CREDENTIAL_SIZE))
@@ -496,7 +503,14 @@ class VmSupervisor:
                     self._failure = f"the VM exited unexpectedly (hypervisor exit code {code})"
                 return
         if self._stop_reason and not agent.container_done.is_set():
-            agent.stop_container(10.0, self._stop_reason)
+            agent.stop_container(self._stop_grace(), self._stop_reason)
+
+    def _stop_grace(self) -> float:
+        """What `fcvm stop -t` asked for, else podman's default: a terminal's Ctrl-C, a plain SIGTERM."""
+        assert self.vm is not None
+        row = self.store.get_vm(self.vm.id)
+        requested = row.config.get("stop_grace") if row is not None and self._stop_reason == "SIGTERM" else None
+        return float(requested) if isinstance(requested, (int, float)) else DEFAULT_STOP_GRACE
 
     def _page_server(self) -> ProcessRef | None:
         if self.request.serve_id is None:

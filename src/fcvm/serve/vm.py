@@ -12,7 +12,6 @@ memory, which a snapshot can freeze in turn; they share no pages with their sibl
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import struct
 import uuid
@@ -171,11 +170,10 @@ class VmBackend:
         snapshot = store.get_snapshot(template)
         clone = snapshot is not None and snapshot.info.get("kind") == SnapshotKind.USER
         if snapshot is not None and clone:
-            from fcvm.commands.snapshot_run import build_request
+            from fcvm.commands.snapshot_run import clone_request
 
-            request = replace(build_request(argparse.Namespace(
-                snapshot=snapshot.name, pid=None, name=name, publish=[], network=None, firecracker_bin=None,
-                rm=True, exec=None, boot_timeout=self.boot_timeout), store), snapshottable=True)
+            request = replace(clone_request(store, snapshot=snapshot.name, name=name, remove=True,
+                                            boot_timeout=self.boot_timeout), snapshottable=True)
         else:
             request = self._image_request(template, name, store)
         vm = store.require_vm(detach(request, quiet=True))

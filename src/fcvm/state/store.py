@@ -284,6 +284,12 @@ class Store:
             db.execute(f"UPDATE vms SET {assignments} WHERE id = ?", (*values, vm_id))
 
 
+    def request_stop(self, vm_id: str, grace: float) -> None:
+        """Record how long the VM's owner is to give its container to stop (`fcvm stop -t`); the owner reads it
+        when it is signalled."""
+        with self.transaction() as db:
+            db.execute("UPDATE vms SET config = json_set(config, '$.stop_grace', ?) WHERE id = ?", (grace, vm_id))
+
     @staticmethod
     def _vm(row: sqlite3.Row) -> VmRecord:
         data = dict(row)

@@ -9,6 +9,8 @@ from typing import Protocol
 
 from fcvm.core.proc import ProcessRef
 
+CONSOLE_LOG = "console.log"  # the VMM's output: the guest's console, a BoundedLog
+
 
 @dataclass(frozen=True)
 class Drive:
@@ -62,7 +64,7 @@ class MachineSpec:
 
     @property
     def console_log(self) -> Path:
-        return (self.log_dir or self.workdir) / "console.log"
+        return (self.log_dir or self.workdir) / CONSOLE_LOG
 
 
 class Hypervisor(Protocol):

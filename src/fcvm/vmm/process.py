@@ -17,33 +17,31 @@ from pathlib import Path
 from typing import IO, cast
 
 from fcvm.core import log
+from fcvm.core.bounded_log import BoundedLog
 from fcvm.core.proc import Child, ProcessRef, spawn
 
 
 class ConsoleSink:
-    """The VM's console file, remembering its last lines for error messages."""
+    """The VM's console file, bounded (the guest decides how much it prints), remembering its last lines for
+    error messages."""
 
     def __init__(self, path: Path, keep: int = 20) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
+        self._log = BoundedLog(path)
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
-        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        with self._lock:
-            self.tail.extend(line for line in text.splitlines() if line)
-            if not self._file.closed:
-                self._file.write(text)
+        for line in text.splitlines():
+            self._log.write_line(line)
+            if line:
+                self.tail.append(line)
         return len(text)
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._file.closed:
-                self._file.flush()
+        """Every line is written as it comes."""
 
     def close(self) -> None:
-        with self._lock:
-            self._file.close()
+        self._log.close()
 
     def summary(self, lines: int = 3) -> str:
         recent = list(self.tail)[-lines:]

@@ -585,6 +585,9 @@ def _drop_privileges(uid: int, gid: int) -> None:
 
 def run(jail: Jail) -> None:
     """The jailer's Env::run: returns only by raising JailerError; on success the process is the exec-file."""
+    # The chroot and the directories made inside it for the runtime binds must be traversable by the jailed uid,
+    # whatever umask the caller runs under (077 would lock it out of its own root, and the interpreter's path).
+    os.umask(0o022)
     try:
         jail.chroot_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

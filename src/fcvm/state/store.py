@@ -85,11 +85,19 @@ class AllocationExhausted(FcvmError):
     pass
 
 
-# The records are plain classes, not dataclasses: importing dataclasses would cost every `fcvm ls` about 8 ms, almost
-# as much as the bare interpreter's start. Their fields are the columns of their table, in its order.
+class _Row:
+    """A row as an object. The records are plain classes, not dataclasses: importing dataclasses would cost every
+    `fcvm ls` about 8 ms, almost as much as the bare interpreter's start. A subclass annotates its table's columns
+    and makes them its slots."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, row: Mapping[str, Any]) -> None:
+        for column in self.__slots__:
+            setattr(self, column, row[column])
 
 
-class VmRecord:
+class VmRecord(_Row):
     """A row of `vms`, its JSON columns decoded."""
 
     id: str
@@ -110,10 +118,6 @@ class VmRecord:
     exited: float | None
     exit_code: int | None
     __slots__ = tuple(__annotations__)
-
-    def __init__(self, row: Mapping[str, Any]) -> None:
-        for column in self.__slots__:
-            setattr(self, column, row[column])
 
     @property
     def process(self) -> ProcessRef | None:
@@ -143,7 +147,7 @@ def owner_gone(pid: int | None, pid_start: int | None) -> bool:
     return pid is None or pid_start is None or not ProcessRef(pid, pid_start).alive()
 
 
-class SnapshotRecord:
+class SnapshotRecord(_Row):
     """A row of `snapshots`, its JSON column decoded."""
 
     id: str
@@ -153,10 +157,6 @@ class SnapshotRecord:
     created: float
     info: dict[str, Any]
     __slots__ = tuple(__annotations__)
-
-    def __init__(self, row: Mapping[str, Any]) -> None:
-        for column in self.__slots__:
-            setattr(self, column, row[column])
 
 
 class JournalEntry:

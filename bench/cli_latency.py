@@ -25,6 +25,9 @@ from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parents[1] / "src"
 GOALS = (3.0, 2.0)
+# What `python -m fcvm ls` imports whatever fcvm does: runpy for -m, sqlite3 for the store, json for its columns (and
+# with json, re and enum). No fcvm code, no query.
+FLOOR = "import runpy, sqlite3, json"
 
 
 def _medians(commands: dict[str, list[str]], env: dict[str, str], runs: int) -> dict[str, float]:
@@ -87,8 +90,9 @@ def main() -> None:
         _seed_rows(python, env)
         ms = _medians({"installed": [sys.executable, "-c", "pass"], "anchor": [python, "-c", "pass"],
                        "help": [python, "-m", "fcvm", "--help"], "ls": [python, "-m", "fcvm", "ls"],
-                       "script": [_console_script(python), "ls"]}, env, args.runs)
+                       "script": [_console_script(python), "ls"], "floor": [python, "-c", FLOOR]}, env, args.runs)
     installed, anchor, help_ms, ls_ms, script_ms = ms["installed"], ms["anchor"], ms["help"], ms["ls"], ms["script"]
+    floor = ms["floor"]
     ratio = ls_ms / anchor
     goals = ", ".join(f"<= {goal:g}x {'met' if ratio <= goal else 'NOT met'}" for goal in GOALS)
     print(f"interpreter: {sys.executable} ({sys.version.split()[0]}), fcvm from {args.sources},"
@@ -98,6 +102,7 @@ def main() -> None:
     print(f"fcvm --help                         {help_ms:6.1f} ms  ({help_ms / anchor:.2f}x anchor)")
     print(f"fcvm ls (100 rows)                  {ls_ms:6.1f} ms  ({ratio:.2f}x anchor; goal {goals})")
     print(f"fcvm ls (100 rows), console script  {script_ms:6.1f} ms  ({script_ms / anchor:.2f}x anchor)")
+    print(f"floor of `python -m fcvm ls`        {floor:6.1f} ms  ({floor / anchor:.2f}x anchor: {FLOOR})")
 
 
 if __name__ == "__main__":

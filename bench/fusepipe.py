@@ -123,13 +123,18 @@ def run(driver: Path, *args: object) -> float:
     return float(out)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def load_arguments(ap: argparse.ArgumentParser, reps: int) -> None:
+    """The read and write loads (shared with bench/fusepipe_guest.py)."""
     ap.add_argument("--files", type=int, default=1024)
     ap.add_argument("--readers", type=int, default=256)
     ap.add_argument("--writes", type=int, default=256)
     ap.add_argument("--writers", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=reps)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    load_arguments(ap, reps=5)
     ap.add_argument("--relay-readers", type=int, default=1, help="/dev/fuse reader threads in the relay")
     ap.add_argument("--stat-iters", type=int, default=20000)
     args = ap.parse_args()

@@ -260,6 +260,27 @@ OpenResult = Callable[[int], None]
 OpenHandler = Callable[[int], "socket.socket | None"]
 
 
+def _send_queued(queue: deque[bytes | memoryview], send: Callable[[list[bytes | memoryview]], int]) -> int:
+    """Send from the front of `queue` with vectored writes until it is empty or the fd would block, dropping what
+    was sent; returns how many bytes that was. A failed write raises OSError."""
+    sent = 0
+    while queue:
+        try:
+            written = send(list(itertools.islice(queue, _IOV_MAX)))
+        except (BlockingIOError, InterruptedError):
+            break
+        sent += written
+        while written:
+            head = queue[0]
+            if len(head) <= written:
+                written -= len(head)
+                queue.popleft()
+            else:
+                queue[0] = memoryview(head)[written:]
+                written = 0
+    return sent
+
+
 class _Stream:
     __slots__ = (
         "credit", "events", "fd", "granted", "local_eof", "on_result", "out", "out_len", "peer_eof",
@@ -551,26 +572,13 @@ class MuxEngine:
             self._set_congested(True)
 
     def _flush_tx(self) -> None:
-        tx = self._tx
-        while tx and self._tfd >= 0:
-            bufs = list(itertools.islice(tx, _IOV_MAX))
-            try:
-                written = os.writev(self._tfd, bufs)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self._transport_lost(f"write failed: {exc}")
-                return
-            self._tx_len -= written
-            while written:
-                head = tx[0]
-                if len(head) <= written:
-                    written -= len(head)
-                    tx.popleft()
-                else:
-                    tx[0] = memoryview(head)[written:]
-                    written = 0
-        if self._tfd < 0:
+        tfd, tx = self._tfd, self._tx
+        if tfd < 0:
+            return
+        try:
+            self._tx_len -= _send_queued(tx, lambda bufs: os.writev(tfd, bufs))
+        except OSError as exc:
+            self._transport_lost(f"write failed: {exc}")
             return
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if tx else 0)
         if want != self._tevents:
@@ -871,25 +879,12 @@ class MuxEngine:
 
     def _write_local(self, stream: _Stream) -> None:
         out = stream.out
-        written_total = 0
-        while out:
-            try:
-                written = stream.sock.sendmsg(list(itertools.islice(out, _IOV_MAX)))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self._reset_stream(stream, notify_peer=True)
-                return
-            written_total += written
-            stream.out_len -= written
-            while written:
-                head = out[0]
-                if len(head) <= written:
-                    written -= len(head)
-                    out.popleft()
-                else:
-                    out[0] = memoryview(head)[written:]
-                    written = 0
+        try:
+            written_total = _send_queued(out, stream.sock.sendmsg)
+        except OSError:
+            self._reset_stream(stream, notify_peer=True)
+            return
+        stream.out_len -= written_total
         if written_total:
             stream.unacked += written_total
             if stream.unacked >= self.window // 4 or (not out and stream.granted < self.window // 2):

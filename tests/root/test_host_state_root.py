@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -9,13 +10,13 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fcvm.core import paths
+from fcvm.core.wait import wait_until
 from fcvm.state import Store
 from fcvm.storage.images import export_image, image_id
 from tests.support import as_other_user, require, require_root
@@ -66,18 +67,26 @@ def test_an_exported_image_is_readable_by_its_owner_only(monkeypatch: pytest.Mon
     assert as_other_user(read_file(disk.path)) == "PermissionError: Permission denied"
 
 
+@contextlib.contextmanager
+def listening(argv: list[str], sock: Path) -> Iterator[subprocess.Popen[str]]:
+    """`fcvm ARGV` started under umask 0, once it listens on `sock`; terminated afterwards."""
+    server = subprocess.Popen([sys.executable, "-m", "fcvm", *argv], preexec_fn=lambda: os.umask(0),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: sock.exists() or server.poll() is not None, 20)
+        assert server.poll() is None, server.communicate()[1]
+        assert sock.exists(), f"fcvm {' '.join(argv[:2])} did not listen"
+        yield server
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def test_fuse_pipe_serve_socket_is_owner_only_whatever_the_umask(shared_dir: Path, tmp_path: Path) -> None:
     served = tmp_path / "served"
     served.mkdir()
     sock = shared_dir / "fp.sock"
-    server = subprocess.Popen([sys.executable, "-m", "fcvm", "fuse-pipe", "serve", str(served), "--socket", str(sock)],
-                              preexec_fn=lambda: os.umask(0), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert server.poll() is None, server.communicate()[1]
-            assert time.monotonic() < deadline, "fuse-pipe serve did not listen"
-            time.sleep(0.02)
+    with listening(["fuse-pipe", "serve", str(served), "--socket", str(sock)], sock):
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
         def connect() -> object:
@@ -86,9 +95,6 @@ def test_fuse_pipe_serve_socket_is_owner_only_whatever_the_umask(shared_dir: Pat
             return "connected"
 
         assert as_other_user(connect) == "PermissionError: Permission denied"
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_snapshot_serve_files_are_owner_only(tmp_path: Path) -> None:
@@ -96,16 +102,10 @@ def test_snapshot_serve_files_are_owner_only(tmp_path: Path) -> None:
     mem = tmp_path / "memory"
     mem.write_bytes(os.urandom(1 << 20))
     sock, metrics = tmp_path / "uffd.sock", tmp_path / "metrics.json"
-    server = subprocess.Popen([sys.executable, "-m", "fcvm", "snapshot", "serve", "--mem-file", str(mem),
-                               "--socket", str(sock), "--metrics-json", str(metrics)],
-                              preexec_fn=lambda: os.umask(0), stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while not sock.exists():
-        assert server.poll() is None, server.communicate()[1]
-        assert time.monotonic() < deadline, "snapshot serve did not listen"
-        time.sleep(0.02)
-    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
-    server.terminate()
-    assert server.wait(30) == 0
+    with listening(["snapshot", "serve", "--mem-file", str(mem), "--socket", str(sock), "--metrics-json",
+                    str(metrics)], sock) as server:
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        server.terminate()
+        assert server.wait(30) == 0
     assert json.loads(metrics.read_text())["server"]
     assert stat.S_IMODE(metrics.stat().st_mode) == 0o600

@@ -17,8 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +29,11 @@ from fcvm.network import VmNetwork, parse_publish, setup_network, teardown_netwo
 from fcvm.run import cleanup
 from fcvm.state.journal import Journal
 from fcvm.state.store import Store
-from tests.support import require, require_root, require_tool
+from tests.root.network_support import Outside
+from tests.support import require
 
 MODES = ["bridged", "rootless"]
-
-
-@pytest.fixture(autouse=True)
-def _prerequisites() -> Iterator[None]:
-    require_root()
-    require_tool("iptables", "nsenter", "unshare", "slirp4netns")
-    require(Path("/dev/net/tun").exists(), "needs /dev/net/tun")
-    yield
-    # A failed assertion must not strand namespaces, rules or helper processes on the host.
-    store = Store()
-    for owner in store.journal_owners():
-        teardown_network(Journal(store, owner))
+pytestmark = pytest.mark.usefixtures("network_prerequisites")
 
 
 # --- host state -----------------------------------------------------------------------------------------
@@ -114,69 +102,6 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind(("0.0.0.0", 0))
         return int(sock.getsockname()[1])
-
-
-# --- the outside world: a namespace joined to the host by a veth -----------------------------------------
-
-_PEER_SERVER = r"""
-import socket, sys
-srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    conn, addr = srv.accept()
-    with conn:
-        conn.sendall(f"peer saw {addr[0]}\n".encode())
-"""
-
-
-@dataclass
-class Peer:
-    netns: str
-    host_ip: str
-    ip: str
-    port: int
-
-    def run(self, code: str, *args: str) -> str:
-        return _run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable, "-c", code, *args])
-
-
-@pytest.fixture
-def peer() -> Iterator[Peer]:
-    from pyroute2 import IPRoute
-    from pyroute2 import netns as pr_netns
-
-    tag = secrets.token_hex(3)
-    name, host_if = f"fcvt-{tag}", f"fcvt{tag}h"
-    octet = int(tag[:2], 16)
-    host_ip, peer_ip = f"198.18.{octet}.1", f"198.18.{octet}.2"
-    pr_netns.create(name)
-    server = None
-    try:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
-            index = ipr.link_lookup(ifname=host_if)[0]
-            ipr.addr("add", index=index, address=host_ip, prefixlen=30)
-            ipr.link("set", index=index, state="up")
-        with IPRoute(netns=name) as ipr:
-            for ifname in ("lo", "eth0"):
-                ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], state="up")
-            ipr.addr("add", index=ipr.link_lookup(ifname="eth0")[0], address=peer_ip, prefixlen=30)
-            ipr.route("add", dst="0.0.0.0/0", gateway=host_ip)
-        port = 7777
-        server = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{name}", sys.executable, "-c", _PEER_SERVER, str(port)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        yield Peer(name, host_ip, peer_ip, port)
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-        with IPRoute() as ipr:
-            for index in ipr.link_lookup(ifname=host_if):
-                ipr.link("del", index=index)
-        pr_netns.remove(name)
 
 
 # --- the fake guest ------------------------------------------------------------------------------------
@@ -303,7 +228,7 @@ def _udp_exchange(addr: str, port: int, payload: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_ports_reach_the_guest_egress_works_and_teardown_restores_the_host(mode: str, peer: Peer) -> None:
+def test_ports_reach_the_guest_egress_works_and_teardown_restores_the_host(mode: str, outside: Outside) -> None:
     before = host_state()
     store = Store()
     vm_id = secrets.token_hex(6)
@@ -325,13 +250,11 @@ def test_ports_reach_the_guest_egress_works_and_teardown_restores_the_host(mode:
         with net.connect(80) as conn:
             assert conn.makefile().readline().startswith("guest tcp 80")
         if mode == "bridged":
-            # podman users expect localhost to work, and other hosts (here: the peer namespace) too.
+            # podman users expect localhost to work, and other hosts (here: the outside namespace) too.
             assert _tcp_line("localhost", tcp_port).startswith("guest tcp 80")
-            seen = peer.run("import socket,sys; c=socket.create_connection((sys.argv[1], int(sys.argv[2])), 5);"
-                            " print(c.makefile().readline().strip())", peer.host_ip, str(tcp_port))
-            assert seen.strip() == f"guest tcp 80 from {peer.ip}"
+            assert outside.connect(outside.host_ip, tcp_port) == f"ok guest tcp 80 from {outside.ip}"
         # Egress: the guest reaches the outside, masqueraded behind the host.
-        assert guest.connect(peer.ip, peer.port) == f"ok peer saw {peer.host_ip}"
+        assert guest.connect(outside.ip, outside.port) == f"ok outside saw {outside.host_ip}"
         if mode == "rootless":
             # ... but not services listening on the host's loopback (slirp4netns maps them to 10.0.2.2).
             with socket.create_server(("127.0.0.1", 0)) as private:

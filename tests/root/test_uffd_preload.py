@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from fcvm.uffd import ioctls, preload
+from fcvm.uffd import preload
 from fcvm.uffd.server import ServeConfig, Server
-from tests.support import require, require_root, require_tool
+from tests.support import require_tool
 
 MiB = 1 << 20
 PAGE = 4096
@@ -30,19 +30,9 @@ HOLE = (8 * MiB, 12 * MiB)  # a hole in the memory file: the guest must read zer
 RAM_RANGES = ((0, 0xC0000), (1 * MiB, RAM))
 
 
-def _uffd_works() -> bool:
-    try:
-        os.close(ioctls.create())
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture(autouse=True)
-def _prerequisites() -> None:
-    require_root()
+def _prerequisites(userfaultfd: None) -> None:
     require_tool("qemu-system-x86_64")
-    require(_uffd_works(), "needs userfaultfd (/dev/userfaultfd or the syscall)")
 
 
 @pytest.fixture(scope="module")

@@ -29,25 +29,12 @@ from fcvm.state.store import Store
 from fcvm.uffd import holes, ioctls, workingset
 from fcvm.uffd.handshake import HandshakeError, JsonFramer, parse_regions
 from fcvm_standins.uffd_client import anonymous_bytes
-from tests.support import NOBODY, as_other_user, require, require_root
+from tests.support import NOBODY, as_other_user, require
 
 MiB = 1 << 20
 GiB = 1 << 30
 PAGE = 4096
-
-
-def _uffd_works() -> bool:
-    try:
-        os.close(ioctls.create())
-    except OSError:
-        return False
-    return True
-
-
-@pytest.fixture(autouse=True)
-def _prerequisites() -> None:
-    require_root()
-    require(_uffd_works(), "needs userfaultfd (/dev/userfaultfd or the syscall)")
+pytestmark = pytest.mark.usefixtures("userfaultfd")
 
 
 def _random_file(path: Path, size: int, seed: int) -> Path:

@@ -17,9 +17,6 @@ import pytest
 from fcvm.core.errors import FcvmError
 from fcvm.vmm.base import Drive, MachineSpec
 from fcvm.vmm.firecracker import FirecrackerApiError, FirecrackerError, FirecrackerVm, find_firecracker
-from tests.support import require
-
-SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"
 
 FAKE = r'''#!{python}
 import argparse, json, os, signal, socketserver, subprocess, sys, time
@@ -183,32 +180,13 @@ def test_mmds_needs_a_network_interface(tmp_path: Path) -> None:
         FirecrackerVm(machine(tmp_path), binary=Path("/bin/true"), mmds={"a": 1})
 
 
-def test_boots_through_fc_mock_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    binary = shutil.which("fcvm-fc-mock")
-    require(binary is not None, "fcvm-fc-mock is not installed (pip install -e .)")
-    require(SPEC_PATH.is_file(), f"the official Firecracker spec is missing at {SPEC_PATH}")
-    assert binary is not None
-    backend = tmp_path / "backend.py"
-    backend.write_text(
-        "import subprocess\nfrom fcvm.core import log\nfrom fcvm.core.proc import ProcessRef\n"
-        "class B:\n"
-        "    def __init__(self, spec): self.spec = spec\n"
-        "    @property\n    def process(self): return ProcessRef.of(self.p.pid)\n"
-        "    def start(self):\n"
-        "        self.p = subprocess.Popen(['sleep', '60'])\n"
-        "        log.get('vm.' + self.spec.name).info('guest: ' + self.spec.boot_args)\n"
-        "    def wait(self, timeout=None): return self.p.wait(timeout)\n"
-        "    def pause(self): pass\n    def resume(self): pass\n"
-        "    def stop(self, timeout=10.0):\n        self.p.terminate(); self.p.wait()\n"
-    )
-    monkeypatch.setenv("FCVM_FC_MOCK_BACKEND", f"{backend}:B")
-    monkeypatch.setenv("FCVM_FC_SPEC", str(SPEC_PATH))
+def test_boots_through_fc_mock_and_stops_cleanly(tmp_path: Path, sleeping_fc_mock: Path) -> None:
     spec = machine(tmp_path)
     spec.workdir.mkdir()
     (spec.workdir / "firecracker.sock").write_text("stale")  # Firecracker would refuse to start
     assert spec.vsock_uds is not None
     spec.vsock_uds.write_text("stale")
-    vm = FirecrackerVm(spec, binary=Path(binary), mmds=None)
+    vm = FirecrackerVm(spec, binary=sleeping_fc_mock, mmds=None)
     vm.start()
     try:
         assert vm.name == "firecracker (fc-mock)" and vm.version == "1.16.1"

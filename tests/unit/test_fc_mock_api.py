@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,9 +29,8 @@ from fcvm_standins.fc_mock.api import FcMock
 from fcvm_standins.fc_mock.mmds import TOKEN_HEADER, TOKEN_TTL_HEADER, MmdsServer, merge_patch
 from fcvm_standins.fc_mock.server import ApiServer
 from fcvm_standins.fc_mock.spec import Spec
-from tests.support import require
+from tests.fc_mock_support import fc_mock_binary, official_spec
 
-SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"
 FAKE_STREAM = b"QEVM\0\0\0\3 device state"
 
 
@@ -77,8 +75,7 @@ class FakeBackend:
 
 @pytest.fixture(scope="module")
 def spec() -> Spec:
-    require(SPEC_PATH.is_file(), f"the official Firecracker spec is missing at {SPEC_PATH}")
-    return Spec(SPEC_PATH)
+    return Spec(official_spec())
 
 
 class Mock:
@@ -419,50 +416,30 @@ def test_http_keep_alive_and_mock_header(mock: Mock, tmp_path: Path) -> None:
         server.server_close()
 
 
-def _fc_mock() -> str:
-    found = shutil.which("fcvm-fc-mock")
-    require(found is not None, "fcvm-fc-mock is not installed (pip install -e .)")
-    assert found is not None
-    return found
-
-
 def test_executable_identifies_as_fc_mock() -> None:
-    info = identify(Path(_fc_mock()))
+    info = identify(fc_mock_binary())
     assert info.mock and info.version == "1.16.1" and info.display_name == "firecracker (fc-mock)"
-    assert describe_binary(Path(_fc_mock())).startswith("firecracker (fc-mock) 1.16.1 at ")
+    assert describe_binary(fc_mock_binary()).startswith("firecracker (fc-mock) 1.16.1 at ")
 
 
 def test_executable_without_spec_fails_clearly(tmp_path: Path) -> None:
     env = {**os.environ, "FCVM_FC_SPEC": str(tmp_path / "missing.yaml")}
-    result = subprocess.run([_fc_mock(), "--api-sock", str(tmp_path / "s")], env=env, capture_output=True,
+    result = subprocess.run([fc_mock_binary(), "--api-sock", str(tmp_path / "s")], env=env, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 1
     assert "Firecracker API spec" in result.stderr and "missing.yaml" in result.stderr
     assert not (tmp_path / "s").exists()
 
 
-def test_executable_boots_with_config_file_and_exits_on_ctrl_alt_del(tmp_path: Path) -> None:
-    backend_file = tmp_path / "backend.py"
-    backend_file.write_text(
-        "import subprocess\nfrom fcvm.core.proc import ProcessRef\n"
-        "class B:\n"
-        "    def __init__(self, spec): self.spec = spec\n"
-        "    @property\n    def process(self): return ProcessRef.of(self.p.pid)\n"
-        "    def start(self): self.p = subprocess.Popen(['sleep', '60'])\n"
-        "    def wait(self, timeout=None): return self.p.wait(timeout)\n"
-        "    def pause(self): pass\n    def resume(self): pass\n"
-        "    def stop(self, timeout=10.0):\n        self.p.terminate(); self.p.wait()\n"
-    )
+def test_executable_boots_with_config_file_and_exits_on_ctrl_alt_del(tmp_path: Path, sleeping_fc_mock: Path) -> None:
     kernel = tmp_path / "vmlinux"
     kernel.write_bytes(b"\0")
     config = tmp_path / "vm.json"
     config.write_text(json.dumps({"boot-source": {"kernel_image_path": str(kernel)},
                                   "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}))
     sock = tmp_path / "api.sock"
-    env = {**os.environ, "FCVM_FC_MOCK_BACKEND": f"{backend_file}:B", "FCVM_FC_SPEC": str(SPEC_PATH)}
-    require(SPEC_PATH.is_file(), f"the official Firecracker spec is missing at {SPEC_PATH}")
-    proc = subprocess.Popen([_fc_mock(), "--api-sock", str(sock), "--id", "t1", "--config-file", str(config)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sleeping_fc_mock, "--api-sock", str(sock), "--id", "t1", "--config-file", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while not sock.exists():

@@ -19,8 +19,9 @@ from fcvm.vmm.firecracker import FirecrackerVm
 from fcvm.vmm.firecracker.client import FirecrackerApiError
 from fcvm_standins.fc_mock import api as fc_api
 from fcvm_standins.fc_mock.spec import Spec
+from tests.fc_mock_support import SPEC_PATH
 from tests.support import require
-from tests.unit.test_fc_mock_api import FAKE_STREAM, SPEC_PATH, Mock
+from tests.unit.test_fc_mock_api import FAKE_STREAM, Mock
 
 MEM_MIB = 256
 

@@ -31,7 +31,6 @@ from fcvm.vmm.firecracker.client import Client
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan
 from tests.support import require, require_tool
 
-SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"
 SECRET = "hunter2-xyz"
 
 
@@ -264,26 +263,10 @@ def test_rm_removes_the_vms_logs_and_files() -> None:
 
 
 def test_debug_logs_never_show_the_containers_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          caplog: pytest.LogCaptureFixture) -> None:
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          sleeping_fc_mock: Path) -> None:
     """Boot through fc-mock at debug level, fcvm's and fc-mock's, with the plan (and its env) in MMDS."""
-    binary = shutil.which("fcvm-fc-mock")
-    require(binary is not None, "fcvm-fc-mock is not installed (pip install -e .)")
-    require(SPEC_PATH.is_file(), f"the official Firecracker spec is missing at {SPEC_PATH}")
     require_tool("unshare")
-    assert binary is not None
-    backend = tmp_path / "backend.py"
-    backend.write_text(
-        "import subprocess\nfrom fcvm.core.proc import ProcessRef\n"
-        "class B:\n"
-        "    def __init__(self, spec): self.spec = spec\n"
-        "    @property\n    def process(self): return ProcessRef.of(self.p.pid)\n"
-        "    def start(self): self.p = subprocess.Popen(['sleep', '60'])\n"
-        "    def wait(self, timeout=None): return self.p.wait(timeout)\n"
-        "    def pause(self): pass\n    def resume(self): pass\n"
-        "    def stop(self, timeout=10.0):\n        self.p.terminate(); self.p.wait()\n"
-    )
-    monkeypatch.setenv("FCVM_FC_MOCK_BACKEND", f"{backend}:B")
-    monkeypatch.setenv("FCVM_FC_SPEC", str(SPEC_PATH))
     monkeypatch.setenv("FCVM_LOG", "debug")
     kernel, root = tmp_path / "vmlinux", tmp_path / "root.ext4"
     kernel.write_bytes(b"\x7fELF")
@@ -296,7 +279,7 @@ def test_debug_logs_never_show_the_containers_environment(tmp_path: Path, monkey
                 network=NetworkSpec(address="172.30.0.2", prefix=30, gateway="172.30.0.1", mac="06:00:ac:1e:00:02"),
                 cmd=["sh", "-c", "echo $SECRET"], env={"SECRET": SECRET})
     caplog.set_level(logging.DEBUG, logger="fcvm")
-    vm = FirecrackerVm(spec, binary=Path(binary), mmds=json.loads(plan.to_json()), log_level="Debug")
+    vm = FirecrackerVm(spec, binary=sleeping_fc_mock, mmds=json.loads(plan.to_json()), log_level="Debug")
     vm.start()
     try:
         with Client(vm.api_socket) as client:

@@ -48,6 +48,20 @@ def vm_row(name: str) -> dict[str, object]:
     return next(r for r in rows if r["name"] == name)
 
 
+def crash_owner_then_list(row: dict[str, object]) -> None:
+    """SIGKILL the fcvm process that owns the VM of `row`, as a crash would; the next `fcvm ls` cleans up after
+    it: the VM is listed no more, and shows as exited."""
+    from fcvm.core.proc import ProcessRef
+
+    pid, name = row["pid"], str(row["name"])
+    assert isinstance(pid, int)
+    owner = ProcessRef.of(pid)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not owner.alive(), 30)
+    assert name not in fcvm("ls").stdout
+    assert vm_row(name)["status"] == "exited"
+
+
 def published_url(name: str, guest_port: int) -> str:
     row = vm_row(name)
     network = row["network"]

@@ -6,20 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
 import pytest
 
 from fcvm.core import paths
-from fcvm.core.proc import ProcessRef
-from fcvm.core.wait import wait_until
 from fcvm.state import Store
 from fcvm.vmm.firecracker.jail import JAIL_UID_BASE, JAIL_UID_COUNT, cgroup2_mount
 from tests.hoststate import HostState
 from tests.support import require
-from tests.vm.support import RunVm, fcvm, get, hypervisor_env, published_url, vm_row
+from tests.vm.support import RunVm, crash_owner_then_list, fcvm, get, hypervisor_env, published_url, vm_row
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -103,13 +100,8 @@ def test_a_killed_owner_of_a_jailed_vm_is_cleaned_up_by_the_next_ls(run_vm: RunV
     before = HostState.capture()
     row = run_vm("-d", "--name", "jailkill", "--hypervisor", "firecracker", "--jailer", "localhost/fcvm-demo-httpd",
                  env=jailed_env)
-    vm_id, pid = str(row["id"]), row["pid"]
-    assert isinstance(pid, int)
-    owner = ProcessRef.of(pid)
-    os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: not owner.alive(), 30)
-    assert "jailkill" not in fcvm("ls").stdout
-    assert vm_row("jailkill")["status"] == "exited"
+    vm_id = str(row["id"])
+    crash_owner_then_list(row)
     assert not _processes_with(f"--id\0{vm_id}\0"), "the jailed VMM outlived its owner's cleanup"
     assert HostState.capture().diff(before) == {}
     assert_jail_gone(vm_id)

@@ -11,10 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.core.proc import ProcessRef
 from fcvm.core.wait import wait_until
 from tests.hoststate import HostState
-from tests.vm.support import HYPERVISORS, RunVm, fcvm, get, hypervisor_env, published_url, vm_row
+from tests.vm.support import (
+    HYPERVISORS,
+    RunVm,
+    crash_owner_then_list,
+    fcvm,
+    get,
+    hypervisor_env,
+    published_url,
+    vm_row,
+)
 
 NETWORKS = ["bridged", "rootless"]
 
@@ -89,13 +97,7 @@ def test_sigint_in_the_foreground_stops_the_vm_and_cleans_up(guest_assets: None,
 
 def test_sigkill_of_the_owner_is_cleaned_up_by_the_next_ls(run_vm: RunVm, host_port: int) -> None:
     before = HostState.capture()
-    pid = run_vm("-d", "--name", "doomed", "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd")["pid"]
-    assert isinstance(pid, int)
-    owner = ProcessRef.of(pid)
-    os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: not owner.alive(), 30)
-    assert "doomed" not in fcvm("ls").stdout
-    assert vm_row("doomed")["status"] == "exited"
+    crash_owner_then_list(run_vm("-d", "--name", "doomed", "-p", f"{host_port}:80", "localhost/fcvm-demo-httpd"))
     assert HostState.capture().diff(before) == {}
 
 

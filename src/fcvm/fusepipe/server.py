@@ -16,8 +16,9 @@ its HELLO is refused with HELLO_BUSY, and the client retries), `max_connections`
 once), one inotify instance (`inval.InotifyHub`), `workers` pool threads with at most 4x as many pooled
 requests queued (then the reader stops reading: backpressure), `max_lock_waits` waiting lock requests (more
 are answered ENOLCK). A stream that has not sent its whole HELLO within `hello_timeout` seconds is closed.
-Per session, the reply cache holds at most _CACHE_ENTRIES replies and _CACHE_BYTES bytes; READDIR replies
-are never cached (re-reading a directory is harmless). See fs for what a request may do on the host.
+Per session, the reply cache holds at most _CACHE_ENTRIES replies and _CACHE_BYTES bytes; replies to
+requests that are harmless to run twice (reads, READDIR, RELEASE, FSYNC: _NOT_CACHED) are never cached.
+See fs for what a request may do on the host.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ _log = log.get("fusepipe")
 _POOLED = frozenset({proto.FSYNC, proto.FSYNCDIR, proto.FALLOCATE, proto.COPY_FILE_RANGE, proto.SYNCFS,
                      proto.GETLK, proto.SETLK})
 _OWN_THREAD = frozenset({proto.SETLKW})  # may wait indefinitely: never tie up a pool worker
+# Requests that are harmless to run twice (a re-sent RELEASE finds its handle gone: handles are never reused).
 _NOT_CACHED = frozenset({proto.READ, proto.READDIR, proto.GETATTR, proto.READLINK, proto.STATFS, proto.GETXATTR,
-                         proto.LISTXATTR, proto.LSEEK})
+                         proto.LISTXATTR, proto.LSEEK, proto.RELEASE, proto.RELEASEDIR, proto.FSYNC,
+                         proto.FSYNCDIR})
 _CACHE_ENTRIES = 4096
 _CACHE_BYTES = 4 << 20
 _POOL_QUEUE_PER_WORKER = 4
@@ -361,11 +364,9 @@ class Server:
         unpack_from = struct.unpack_from
         process = session.process
         start = end = 0
+        make_room = proto.make_room
         while True:
-            if end == len(buf):  # a partial message sits at the end: move it to the front
-                view[:end - start] = view[start:end]
-                end -= start
-                start = 0
+            start, end = make_room(view, start, end)
             try:
                 n = sock.recv_into(view[end:])
             except OSError:

@@ -86,6 +86,19 @@ def publish(tmp: Path, final: Path) -> bool:
         raise
 
 
+@contextlib.contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A fresh sibling of `final` to build into: published as `final` when the block ends without an error,
+    removed otherwise (and by `sweep_stale` should this process die first)."""
+    tmp = tmp_path(final)
+    remove(tmp)
+    try:
+        yield tmp
+        publish(tmp, final)
+    finally:
+        remove(tmp)
+
+
 def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -25,13 +25,12 @@ from fcvm.guest.assets import (
     AssetsNotWritable,
     Steps,
     build_lock,
+    building,
     digest,
-    publish,
     read_json,
     remove,
     sha256_file,
     sweep_stale,
-    tmp_path,
     touch,
 )
 from fcvm.guest.initramfs import agent_sources, build_initramfs, initramfs_name
@@ -100,10 +99,8 @@ def kernel_dir_of(kernel: KernelAssets) -> Path:
 
 
 def _build_kernel_dir(deb: Path, busybox: Path, final: Path, steps: Steps) -> None:
-    tmp = tmp_path(final)
-    remove(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with building(final) as tmp:
+        tmp.mkdir(parents=True)
         steps.step(f"extracting {deb.name}")
         unpacked = tmp / "deb"
         debs.extract(deb, unpacked)
@@ -142,10 +139,6 @@ def _build_kernel_dir(deb: Path, busybox: Path, final: Path, steps: Steps) -> No
             "builder": BUILDER,
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        publish(tmp, final)
-    except BaseException:
-        remove(tmp)
-        raise
 
 
 def _initramfs_dirs() -> list[Path]:
@@ -180,13 +173,8 @@ def _build_initramfs(kdir: Path, sources: list[tuple[str, bytes]], final: Path) 
         if final.exists():
             return final
         version = kernel_meta(kdir)["version"]
-        tmp = tmp_path(final)
-        try:
+        with building(final) as tmp:
             plan = build_initramfs(kdir / "modules" / "lib" / "modules" / version, kdir / "busybox", tmp, sources)
-            publish(tmp, final)
-        except BaseException:
-            remove(tmp)
-            raise
         _log.info("initramfs %s: %d modules, agent %d files", final.name, len(plan.order), len(sources))
     return final
 

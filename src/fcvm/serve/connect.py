@@ -8,8 +8,9 @@ import base64
 import binascii
 import json
 import struct
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 FLAG_COMPRESSED = 0x01
 FLAG_END_STREAM = 0x02
@@ -20,6 +21,7 @@ _MAX_TIMEOUT_DIGITS = 10  # the spec's limit on Connect-Timeout-Ms
 
 UNARY_CONTENT_TYPE = "application/json"
 STREAM_CONTENT_TYPE = "application/connect+json"
+_T = TypeVar("_T")
 
 
 class Code(StrEnum):
@@ -133,13 +135,19 @@ def field(message: dict[str, Any], camel: str, snake: str | None = None) -> Any:
     return message.get(snake) if snake else None
 
 
-def text(message: dict[str, Any], camel: str, snake: str | None = None, *, default: str = "") -> str:
+def _checked(message: dict[str, Any], camel: str, snake: str | None, default: _T, fits: Callable[[Any], bool],
+             must: str) -> _T:
+    """A field's value if it `fits`, `default` when it is absent or null; else INVALID_ARGUMENT: "<camel> must ..."."""
     value = field(message, camel, snake)
     if value is None:
         return default
-    if not isinstance(value, str):
-        raise ConnectError(Code.INVALID_ARGUMENT, f"{camel} must be a string")
+    if not fits(value):
+        raise ConnectError(Code.INVALID_ARGUMENT, f"{camel} must {must}")
     return value
+
+
+def text(message: dict[str, Any], camel: str, snake: str | None = None, *, default: str = "") -> str:
+    return _checked(message, camel, snake, default, lambda v: isinstance(v, str), "be a string")
 
 
 def integer(message: dict[str, Any], camel: str, snake: str | None = None, *, default: int = 0) -> int:
@@ -155,39 +163,22 @@ def integer(message: dict[str, Any], camel: str, snake: str | None = None, *, de
 
 
 def boolean(message: dict[str, Any], camel: str, *, default: bool = False) -> bool:
-    value = message.get(camel)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ConnectError(Code.INVALID_ARGUMENT, f"{camel} must be true or false")
-    return value
+    return _checked(message, camel, None, default, lambda v: isinstance(v, bool), "be true or false")
 
 
 def obj(message: dict[str, Any], camel: str) -> dict[str, Any]:
-    value = message.get(camel)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConnectError(Code.INVALID_ARGUMENT, f"{camel} must be an object")
-    return value
+    return _checked(message, camel, None, {}, lambda v: isinstance(v, dict), "be an object")
 
 
 def string_list(message: dict[str, Any], camel: str) -> list[str]:
-    value = message.get(camel)
-    if value is None:
-        return []
-    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise ConnectError(Code.INVALID_ARGUMENT, f"{camel} must be a list of strings")
-    return value
+    return _checked(message, camel, None, [], lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+                    "be a list of strings")
 
 
 def string_map(message: dict[str, Any], camel: str) -> dict[str, str]:
-    value = message.get(camel)
-    if value is None:
-        return {}
-    if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
-        raise ConnectError(Code.INVALID_ARGUMENT, f"{camel} must map strings to strings")
-    return value
+    return _checked(message, camel, None, {},
+                    lambda v: isinstance(v, dict) and all(isinstance(i, str) for i in v.values()),
+                    "map strings to strings")
 
 
 def enum(message: dict[str, Any], camel: str, names: dict[str, int]) -> int:
@@ -201,11 +192,7 @@ def enum(message: dict[str, Any], camel: str, names: dict[str, int]) -> int:
 
 
 def bytes_field(message: dict[str, Any], camel: str) -> bytes:
-    value = message.get(camel)
-    if value is None:
-        return b""
-    if not isinstance(value, str):
-        raise ConnectError(Code.INVALID_ARGUMENT, f"{camel} must be base64")
+    value = _checked(message, camel, None, "", lambda v: isinstance(v, str), "be base64")
     try:  # proto3 JSON accepts standard and URL-safe base64, with or without padding
         return base64.b64decode(value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4),
                                 validate=True)

@@ -239,21 +239,19 @@ class Envd:
         data = c.obj(message, "input")
         if "pty" in data:
             raise c.ConnectError(c.Code.UNIMPLEMENTED, "fcvm: pseudo-terminals are not implemented")
-        if not process.stdin:
-            raise c.ConnectError(c.Code.FAILED_PRECONDITION, "the command was started without stdin")
-        try:
-            await process.stream.send_stdin(c.bytes_field(data, "stdin"))
-        except OSError:
-            raise c.ConnectError(c.Code.NOT_FOUND, "the command has ended") from None
-        return self._unary({})
+        return await self._to_stdin(process, lambda: process.stream.send_stdin(c.bytes_field(data, "stdin")))
 
     async def close_stdin(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
         message = await self._unary_body(request)
         process = self._process(sandbox, message)
+        return await self._to_stdin(process, process.stream.close_stdin)
+
+    async def _to_stdin(self, process: Process, write: Callable[[], Awaitable[None]]) -> web.StreamResponse:
+        """Do `write` to the command's stdin: refused when it was started without one, NOT_FOUND once it ended."""
         if not process.stdin:
             raise c.ConnectError(c.Code.FAILED_PRECONDITION, "the command was started without stdin")
         try:
-            await process.stream.close_stdin()
+            await write()
         except OSError:
             raise c.ConnectError(c.Code.NOT_FOUND, "the command has ended") from None
         return self._unary({})
@@ -286,10 +284,14 @@ class Envd:
             raise c.ConnectError(c.Code.INVALID_ARGUMENT, f"{name} is required")
         return path
 
-    async def stat(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
+    async def _entry_after(self, request: web.Request, sandbox: Sandbox, script: str) -> web.StreamResponse:
+        """Run `script` on the request's path; answer with the entry there."""
         path = self._path(await self._unary_body(request))
-        out = await self._script(request, sandbox, files.STAT, [path], path)
+        out = await self._script(request, sandbox, script, [path], path)
         return self._unary({"entry": files.one_entry(out, path)})
+
+    async def stat(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
+        return await self._entry_after(request, sandbox, files.STAT)
 
     async def list_dir(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
         message = await self._unary_body(request)
@@ -302,9 +304,7 @@ class Envd:
         return self._unary({"entries": list(files.entries(out))})
 
     async def make_dir(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
-        path = self._path(await self._unary_body(request))
-        out = await self._script(request, sandbox, files.MAKE_DIR, [path], path)
-        return self._unary({"entry": files.one_entry(out, path)})
+        return await self._entry_after(request, sandbox, files.MAKE_DIR)
 
     async def move(self, request: web.Request, sandbox: Sandbox) -> web.StreamResponse:
         message = await self._unary_body(request)

@@ -133,24 +133,24 @@ class Copier:
         self._zero = bytearray(_ZEROPAGE.size)
 
     def copy(self, fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
-        buf = self._copy
-        _COPY.pack_into(buf, 0, dst, src, length, mode, 0)
-        try:
-            fcntl.ioctl(fd, UFFDIO_COPY, buf, True)
-        except OSError as exc:
-            done = _COPY.unpack_from(buf)[4]
-            raise UffdError(exc.errno or errno.EIO, "UFFDIO_COPY", max(done, 0)) from None
+        _COPY.pack_into(self._copy, 0, dst, src, length, mode, 0)
+        _fill(fd, UFFDIO_COPY, "UFFDIO_COPY", self._copy, _COPY)
         return length
 
     def zeropage(self, fd: int, dst: int, length: int, mode: int = 0) -> int:
-        buf = self._zero
-        _ZEROPAGE.pack_into(buf, 0, dst, length, mode, 0)
-        try:
-            fcntl.ioctl(fd, UFFDIO_ZEROPAGE, buf, True)
-        except OSError as exc:
-            done = _ZEROPAGE.unpack_from(buf)[3]
-            raise UffdError(exc.errno or errno.EIO, "UFFDIO_ZEROPAGE", max(done, 0)) from None
+        _ZEROPAGE.pack_into(self._zero, 0, dst, length, mode, 0)
+        _fill(fd, UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", self._zero, _ZEROPAGE)
         return length
+
+
+def _fill(fd: int, request: int, name: str, buf: bytearray, layout: struct.Struct) -> None:
+    """Run a COPY or ZEROPAGE ioctl on `buf`; on failure the kernel has stored in the struct's last field how many
+    bytes it filled (or a negative error), which UffdError carries."""
+    try:
+        fcntl.ioctl(fd, request, buf, True)
+    except OSError as exc:
+        done = layout.unpack_from(buf)[-1]
+        raise UffdError(exc.errno or errno.EIO, name, max(done, 0)) from None
 
 
 @dataclass(frozen=True)

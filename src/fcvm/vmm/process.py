@@ -13,6 +13,7 @@ import logging
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import IO, cast
 
@@ -48,22 +49,24 @@ class ConsoleSink:
         return "; ".join(recent) if recent else "no output"
 
 
+@dataclass(eq=False, repr=False)  # no repr: `env` may hold secrets
 class VmmProcess:
-    def __init__(self, argv: Sequence[str], *, console: Path, logger: logging.Logger, own_group: bool = True,
-                 level: int = logging.DEBUG, transform: Callable[[str], str] | None = None,
-                 env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> None:
-        self.argv = list(argv)
-        self.console = console
-        self.logger = logger
-        self.own_group = own_group
-        self.level = level
-        self.transform = transform
-        self.env = env
-        self.pass_fds = tuple(pass_fds)  # what the VMM inherits (files it could not open itself)
-        self.sink: ConsoleSink | None = None
-        self._child: Child | None = None
-        self._relog: threading.Thread | None = None
-        self._stack = contextlib.ExitStack()
+    argv: Sequence[str]
+    _: KW_ONLY
+    console: Path
+    logger: logging.Logger
+    own_group: bool = True
+    level: int = logging.DEBUG
+    transform: Callable[[str], str] | None = None
+    env: dict[str, str] | None = None
+    pass_fds: Sequence[int] = ()  # what the VMM inherits (files it could not open itself)
+    sink: ConsoleSink | None = field(default=None, init=False)
+    _child: Child | None = field(default=None, init=False)
+    _relog: threading.Thread | None = field(default=None, init=False)
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, init=False)
+
+    def __post_init__(self) -> None:
+        self.argv, self.pass_fds = list(self.argv), tuple(self.pass_fds)  # the caller's, as they were at the call
 
     def start(self) -> Child:
         self.logger.debug("starting %s", " ".join(self.argv))

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from fcvm.core import log
 from fcvm.core.proc import ProcessRef
@@ -53,6 +53,18 @@ DEFAULT_BOOT_ARGS = (
 NOT_STARTED, RUNNING, PAUSED = "Not started", "Running", "Paused"
 PRE_BOOT_ONLY = "The requested operation is not supported after starting the microVM."
 POST_BOOT_ONLY = "The requested operation is not supported before starting the microVM."
+# Operations fc-mock checks for the VM's state, as Firecracker does, then refuses: what its QEMU backend lacks.
+_UNEMULATED_BEFORE_BOOT = {
+    "putBalloon": "the balloon device",
+    "putEntropyDevice": "the entropy device",
+    "putCpuConfiguration": "custom CPU templates",
+    "putSerialDevice": "serial output redirection (the console goes to stdout)",
+    "putMemoryHotplug": "memory hotplug",
+}
+_UNEMULATED_AFTER_BOOT = {
+    "patchGuestPmemByID": "pmem devices",
+    "patchMemoryHotplug": "memory hotplug",
+}
 
 
 class Backend(Protocol):
@@ -199,6 +211,12 @@ class FcMock:
         for name, value in params.items():
             if not ID_RE.match(value):
                 raise Fault(f"Invalid ID `{value}`: {name} may contain only A-Z, a-z, 0-9 and '_'.")
+        if route.operation in _UNEMULATED_BEFORE_BOOT:
+            self._pre_boot()
+            self._unsupported(_UNEMULATED_BEFORE_BOOT[route.operation])
+        if route.operation in _UNEMULATED_AFTER_BOOT:
+            self._post_boot()
+            self._unsupported(_UNEMULATED_AFTER_BOOT[route.operation])
         handler = getattr(self, "op_" + route.operation, None)
         if handler is None:
             raise Fault(f"fc-mock does not emulate {method} {route.template} ({route.operation}).")
@@ -222,7 +240,7 @@ class FcMock:
         if path_id != body_id:
             raise Fault("The id from the path does not match the id from the body!")
 
-    def _unsupported(self, what: str) -> None:
+    def _unsupported(self, what: str) -> NoReturn:
         raise Fault(f"fc-mock does not emulate {what}: its QEMU backend has no equivalent.")
 
     # -- informational ----------------------------------------------------------------------------
@@ -373,30 +391,10 @@ class FcMock:
             raise Fault(f"Cannot initialize the metrics system: {exc}") from None
         self.config.metrics = dict(body)
 
-    def op_putBalloon(self, body: dict[str, Any]) -> None:
-        self._pre_boot()
-        self._unsupported("the balloon device")
-
-    def op_putEntropyDevice(self, body: dict[str, Any]) -> None:
-        self._pre_boot()
-        self._unsupported("the entropy device")
-
-    def op_putCpuConfiguration(self, body: dict[str, Any]) -> None:
-        self._pre_boot()
-        self._unsupported("custom CPU templates")
-
     def op_putGuestPmemByID(self, body: dict[str, Any], id: str) -> None:
         self._pre_boot()
         self._same_id(id, body["id"])
         self._unsupported("pmem devices")
-
-    def op_putSerialDevice(self, body: dict[str, Any]) -> None:
-        self._pre_boot()
-        self._unsupported("serial output redirection (the console goes to stdout)")
-
-    def op_putMemoryHotplug(self, body: dict[str, Any]) -> None:
-        self._pre_boot()
-        self._unsupported("memory hotplug")
 
     # -- post-boot updates --------------------------------------------------------------------
 
@@ -422,14 +420,6 @@ class FcMock:
         if iface_id not in self.config.ifaces:
             raise Fault(f"Unable to patch the network interface: {iface_id} does not exist.")
         self._unsupported("network rate limiters")
-
-    def op_patchGuestPmemByID(self, body: dict[str, Any], id: str) -> None:
-        self._post_boot()
-        self._unsupported("pmem devices")
-
-    def op_patchMemoryHotplug(self, body: dict[str, Any]) -> None:
-        self._post_boot()
-        self._unsupported("memory hotplug")
 
     def op_patchVm(self, body: dict[str, Any]) -> None:
         self._post_boot()

@@ -7,6 +7,15 @@ held by a request that is itself waiting for its reply.
 
 If the stream breaks, the relay reconnects (calling `connect` again, with backoff) and re-sends every request
 that has not been answered; the kernel mount never notices.
+
+Two requests the relay answers itself, because the server's answer is known without asking (each saves a
+round trip to the host on every written file):
+- GETXATTR security.capability: no data. The server answers the same (file capabilities mean nothing on a
+  nosuid mount, and the host's kernel strips them itself when the server writes the file); the guest kernel
+  asks before every write.
+- FLUSH of a node no POSIX lock request (GETLK, SETLK, SETLKW) has been sent for: the server's FLUSH only
+  drops the lock owner's POSIX locks (close(2) on the host reports no write error on local filesystems).
+  Once a node has seen a lock request, its FLUSHes go to the server as before.
 """
 
 from __future__ import annotations
@@ -39,6 +48,11 @@ READ_BUFFER = proto.MAX_FRAME + 4096
 STREAM_BUFFER = 2 * proto.MAX_FRAME  # always room for one whole message after a partial one
 BATCH_BYTES = 256 << 10  # send what has been read from /dev/fuse once this much is queued...
 BATCH_MESSAGES = 64  # ...or this many requests
+MAX_LOCKED_NODES = 4096  # nodes remembered as having seen a lock request; beyond, every FLUSH goes to the server
+_ANSWERED_HERE = frozenset({proto.FLUSH, proto.GETXATTR, proto.GETLK, proto.SETLK, proto.SETLKW})
+_CAPABILITY = b"security.capability\0"
+_GETXATTR_NAME = proto.IN_HEADER.size + 8  # after fuse_getxattr_in (size, padding)
+_LK_FLAGS = proto.IN_HEADER.size + 40  # fuse_lk_in: fh, owner, start, end, type, pid, then lk_flags
 
 
 class RelayGiveUp(Exception):
@@ -125,14 +139,14 @@ class Relay:
         self.conn_id: int | None = None
         self.sock: socket.socket | None = None
         self.send_lock = threading.Lock()
-        self.inflight: dict[int, tuple[int, bytes]] = {}
-        self.inflight_lock = threading.Lock()
+        self.inflight: dict[int, tuple[int, bytes]] = {}  # the loop thread's alone: no lock
         self.notify_q: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.mounted = threading.Event()
         self.finished = threading.Event()
         self.error: BaseException | None = None
         self.reconnects = 0
+        self.locked_nodes: set[int] = set()  # nodes a POSIX lock request was sent for (FLUSH must go out)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -212,8 +226,7 @@ class Relay:
 
     def _pending(self) -> bytearray:
         """Every request still waiting for its reply, in order (to re-send on a new stream)."""
-        with self.inflight_lock:
-            pending = [msg for _, (_, msg) in sorted(self.inflight.items())]
+        pending = [msg for _, (_, msg) in sorted(self.inflight.items())]
         _log.info("fuse-pipe: reconnected, re-sending %d requests", len(pending))
         return bytearray(b"".join(pending))
 
@@ -238,6 +251,24 @@ class Relay:
 
     def _abort(self) -> None:
         self.stop()
+
+    def _answered_here(self, fd: int, opcode: int, unique: int, msg: bytes) -> bool:
+        """Answer `msg` without the server if its answer is known (see the module docstring); True if so.
+        Lock requests are noted here on their way out: later FLUSHes of their node go to the server."""
+        (nodeid,) = struct.unpack_from("<Q", msg, 16)
+        if opcode == proto.FLUSH:
+            if nodeid in self.locked_nodes or len(self.locked_nodes) >= MAX_LOCKED_NODES:
+                return False
+            self._reply(fd, proto.pack_reply(unique), unique)
+            return True
+        if opcode == proto.GETXATTR:
+            if msg[_GETXATTR_NAME:_GETXATTR_NAME + len(_CAPABILITY)] != _CAPABILITY:
+                return False
+            self._reply(fd, proto.pack_reply(unique, -errno.ENODATA), unique)
+            return True
+        if len(msg) >= _LK_FLAGS + 4 and not struct.unpack_from("<I", msg, _LK_FLAGS)[0] & proto.LK_FLOCK:
+            self.locked_nodes.add(nodeid)
+        return False
 
     # ---- the relay loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -270,8 +301,9 @@ class Relay:
         readv = os.readv
         unpack_from = struct.unpack_from
         no_reply = proto.NO_REPLY
+        answered_here = _ANSWERED_HERE
+        make_room = proto.make_room
         inflight = self.inflight
-        inflight_lock = self.inflight_lock
         stop_r = self._stop_r
         header = proto.IN_HEADER.size
         while True:
@@ -298,9 +330,10 @@ class Relay:
                             continue
                         msg = bytes(rview_fd[:n])
                         opcode, unique = unpack_from("<IQ", msg, 4)
+                        if opcode in answered_here and self._answered_here(fd, opcode, unique, msg):
+                            continue
                         if opcode not in no_reply:
-                            with inflight_lock:
-                                inflight[unique] = (fd, msg)
+                            inflight[unique] = (fd, msg)
                         out += msg
                         count += 1
                     if not fuse_fds:
@@ -308,10 +341,7 @@ class Relay:
                 elif fd == stop_r:
                     return
                 else:  # the stream
-                    if end == len(rbuf):  # a partial message sits at the end: move it to the front
-                        rview[:end - start] = rview[start:end]
-                        end -= start
-                        start = 0
+                    start, end = make_room(rview, start, end)
                     try:
                         n = sock.recv_into(rview[end:])
                     except BlockingIOError:
@@ -334,8 +364,7 @@ class Relay:
                         if unique == 0:
                             notes.append(bytes(rview[start:start + length]))
                         else:
-                            with inflight_lock:
-                                entry = inflight.pop(unique, None)
+                            entry = inflight.pop(unique, None)
                             if entry is not None:  # else: a duplicate after a re-send, or a dropped request
                                 self._reply(entry[0], rview[start:start + length], unique)
                         start += length

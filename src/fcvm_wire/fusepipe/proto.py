@@ -207,6 +207,15 @@ def split_frames(buf: bytes | bytearray | memoryview, minimum: int) -> tuple[lis
     return out, pos
 
 
+def make_room(view: memoryview, start: int, end: int) -> tuple[int, int]:
+    """Before a recv into a preallocated buffer whose unparsed messages lie at `start:end`: if the buffer is full,
+    move the partial message at its end to the front. Returns the new (start, end)."""
+    if end < len(view):
+        return start, end
+    view[:end - start] = view[start:end]
+    return 0, end - start
+
+
 class InHeader(NamedTuple):
     """A parsed fuse_in_header (a tuple: cheap to build, one per request)."""
 

@@ -54,6 +54,9 @@ def since(version: Version, *, required: bool = False) -> dict[str, Any]:
     return {"since": version, "required_when_set": required}
 
 
+IDENTIFIER = {"identifier": True}  # field metadata: a Firecracker id, checked when the model is built
+
+
 def _validate_id(kind: str, value: str) -> None:
     if not ID_PATTERN.match(value):
         raise FcvmError(f"invalid Firecracker {kind} {value!r}: use only letters, digits and '_'")
@@ -61,9 +64,19 @@ def _validate_id(kind: str, value: str) -> None:
 
 @dataclass
 class Model:
-    """Base: `body(version)` is the JSON object sent; None fields are omitted."""
+    """Base: `body(version)` is the JSON object sent; None fields are omitted. Each model is named after its swagger
+    definition, which `definition` gives (for validation in tests and fc-mock)."""
 
-    definition: ClassVar[str]  # swagger definition name, for validation in tests and fc-mock
+    definition: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.definition = cls.__name__
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.metadata.get("identifier"):
+                _validate_id(f.name, getattr(self, f.name))
 
     def body(self, version: Version | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -97,7 +110,6 @@ def _encode(value: Any, version: Version | None) -> Any:
 
 @dataclass
 class TokenBucket(Model):
-    definition: ClassVar[str] = "TokenBucket"
     size: int
     refill_time: int
     one_time_burst: int | None = None
@@ -105,14 +117,12 @@ class TokenBucket(Model):
 
 @dataclass
 class RateLimiter(Model):
-    definition: ClassVar[str] = "RateLimiter"
     bandwidth: TokenBucket | None = None
     ops: TokenBucket | None = None
 
 
 @dataclass
 class BootSource(Model):
-    definition: ClassVar[str] = "BootSource"
     kernel_image_path: str
     boot_args: str | None = None
     initrd_path: str | None = None
@@ -120,7 +130,6 @@ class BootSource(Model):
 
 @dataclass
 class MachineConfiguration(Model):
-    definition: ClassVar[str] = "MachineConfiguration"
     vcpu_count: int
     mem_size_mib: int
     smt: bool | None = None
@@ -136,8 +145,7 @@ class MachineConfiguration(Model):
 
 @dataclass
 class Drive(Model):
-    definition: ClassVar[str] = "Drive"
-    drive_id: str
+    drive_id: str = field(metadata=IDENTIFIER)
     is_root_device: bool
     path_on_host: str | None = None
     is_read_only: bool | None = None
@@ -145,37 +153,25 @@ class Drive(Model):
     io_engine: Literal["Sync", "Async"] | None = None
     rate_limiter: RateLimiter | None = None
 
-    def __post_init__(self) -> None:
-        _validate_id("drive_id", self.drive_id)
-
 
 @dataclass
 class PartialDrive(Model):
-    definition: ClassVar[str] = "PartialDrive"
-    drive_id: str
+    drive_id: str = field(metadata=IDENTIFIER)
     path_on_host: str | None = None
     rate_limiter: RateLimiter | None = None
-
-    def __post_init__(self) -> None:
-        _validate_id("drive_id", self.drive_id)
 
 
 @dataclass
 class NetworkInterface(Model):
-    definition: ClassVar[str] = "NetworkInterface"
-    iface_id: str
+    iface_id: str = field(metadata=IDENTIFIER)
     host_dev_name: str
     guest_mac: str | None = None
     rx_rate_limiter: RateLimiter | None = None
     tx_rate_limiter: RateLimiter | None = None
 
-    def __post_init__(self) -> None:
-        _validate_id("iface_id", self.iface_id)
-
 
 @dataclass
 class Vsock(Model):
-    definition: ClassVar[str] = "Vsock"
     guest_cid: int
     uds_path: str
 
@@ -186,7 +182,6 @@ class Vsock(Model):
 
 @dataclass
 class MmdsConfig(Model):
-    definition: ClassVar[str] = "MmdsConfig"
     network_interfaces: list[str]
     version: Literal["V1", "V2"] | None = "V2"
     ipv4_address: str | None = "169.254.169.254"
@@ -194,19 +189,16 @@ class MmdsConfig(Model):
 
 @dataclass
 class InstanceActionInfo(Model):
-    definition: ClassVar[str] = "InstanceActionInfo"
     action_type: Literal["InstanceStart", "SendCtrlAltDel", "FlushMetrics"]
 
 
 @dataclass
 class Vm(Model):
-    definition: ClassVar[str] = "Vm"
     state: Literal["Paused", "Resumed"]
 
 
 @dataclass
 class Logger(Model):
-    definition: ClassVar[str] = "Logger"
     log_path: str | None = None
     level: Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"] | None = None
     show_level: bool | None = None
@@ -215,13 +207,11 @@ class Logger(Model):
 
 @dataclass
 class Metrics(Model):
-    definition: ClassVar[str] = "Metrics"
     metrics_path: str
 
 
 @dataclass
 class SnapshotCreateParams(Model):
-    definition: ClassVar[str] = "SnapshotCreateParams"
     snapshot_path: str
     mem_file_path: str
     snapshot_type: Literal["Full", "Diff"] | None = None
@@ -229,27 +219,23 @@ class SnapshotCreateParams(Model):
 
 @dataclass
 class MemoryBackend(Model):
-    definition: ClassVar[str] = "MemoryBackend"
     backend_type: Literal["File", "Uffd"]
     backend_path: str
 
 
 @dataclass
 class NetworkOverride(Model):
-    definition: ClassVar[str] = "NetworkOverride"
     iface_id: str
     host_dev_name: str
 
 
 @dataclass
 class VsockOverride(Model):
-    definition: ClassVar[str] = "VsockOverride"
     uds_path: str
 
 
 @dataclass
 class SnapshotLoadParams(Model):
-    definition: ClassVar[str] = "SnapshotLoadParams"
     snapshot_path: str
     mem_backend: MemoryBackend
     track_dirty_pages: bool | None = None

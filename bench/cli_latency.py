@@ -1,7 +1,8 @@
 """Wall time of `fcvm --help` and `fcvm ls` with 100 VM rows, against `python -c pass` of the same interpreter.
 
 Run: python3 bench/cli_latency.py [--runs N] [--sources DIR]   (DIR: another checkout's src/, e.g. to compare)
-Goal: `fcvm ls` with 100 rows at most 3x the anchor, then at most 2x.
+Goal: `fcvm ls` with 100 rows at most 3x the anchor, then at most 2x, measured as `python -m fcvm ls`. The `fcvm`
+console script, as pip writes it, is measured too: it skips runpy (which `-m` needs) but always imports re.
 
 The anchor is a bare `python -c pass` of the interpreter fcvm runs under (`sys.executable`), but in a fresh venv
 of it, where fcvm's sources are found through a .pth file like an installed package's. `site` runs as usual (no
@@ -24,6 +25,9 @@ from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parents[1] / "src"
 GOALS = (3.0, 2.0)
+# What `python -m fcvm ls` imports whatever fcvm does: runpy for -m, sqlite3 for the store, json for its columns (and
+# with json, re and enum). No fcvm code, no query.
+FLOOR = "import runpy, sqlite3, json"
 
 
 def _medians(commands: dict[str, list[str]], env: dict[str, str], runs: int) -> dict[str, float]:
@@ -46,6 +50,19 @@ def _clean_python(where: Path, sources: Path) -> str:
                                    capture_output=True, text=True, check=True).stdout.strip()
     (Path(site_packages) / "fcvm-sources.pth").write_text(f"{sources}\n")
     return str(python)
+
+
+def _console_script(python: str) -> str:
+    """The `fcvm` script pip writes for fcvm's console_scripts entry point (distlib's template), beside `python`."""
+    script = Path(python).with_name("fcvm")
+    script.write_text(
+        f"#!{python}\n# -*- coding: utf-8 -*-\nimport re\nimport sys\nfrom fcvm.cli.main import main\n"
+        "if __name__ == '__main__':\n"
+        "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+        "    sys.exit(main())\n"
+    )
+    script.chmod(0o755)
+    return str(script)
 
 
 def _seed_rows(python: str, env: dict[str, str]) -> None:
@@ -72,8 +89,10 @@ def main() -> None:
         env["FCVM_DATA_DIR"] = str(Path(scratch) / "data")
         _seed_rows(python, env)
         ms = _medians({"installed": [sys.executable, "-c", "pass"], "anchor": [python, "-c", "pass"],
-                       "help": [python, "-m", "fcvm", "--help"], "ls": [python, "-m", "fcvm", "ls"]}, env, args.runs)
-    installed, anchor, help_ms, ls_ms = ms["installed"], ms["anchor"], ms["help"], ms["ls"]
+                       "help": [python, "-m", "fcvm", "--help"], "ls": [python, "-m", "fcvm", "ls"],
+                       "script": [_console_script(python), "ls"], "floor": [python, "-c", FLOOR]}, env, args.runs)
+    installed, anchor, help_ms, ls_ms, script_ms = ms["installed"], ms["anchor"], ms["help"], ms["ls"], ms["script"]
+    floor = ms["floor"]
     ratio = ls_ms / anchor
     goals = ", ".join(f"<= {goal:g}x {'met' if ratio <= goal else 'NOT met'}" for goal in GOALS)
     print(f"interpreter: {sys.executable} ({sys.version.split()[0]}), fcvm from {args.sources},"
@@ -82,6 +101,8 @@ def main() -> None:
     print(f"python -c pass, clean venv (anchor) {anchor:6.1f} ms")
     print(f"fcvm --help                         {help_ms:6.1f} ms  ({help_ms / anchor:.2f}x anchor)")
     print(f"fcvm ls (100 rows)                  {ls_ms:6.1f} ms  ({ratio:.2f}x anchor; goal {goals})")
+    print(f"fcvm ls (100 rows), console script  {script_ms:6.1f} ms  ({script_ms / anchor:.2f}x anchor)")
+    print(f"floor of `python -m fcvm ls`        {floor:6.1f} ms  ({floor / anchor:.2f}x anchor: {FLOOR})")
 
 
 if __name__ == "__main__":

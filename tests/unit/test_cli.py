@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fcvm.cli.main import _exec_options_after_name, _load, build_parser
+from fcvm.cli.main import _load
+from fcvm.cli.parser import build_parser, parse
 
 
 def fcvm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -55,10 +56,11 @@ def test_every_advertised_command_is_built() -> None:
         assert callable(_load(*target.split(":"))), target
 
 
-def test_unknown_log_level_is_a_usage_error() -> None:
-    result = fcvm("--log-level", "chatty", "ls")
+@pytest.mark.parametrize(("argv", "env"), [(["--log-level", "chatty", "ls"], {}), (["ls"], {"FCVM_LOG": "chatty"})])
+def test_unknown_log_level_is_a_usage_error(argv: list[str], env: dict[str, str]) -> None:
+    result = fcvm(*argv, env=env)
     assert result.returncode == 2
-    assert "unknown log level 'chatty'" in result.stderr
+    assert result.stderr == "Error: fcvm: unknown log level 'chatty': use debug, info, warning or error\n"
 
 
 def test_ls_shows_a_live_row_and_reaps_it_after_sigkill(tmp_path: Path) -> None:
@@ -108,6 +110,5 @@ def test_inspect_and_rm_of_unknown_vm_fail_clearly() -> None:
 def test_exec_flags_may_come_before_or_after_the_name(
     argv: list[str], vm: bool, interactive: bool, tty: bool, command: list[str]
 ) -> None:
-    args = build_parser().parse_args(argv)
-    _exec_options_after_name(args)
+    args = parse(argv)
     assert (args.vm, args.interactive, args.tty, args.command) == (vm, interactive, tty, command)

@@ -236,7 +236,7 @@ def test_opening_the_store_again_in_one_process_keeps_the_first_connection_safe(
     first.create_vm("first")
     Store()  # e.g. a supervisor thread opening its own
     subprocess.run([sys.executable, "-c", "from fcvm.state import Store; Store().close()"], check=True, timeout=60)
-    wal = paths.state_db().with_name("state.db-wal")
+    wal = paths.data_dir() / "state.db-wal"
     assert wal.exists(), "another process saw no connection left and removed the WAL"
     first.create_vm("second")
     assert [vm.name for vm in first.list_vms()] == ["first", "second"]

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 import fcvm
-from fcvm.cli.main import build_parser
+from fcvm.cli.parser import build_parser
+from fcvm.cli.read_commands import READ_COMMANDS
 from fcvm.core import proc
 
 SOURCES = Path(fcvm.__file__).resolve().parents[1]
 # Each costs `fcvm ls` milliseconds at every start, and none is needed to list VMs.
-HEAVY = ("logging", "subprocess", "typing", "threading", "shlex")
+HEAVY = ("logging", "subprocess", "typing", "threading", "shlex", "dataclasses", "pathlib", "argparse", "shutil",
+         "locale", "socket")
 
 
 def _modules_after(*argv: str) -> set[str]:
@@ -38,7 +40,7 @@ def _modules_after(*argv: str) -> set[str]:
     return set(result.stdout.split())
 
 
-@pytest.mark.parametrize("argv", [("ls",), ("ls", "-a", "--json")])
+@pytest.mark.parametrize("argv", [("ls",), ("ls", "-a", "--json"), ("ls", "--json", "--all")])
 def test_ls_imports_nothing_heavy(argv: tuple[str, ...]) -> None:
     loaded = _modules_after(*argv)
     assert "fcvm.commands.ls" in loaded
@@ -55,3 +57,26 @@ def test_a_command_built_alone_parses_like_the_whole_cli() -> None:
 
     for argv in (["ls", "-a", "--json"], ["stop", "-t", "3", "a", "b"], ["podman", "run", "-d", "img", "ls", "-d"]):
         assert parsed(build_parser(argv[0]), argv) == parsed(build_parser(), argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["ls"], ["ls", "-a"], ["ls", "--all", "--json"], ["ls", "--json", "-a", "-a"],
+    ["inspect", "web"], ["inspect", ""],
+    ["logs", "web"], ["logs", "-f", "web"], ["logs", "web", "--console", "--follow"],
+    ["logs", "--console", "web", "-f"],
+])
+def test_a_read_commands_plain_argv_parses_as_argparse_parses_it(argv: list[str]) -> None:
+    plain = READ_COMMANDS[argv[0]].parse(argv[1:])
+    assert plain is not None
+    full = vars(build_parser().parse_args(argv))
+    del full["group_parser"]
+    assert vars(plain) == full
+
+
+@pytest.mark.parametrize("argv", [
+    ["ls", "--al"], ["ls", "-h"], ["ls", "extra"], ["ls", "--json=1"], ["ls", "-"], ["ls", "-aj"],
+    ["inspect"], ["inspect", "a", "b"], ["inspect", "--", "web"], ["inspect", "-x"],
+    ["logs", "web", "--fol"], ["logs", "-f"],
+])
+def test_every_other_argv_of_a_read_command_is_left_to_argparse(argv: list[str]) -> None:
+    assert READ_COMMANDS[argv[0]].parse(argv[1:]) is None

@@ -1,301 +1,46 @@
-"""`fcvm` argument parsing. Each command names its handler as "module:function" and is imported lazily,
-so `fcvm --help` and `fcvm ls` never pay for httpx, rich tables or pyroute2."""
+"""`fcvm`: argv -> the command's handler. Each command names its handler as "module:function" in fcvm.commands,
+imported lazily, so `fcvm --help` and `fcvm ls` never pay for httpx, rich tables or pyroute2; and a read command's
+plain argv is parsed without argparse (cli/read_commands.py)."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
-from collections.abc import Callable, Sequence
 
-from fcvm import __version__
+from fcvm.cli.read_commands import READ_COMMANDS
 from fcvm.core import log
 from fcvm.core.errors import FcvmError
-from fcvm.core.kinds import HYPERVISOR_CHOICES, NetworkMode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import NoReturn  # typing costs the read commands (`fcvm ls`) 4 ms at start
+    import argparse
+    from collections.abc import Callable, Sequence
+    from types import SimpleNamespace
+
+    # What a handler is given: argparse's namespace, or a read command's plain parse (attributes alike).
+    Handler = Callable[[argparse.Namespace | SimpleNamespace], int | None]
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments are a one-line error naming the problem, like every other fcvm error."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"Error: {self.prog}: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _handler(parser: argparse.ArgumentParser, target: str) -> None:
-    parser.set_defaults(handler=target, command_name=parser.prog.removeprefix("fcvm "))
-
-
-def _group(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
-    parser = sub.add_parser(name, help=help_text, description=help_text)
-    parser.set_defaults(handler=None, group_parser=parser)
-    return parser.add_subparsers(title="commands", metavar="COMMAND")
-
-
-def _add_instance_options(parser: argparse.ArgumentParser, *, what: str, boot_timeout: float) -> None:
-    """What a new VM and a clone share: name, ports, network, and how the command runs."""
-    parser.add_argument("--name", help=f"{what} name (default: generated)")
-    parser.add_argument(
-        "-p", "--publish", action="append", default=[], metavar="[HOSTIP:]HOSTPORT:GUESTPORT[/udp]",
-        help="publish a guest port on the host",
-    )
-    parser.add_argument("--network", default=None, choices=list(NetworkMode),
-                        help="bridged (root's default) or rootless (everyone else's)")
-    parser.add_argument("--allow-host-loopback", action="store_true",
-                        help="let the VM reach the host's 127.0.0.1 at its gateway address, like podman's"
-                        " slirp4netns:allow_host_loopback=true (by default a VM reaches no host service)")
-    parser.add_argument("--firecracker-bin", help="firecracker binary (also FCVM_FIRECRACKER_BIN)")
-    parser.add_argument("-d", "--detach", action="store_true", help="run in the background")
-    parser.add_argument("--rm", action="store_true", help=f"remove the {what}'s record when it exits")
-    parser.add_argument("--boot-timeout", type=float, default=boot_timeout, metavar="SECONDS",
-                        help=f"fail if it is not running this long after start (default {boot_timeout:.0f})")
-
-
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    _add_instance_options(parser, what="VM", boot_timeout=300.0)
-    parser.add_argument("--cpu", type=int, default=2, help="vCPUs (default 2)")
-    parser.add_argument("--mem", type=int, default=1024, help="memory in MiB (default 1024)")
-    parser.add_argument("-e", "--env", action="append", default=[], metavar="K=V", help="environment variable")
-    parser.add_argument(
-        "--map", action="append", default=[], metavar="HOSTDIR:GUESTDIR[:ro]",
-        help="share a host directory into the container over fuse-pipe",
-    )
-    parser.add_argument("--health-check", metavar="URL", help="HTTP URL polled through the VM's network")
-    parser.add_argument("--hypervisor", default="auto", choices=HYPERVISOR_CHOICES,
-                        help="firecracker, qemu or auto (default: firecracker where KVM can boot it)")
-    parser.add_argument("--jailer", action="store_true",
-                        help="run firecracker under its jailer: chroot, own uid and cgroup (root, bridged)")
-    parser.add_argument("--jailer-bin", help="jailer binary (also FCVM_JAILER_BIN; default: beside firecracker)")
-    parser.add_argument("--kernel", help="guest kernel to use instead of the built one")
-    parser.add_argument("--initrd", help="initramfs to use instead of the built one")
-    parser.add_argument("--user", "-u", help="user in the container")
-    parser.add_argument("--workdir", "-w", help="working directory in the container")
-    parser.add_argument("--no-snapshot", action="store_true",
-                        help="boot cold: neither start from the snapshot cache nor add to it (also FCVM_NO_SNAPSHOT=1)")
-
-
-def _podman(sub: argparse._SubParsersAction) -> None:
-    podman = _group(sub, "podman", "run containers in microVMs, podman style")
-    run = podman.add_parser("run", help="run a container in a new microVM")
-    _add_run_options(run)
-    run.add_argument("image", help="image, e.g. localhost/web or docker.io/library/nginx:alpine")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments for the container")
-    _handler(run, "podman_run:run")
-
-
-def _ls(sub: argparse._SubParsersAction) -> None:
-    ls = sub.add_parser("ls", help="list VMs")
-    ls.add_argument("-a", "--all", action="store_true", help="include exited VMs")
-    ls.add_argument("--json", action="store_true", help="print JSON")
-    _handler(ls, "ls:run")
-
-
-def _inspect(sub: argparse._SubParsersAction) -> None:
-    inspect = sub.add_parser("inspect", help="show everything fcvm knows about a VM")
-    inspect.add_argument("name")
-    _handler(inspect, "inspect:run")
-
-
-def _logs(sub: argparse._SubParsersAction) -> None:
-    logs = sub.add_parser("logs", help="show a VM's console and container output")
-    logs.add_argument("name")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
-    logs.add_argument("--console", action="store_true", help="the VM's serial console instead")
-    _handler(logs, "logs:run")
-
-
-def _exec(sub: argparse._SubParsersAction) -> None:
-    exec_ = sub.add_parser("exec", help="run a command in a VM's container (or the VM with --vm)")
-    exec_.add_argument("name")
-    exec_.add_argument("--vm", action="store_true", help="run in the VM, not the container")
-    exec_.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
-    exec_.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
-    exec_.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
-    _handler(exec_, "exec_:run")
-
-
-def _stop(sub: argparse._SubParsersAction) -> None:
-    stop = sub.add_parser("stop", help="stop VMs")
-    stop.add_argument("names", nargs="+", metavar="NAME")
-    stop.add_argument("-t", "--time", type=float, default=10.0, help="seconds to wait before killing")
-    _handler(stop, "stop:run")
-
-
-def _rm(sub: argparse._SubParsersAction) -> None:
-    rm = sub.add_parser("rm", help="remove exited VMs (running ones too with -f)")
-    rm.add_argument("names", nargs="+", metavar="NAME")
-    rm.add_argument("-f", "--force", action="store_true", help="stop running VMs first")
-    _handler(rm, "rm:run")
-
-
-def _snapshot(sub: argparse._SubParsersAction) -> None:
-    snapshot = _group(sub, "snapshot", "snapshot running VMs and start clones of them")
-    snap_create = snapshot.add_parser("create", help="snapshot a running VM (pause, save, resume)")
-    snap_create.add_argument("name", nargs="?", help="VM to snapshot")
-    snap_create.add_argument("--pid", type=int, help="the VM's fcvm process instead of its name (what $! gives)")
-    snap_create.add_argument("--tag", help="snapshot name (default: the VM's name)")
-    _handler(snap_create, "snapshot_create:run")
-    snap_serve = snapshot.add_parser("serve", help="serve a snapshot's memory over userfaultfd")
-    snap_serve.add_argument("snapshot", nargs="?", help="snapshot name")
-    snap_serve.add_argument("--mem-file", help="memory file to serve (low-level form)")
-    snap_serve.add_argument("--socket", help="Unix socket to listen on (low-level form)")
-    snap_serve.add_argument("--prefetch", choices=["on", "off"], default="on", help="working-set prefetch")
-    snap_serve.add_argument(
-        "--fault-around", default="64K", metavar="SIZE", help="bytes copied around each fault (e.g. 64K)"
-    )
-    snap_serve.add_argument("--metrics-json", metavar="PATH", help="write per-client metrics here on exit")
-    _handler(snap_serve, "snapshot_serve:run")
-    snap_run = snapshot.add_parser("run", help="start a clone of a snapshot")
-    snap_run.add_argument("--snapshot", help="snapshot to clone; memory mapped from its file")
-    snap_run.add_argument("--pid", type=int, help="`fcvm snapshot serve` process to take memory from (UFFD)")
-    _add_instance_options(snap_run, what="clone", boot_timeout=120.0)
-    snap_run.add_argument("--exec", metavar="CMD", help="run CMD in the clone's container, print, clean up")
-    _handler(snap_run, "snapshot_run:run")
-    snap_ls = snapshot.add_parser("ls", help="list snapshots and their memory servers")
-    snap_ls.add_argument("--json", action="store_true")
-    _handler(snap_ls, "snapshot_ls:run")
-    snap_prune = snapshot.add_parser("prune", help="remove snapshot cache entries beyond the size limit")
-    snap_prune.add_argument("--all", action="store_true", help="every cache entry not in use")
-    _handler(snap_prune, "snapshot_prune:run")
-    snap_rm = snapshot.add_parser("rm", help="remove snapshots (in use: only with -f, which stops their users)")
-    snap_rm.add_argument("names", nargs="+", metavar="TAG")
-    snap_rm.add_argument("-f", "--force", action="store_true", help="stop the servers and clones using it first")
-    _handler(snap_rm, "snapshot_rm:run")
-
-
-def _setup(sub: argparse._SubParsersAction) -> None:
-    setup = _group(sub, "setup", "prepare the host: storage, guest kernel, rootfs, firecracker")
-    setup_storage = setup.add_parser("storage", help="make the data directory btrfs (loopback if needed)")
-    setup_storage.add_argument("--size", default="20G", help="size of the loopback image (default 20G)")
-    _handler(setup_storage, "setup_storage:run")
-    setup_kernel = setup.add_parser("kernel", help="build the guest kernel, vmlinux and initramfs")
-    setup_kernel.add_argument("--kernel-deb", help="use this linux-image .deb instead of downloading")
-    _handler(setup_kernel, "setup_kernel:run")
-    setup_rootfs = setup.add_parser("rootfs", help="build the guest root filesystem image")
-    _handler(setup_rootfs, "setup_rootfs:run")
-    setup_uffd = setup.add_parser("uffd-preload", help="build the QEMU library for UFFD snapshot restores")
-    _handler(setup_uffd, "setup_uffd:run")
-    setup_demo = setup.add_parser("demo-image", help="build the local demo images (busybox, httpd)")
-    _handler(setup_demo, "setup_demo_image:run")
-    setup_fc = setup.add_parser("firecracker", help="install a Firecracker release")
-    setup_fc.add_argument("--tarball", help="local firecracker-vX.Y.Z-x86_64.tgz (with SHA256SUMS beside it)")
-    setup_fc.add_argument("--version", dest="fc_version", help="release to download")
-    _handler(setup_fc, "setup_firecracker:run")
-
-
-def _doctor(sub: argparse._SubParsersAction) -> None:
-    doctor = sub.add_parser("doctor", help="check what this host can do, and how to fix what it cannot")
-    doctor.add_argument("--json", action="store_true", help="print JSON")
-    _handler(doctor, "doctor:run")
-
-
-def _gc(sub: argparse._SubParsersAction) -> None:
-    gc = sub.add_parser("gc", help="remove what crashed fcvm processes left behind")
-    _handler(gc, "gc:run")
-
-
-def _serve(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="a sandbox API the official E2B SDKs drive (templates: snapshots, images)")
-    serve.add_argument("--listen", default="127.0.0.1:3000", metavar="HOST:PORT", help="default 127.0.0.1:3000")
-    serve.add_argument("--default-template", default="localhost/fcvm-busybox", metavar="TEMPLATE",
-                       help="what the SDK's default template `base` starts: a snapshot or an image")
-    serve.add_argument("--boot-timeout", type=float, default=300.0, metavar="SECONDS",
-                       help="fail a sandbox that is not running this long after start (default 300)")
-    serve.add_argument("--pool", type=int, default=0, metavar="N",
-                       help="keep N machines of each template in use started ahead, so creates only take one")
-    _handler(serve, "serve:run")
-
-
-def _fuse_pipe(sub: argparse._SubParsersAction) -> None:
-    fuse = _group(sub, "fuse-pipe", "host directories over one byte stream (FUSE over vsock)")
-    fuse_serve = fuse.add_parser("serve", help="serve DIR on a Unix socket")
-    fuse_serve.add_argument("dir")
-    fuse_serve.add_argument("--socket", required=True)
-    fuse_serve.add_argument("--ro", action="store_true", help="read-only")
-    _handler(fuse_serve, "fuse_pipe:serve")
-    fuse_mount = fuse.add_parser("mount", help="mount a served directory")
-    fuse_mount.add_argument("mountpoint")
-    fuse_mount.add_argument("--socket", help="Unix socket of the server")
-    fuse_mount.add_argument("--vsock-port", type=int, help="AF_VSOCK port on CID 2 (inside a guest)")
-    fuse_mount.add_argument("--readers", type=int, default=1, help="/dev/fuse reader threads")
-    _handler(fuse_mount, "fuse_pipe:mount")
-    fuse_local = fuse.add_parser("mount-local", help="serve DIR and mount it at MOUNTPOINT in one process")
-    fuse_local.add_argument("dir")
-    fuse_local.add_argument("mountpoint")
-    fuse_local.add_argument("--ro", action="store_true")
-    fuse_local.add_argument("--readers", type=int, default=1)
-    _handler(fuse_local, "fuse_pipe:mount_local")
-
-
-_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
-    "podman": _podman,
-    "ls": _ls,
-    "inspect": _inspect,
-    "logs": _logs,
-    "exec": _exec,
-    "stop": _stop,
-    "rm": _rm,
-    "snapshot": _snapshot,
-    "setup": _setup,
-    "doctor": _doctor,
-    "gc": _gc,
-    "serve": _serve,
-    "fuse-pipe": _fuse_pipe,
-}
-
-
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The whole CLI, or with `command` only that one under `fcvm`: building the other parsers would cost `fcvm ls`
-    about 5 ms, a fifth of its start."""
-    parser = _Parser(
-        prog="fcvm", description="Run Podman containers inside lightweight microVMs."
-    )
-    parser.add_argument("--version", action="version", version=f"fcvm {__version__}")
-    parser.add_argument("--log-level", help="debug, info, warning or error (also FCVM_LOG)")
-    parser.set_defaults(handler=None, group_parser=parser)
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name, add in _COMMANDS.items():
-        if command in (None, name):
-            add(sub)
-    return parser
-
-
-_EXEC_FLAGS = {"--vm": ("vm",), "-i": ("interactive",), "--interactive": ("interactive",), "-t": ("tty",),
-               "--tty": ("tty",), "-it": ("interactive", "tty"), "-ti": ("interactive", "tty")}
-
-
-def _exec_options_after_name(args: argparse.Namespace) -> None:
-    """`fcvm exec NAME --vm -it -- CMD`: flags may also sit between the name and `--`."""
-    command = list(args.command)
-    while command and command[0] in _EXEC_FLAGS:
-        for flag in _EXEC_FLAGS[command.pop(0)]:
-            setattr(args, flag, True)
-    if command[:1] == ["--"]:
-        command.pop(0)
-    args.command = command
-
-
-def _load(module_name: str, function_name: str) -> Callable[[argparse.Namespace], int | None]:
-    module = importlib.import_module(f"fcvm.commands.{module_name}")
-    handler: Callable[[argparse.Namespace], int | None] = getattr(module, function_name)
+def _load(module_name: str, function_name: str) -> Handler:
+    # __import__, not importlib.import_module: the importlib package would cost every command 0.4 ms.
+    module = __import__(f"fcvm.commands.{module_name}", fromlist=[function_name])
+    handler: Handler = getattr(module, function_name)
     return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
-    # Only when the command comes first: `fcvm --help ls` and `fcvm --log-level debug ls` need the top level whole.
-    parser = build_parser(words[0] if words[:1] and words[0] in _COMMANDS else None)
-    args = parser.parse_args(words)
-    if getattr(args, "handler", None) == "exec_:run":
-        _exec_options_after_name(args)
+    read_command = READ_COMMANDS.get(words[0]) if words else None
+    args: argparse.Namespace | SimpleNamespace | None = read_command.parse(words[1:]) if read_command else None
+    if args is None:
+        from fcvm.cli.parser import parse
+
+        args = parse(words)
     try:
         log.setup(args.log_level)
     except ValueError as exc:
-        parser.error(str(exc))
+        from fcvm.cli.parser import usage_error
+
+        usage_error(str(exc))
     if args.handler is None:
         args.group_parser.print_help(sys.stderr)
         return 2

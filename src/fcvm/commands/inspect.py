@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from fcvm.core import paths
 from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from types import SimpleNamespace
 
-def run(args: argparse.Namespace) -> int:
+
+def run(args: argparse.Namespace | SimpleNamespace) -> int:
     store = Store()
     reap_stale(store)
     vm = store.require_vm(args.name)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from fcvm.core import table
 from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store, VmRecord
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from types import SimpleNamespace
 
 
 def format_ports(vm: VmRecord) -> str:
@@ -32,7 +36,7 @@ def format_status(vm: VmRecord) -> str:
     return f"exited ({vm.exit_code})" if vm.exit_code is not None else "exited (killed)"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace | SimpleNamespace) -> int:
     store = Store()
     reap_stale(store)
     vms = store.list_vms(include_exited=args.all)

@@ -60,7 +60,7 @@ def _create_row(store: Store, name: str, config: dict[str, Any]) -> VmRecord:
         return store.create_vm(name, kind=RowKind.SERVE, process=ProcessRef.self(), config=config)
 
 
-def stop_clones(store_path: Path, serve_id: str, server: Server) -> None:
+def stop_clones(store_path: str, serve_id: str, server: Server) -> None:
     """Stop every live clone served by `serve_id`, all at once, while the server keeps serving."""
     store = Store(store_path)
     try:

@@ -12,7 +12,7 @@ from fcvm.core import log
 from fcvm.core.kinds import VmStatus
 from fcvm.core.proc import ProcessRef
 from fcvm.core.wait import wait_until
-from fcvm.state.store import JournalEntry, Store, VmRecord
+from fcvm.state.store import JournalEntry, Store, VmRecord, owner_gone
 
 # Loggers are fetched where something is logged: `fcvm ls` with nothing to reap never imports logging.
 
@@ -73,19 +73,20 @@ def reap_stale(store: Store, *, wait: float = 60.0) -> list[VmRecord]:
 
     def settled() -> bool:
         busy = False
-        for vm in store.list_vms():
-            if vm.is_stale():
+        for vm_id, status, pid, pid_start in store.live_vm_owners():
+            if owner_gone(pid, pid_start):
                 # Take ownership of the row first, so that concurrent reapers skip it and a reaper that dies
                 # midway leaves a row that is stale again. Once per call: a row left unfinished stays stale.
-                if any(vm.id == done.id for done in reaped):
+                if any(vm_id == done.id for done in reaped):
                     continue
-                if _take_over(store, vm, me):
-                    log.get("cleanup").info("reaping %s (%s): its process %s is gone", vm.name, vm.id, vm.pid)
+                if _take_over(store, vm_id, pid, pid_start, me):
+                    vm = store.require_vm(vm_id)
+                    log.get("cleanup").info("reaping %s (%s): its process %s is gone", vm.name, vm.id, pid)
                     finish_vm(store, vm, exit_code=None)
                     reaped.append(vm)
                 else:
                     busy = True  # another reaper took it over since we listed it: look again
-            elif vm.status == VmStatus.STOPPING:
+            elif status == VmStatus.STOPPING:
                 busy = True  # another process is reaping it (only reapers set `stopping`): let it finish
         return not busy
 
@@ -94,11 +95,11 @@ def reap_stale(store: Store, *, wait: float = 60.0) -> list[VmRecord]:
     return reaped
 
 
-def _take_over(store: Store, vm: VmRecord, me: ProcessRef) -> bool:
+def _take_over(store: Store, vm_id: str, pid: int | None, pid_start: int | None, me: ProcessRef) -> bool:
     with store.transaction() as db:
         cursor = db.execute(
             "UPDATE vms SET pid = ?, pid_start = ?, status = 'stopping'"
             " WHERE id = ? AND pid IS ? AND pid_start IS ? AND status != 'exited'",
-            (me.pid, me.start, vm.id, vm.pid, vm.pid_start),
+            (me.pid, me.start, vm_id, pid, pid_start),
         )
         return cursor.rowcount == 1

@@ -38,6 +38,8 @@ GUEST_MAC = "06:00:ac:1f:00:02"  # locally administered, unicast
 TAP_NAME = "tap0"
 # The namespace end of the uplink: the veth peer (bridged) or slirp4netns' tap (rootless).
 UPLINK_NAME = "uplink0"
+UPLINK_MAC = "06:00:ac:1e:00:02"  # the veth peer's, in every VM: the host knows it before the namespace is up
+NUD_PERMANENT = 0x80  # a neighbour entry that is never resolved again (linux/neighbour.h)
 IFNAMSIZ = 15  # usable characters
 
 NETNS_DIR = Path("/run/netns")

@@ -8,6 +8,10 @@ VMs) and OUTPUT (this host, including 127.0.0.1: route_localnet on the veth plus
 back); the /30 is masqueraded on the way out. Inside the netns the published guest ports on 172.30.N.2 are
 DNATed to the guest and the guest's traffic is masqueraded as 172.30.N.2.
 
+The namespace end of the veth has a fixed MAC, which the host knows from the start (a permanent neighbour entry):
+a connection to a published port that comes before the namespace's uplink is up must not leave the host waiting
+for an ARP answer, which it would ask again only after 1 s.
+
 What a VM may reach: the world (through NAT), DNS, and published ports on the host's addresses, as any
 outside client would. Not the host (FCVM-INPUT rejects new connections from the veth, except DNS to the
 nameservers the guest was given and, with --allow-host-loopback, the host's loopback), and not another VM
@@ -135,9 +139,10 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
         journal.record("link", ifname=net.host_if)
         with IPRoute() as ipr:
             ipr.link("add", ifname=net.host_if, kind="veth",
-                     peer={"ifname": base.UPLINK_NAME, "net_ns_fd": net.netns})
+                     peer={"ifname": base.UPLINK_NAME, "address": base.UPLINK_MAC, "net_ns_fd": net.netns})
             index = ipr.link_lookup(ifname=net.host_if)[0]
             ipr.addr("add", index=index, address=net.host_side_ip, prefixlen=30)
+            ipr.neigh("add", dst=net.ns_side_ip, lladdr=base.UPLINK_MAC, ifindex=index, state=base.NUD_PERMANENT)
             ipt.write_sysctl(f"net.ipv4.conf.{net.host_if}.route_localnet", "1")
             ipr.link("set", index=index, state="up")
         for table, chain, rule in _host_rules(net):

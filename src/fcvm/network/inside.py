@@ -7,6 +7,10 @@ leaves masqueraded as the uplink address. Only GUEST_IP may send through the nam
 spoof), and nothing but answers and published ports reaches the guest. With `host_loopback` the guest's TCP
 and UDP to its gateway address go to that address (whence the host's 127.0.0.1). Nothing here is journaled:
 it all dies with the namespace.
+
+The guest's MAC is fixed, so the namespace knows it from the start (a permanent neighbour entry): a connection
+that arrives while the guest is not yet running waits in the TAP's queue, not for an ARP answer that would be
+asked again only after 1 s.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def configure(config: dict[str, Any]) -> None:
         tap = _link(ipr, base.TAP_NAME)
         ipr.addr("add", index=tap, address=base.GATEWAY_IP, prefixlen=base.GUEST_PREFIX)
         ipr.link("set", index=tap, state="up")
+        ipr.neigh("add", dst=base.GUEST_IP, lladdr=base.GUEST_MAC, ifindex=tap, state=base.NUD_PERMANENT)
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
     # The guest speaks IPv4 only: no IPv6, not even link-local, between it and the namespace.
     with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6

@@ -123,16 +123,17 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     """Build it all, journaling each resource before creating it. On failure the caller undoes the journal."""
     if os.geteuid() != 0:
         raise UsageError("--network bridged needs root", hint="run as root, or use --network rootless")
-    for tool in ("iptables", "nsenter"):
+    for tool in ("iptables", "iptables-restore", "iptables-save", "nsenter"):
         base.tool(tool)
     net = base.VmNetwork(mode="bridged", vm_id=vm_id, ports=list(ports), netns=base.netns_name(vm_id),
                          host_if=base.host_ifname(vm_id), dns=base.host_dns(), host_loopback=host_loopback)
     with ipt.host_lock():
-        dnat = {p: ipt.published_ports(p) for p in ("tcp", "udp")}
+        ruleset = ipt.Ruleset.read()
+        dnat = {p: ruleset.published_ports(p) for p in ("tcp", "udp")}
         base.check_ports(store, vm_id, ports, default_addr="0.0.0.0",
                          published_elsewhere=lambda m: m.host_port in dnat[m.protocol])
         net.subnet = store.allocate("subnet", vm_id, _subnet_candidates())
-        ipt.acquire_host(journal, vm_id)
+        ipt.acquire_host(journal, vm_id, ruleset)
 
         journal.record("netns", name=net.netns)
         pr_netns.create(net.netns)
@@ -145,8 +146,7 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
             ipr.neigh("add", dst=net.ns_side_ip, lladdr=base.UPLINK_MAC, ifindex=index, state=base.NUD_PERMANENT)
             ipt.write_sysctl(f"net.ipv4.conf.{net.host_if}.route_localnet", "1")
             ipr.link("set", index=index, state="up")
-        for table, chain, rule in _host_rules(net):
-            ipt.add_rule(journal, table, chain, rule)
+        ipt.add_rules(journal, _host_rules(net))
 
     proc.run(base.inside_argv(net, {
         "uplink": base.UPLINK_NAME, "uplink_addr": f"{net.ns_side_ip}/30", "uplink_ip": net.ns_side_ip,

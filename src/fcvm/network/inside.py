@@ -23,14 +23,15 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from fcvm.core import proc
+from fcvm.core.errors import FcvmError
 from fcvm.network import base
+from fcvm.network import iptables as ipt
 
 
 def _link(ipr: IPRoute, name: str) -> int:
     found = ipr.link_lookup(ifname=name)
     if not found:
-        raise SystemExit(f"fcvm.network.inside: no link {name!r} in this namespace")
+        raise FcvmError(f"no link {name!r} in the VM's network namespace")
     return int(found[0])
 
 
@@ -54,32 +55,30 @@ def configure(config: dict[str, Any]) -> None:
     # The guest speaks IPv4 only: no IPv6, not even link-local, between it and the namespace.
     with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
         Path(f"/proc/sys/net/ipv6/conf/{base.TAP_NAME}/disable_ipv6").write_text("1\n")
-    iptables = base.tool("iptables")
-    for rule in _rules(config):
-        proc.run([iptables, "-w", "10", *rule], timeout=30)
+    ipt.restore(_rules(config))
 
 
-def _rules(config: dict[str, Any]) -> list[list[str]]:
+def _rules(config: dict[str, Any]) -> list[ipt.Rule]:
     uplink, tap = config["uplink"], base.TAP_NAME
-    rules = []
+    rules: list[ipt.Rule] = []
     for protocol, port in config["published"]:
-        rules.append(["-t", "nat", "-A", "PREROUTING", "-i", uplink, "-d", config["uplink_ip"], "-p", protocol,
-                      "-m", protocol, "--dport", str(port), "-j", "DNAT", "--to-destination", base.GUEST_IP])
+        rules.append(("nat", "PREROUTING", ["-i", uplink, "-d", config["uplink_ip"], "-p", protocol, "-m", protocol,
+                                            "--dport", str(port), "-j", "DNAT", "--to-destination", base.GUEST_IP]))
     if config.get("host_loopback"):
         for protocol in ("tcp", "udp"):
-            rules.append(["-t", "nat", "-A", "PREROUTING", "-i", tap, "-d", base.GATEWAY_IP, "-p", protocol,
-                          "-j", "DNAT", "--to-destination", config["host_loopback"]])
+            rules.append(("nat", "PREROUTING", ["-i", tap, "-d", base.GATEWAY_IP, "-p", protocol,
+                                                "-j", "DNAT", "--to-destination", config["host_loopback"]]))
     rules += [
-        ["-t", "nat", "-A", "POSTROUTING", "-s", base.GUEST_NET, "-o", uplink, "-j", "MASQUERADE"],
-        ["-t", "filter", "-A", "INPUT", "-i", tap, "!", "-s", base.GUEST_IP, "-j", "DROP"],
-        ["-t", "filter", "-A", "FORWARD", "-i", tap, "!", "-s", base.GUEST_IP, "-j", "DROP"],
-        ["-t", "filter", "-A", "FORWARD", "-o", tap, "-m", "conntrack", "!", "--ctstate",
-         "DNAT,ESTABLISHED,RELATED", "-j", "DROP"],
+        ("nat", "POSTROUTING", ["-s", base.GUEST_NET, "-o", uplink, "-j", "MASQUERADE"]),
+        ("filter", "INPUT", ["-i", tap, "!", "-s", base.GUEST_IP, "-j", "DROP"]),
+        ("filter", "FORWARD", ["-i", tap, "!", "-s", base.GUEST_IP, "-j", "DROP"]),
+        ("filter", "FORWARD", ["-o", tap, "-m", "conntrack", "!", "--ctstate", "DNAT,ESTABLISHED,RELATED",
+                               "-j", "DROP"]),
     ]
     if config.get("block_new_to"):
         # The guest may answer connections from there (published ports) but not open any (host loopback).
-        rules.append(["-t", "filter", "-A", "FORWARD", "-i", tap, "-d", config["block_new_to"],
-                      "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"])
+        rules.append(("filter", "FORWARD", ["-i", tap, "-d", config["block_new_to"],
+                                            "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"]))
     return rules
 
 

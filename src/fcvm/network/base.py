@@ -294,8 +294,17 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.01) 
         time.sleep(interval)
 
 
-def inside_argv(net: VmNetwork, config: dict[str, Any]) -> list[str]:
-    """argv that configures the VM's namespace from the inside (fcvm.network.inside)."""
+def configure_inside(net: VmNetwork, config: dict[str, Any]) -> None:
+    """Configure the VM's namespace from the inside (fcvm.network.inside). In a root-owned network namespace
+    a thread of ours enters it; a user namespace takes a process of its own (a threaded process cannot join one),
+    run under enter_argv()."""
+    if net.mode == "bridged":
+        from fcvm.network import bridged
+
+        bridged.configure_in_netns(net.netns, config)
+        return
     import json
 
-    return [*net.enter_argv(), sys.executable, "-m", "fcvm.network.inside", json.dumps(config)]
+    from fcvm.core import proc
+
+    proc.run([*net.enter_argv(), sys.executable, "-m", "fcvm.network.inside", json.dumps(config)], timeout=60)

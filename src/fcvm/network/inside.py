@@ -1,5 +1,5 @@
-"""Configures a VM's network namespace from the inside: `python -m fcvm.network.inside CONFIG_JSON`,
-launched through VmNetwork.enter_argv(), so it works the same in a root netns and in a user+net namespace.
+"""Configures a VM's network namespace from the inside: `configure(config)` in a thread that entered a root-owned
+netns, or `python -m fcvm.network.inside CONFIG_JSON` under VmNetwork.enter_argv() for a user+net namespace.
 
 Creates the TAP with the gateway address, brings up the uplink (the veth peer or slirp4netns' tap), enables
 forwarding, and NATs: the published guest ports on the uplink address go to GUEST_IP, and the guest's traffic

@@ -4,9 +4,10 @@ working-set prefetch, and the host-side time from `fcvm snapshot run` to `cont`.
 image (`fcvm podman run -d localhost/fcvm-demo-httpd`, 2 vCPUs, 1 GiB), measured the same way in the same run.
 
 Run (root, after scripts/setup-host.sh and `fcvm setup uffd-preload`): python3 bench/clone.py [--clones 10]
-[--parallel 10] [--phases file,trace,uffd,par,mem] [--baseline-src DIR]. With --baseline-src (the src/ of
-another checkout, say the commit before a change), the File clones alternate between that code and this
-checkout's, and the parallel File clones run once with each: a before/after under the same load.
+[--parallel 10] [--phases file,trace,uffd,par,mem] [--baseline-src DIR ...]. With --baseline-src (the src/ of
+another checkout, say the commit before a change; repeatable), the File clones alternate between that code and
+this checkout's, and the parallel File clones run with the first and with this one: a before/after under the
+same load.
 It works in its own data dir (--data-dir, default /var/lib/fcvm/bench-clone: the same btrfs as the assets, so
 reflinks work), shares the built assets, stops everything after each phase and removes the data dir at the end.
 
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -266,17 +267,17 @@ def phase_source(results: dict[str, Any], pause_runs: int) -> None:
     stop_all([SOURCE])
 
 
-def sequential(label: str, count: int, serve_pid: int | None, *, baseline: Path | None = None
-               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`count` clones one after the other (and as many from `baseline`, alternating with them): (runs, baseline
-    runs)."""
+def sequential(label: str, count: int, serve_pid: int | None, *, baselines: Sequence[Path] = ()
+               ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """`count` clones one after the other (and as many from each of `baselines`, in turn with them): (runs,
+    {baseline: its runs})."""
     runs: list[dict[str, Any]] = []
-    base_runs: list[dict[str, Any]] = []
-    order = [(i, src) for i in range(count) for src in ([baseline, None] if baseline else [None])]
-    for i, src in order:
-        name, port = f"{label}{'b' if src else ''}{i}", free_port()
+    base_runs: dict[str, list[dict[str, Any]]] = {str(b): [] for b in baselines}
+    order = [(i, b, src) for i in range(count) for b, src in [*enumerate(baselines), (None, None)]]
+    for i, b, src in order:
+        name, port = f"{label}{'' if b is None else f'b{b}-'}{i}", free_port()
         run = launch(clone_argv(name, port, serve_pid=serve_pid), name, port, src=src)
-        (base_runs if src else runs).append(run)
+        (runs if src is None else base_runs[str(src)]).append(run)
         if "failed" in run:
             stop_all([name])
             continue
@@ -399,17 +400,21 @@ def summarize(results: dict[str, Any]) -> None:
           f"({', '.join(f'{p:.3f}' for p in idle)}), after {WORKING_SET_MIB + COLD_MIB} MiB written "
           f"{results['pause_dirty']['pause_s']:.3f} s; the command {results['pause_dirty']['command_s']:.2f} s")
 
-    keys = (("File, baseline", "file_seq_base"), ("File", "file_seq"), ("Uffd, prefetch on", "uffd_seq"),
-            ("Uffd, prefetch off", "uffd_seq_off"))
-    series = [(label, [r for r in results[key] if "failed" not in r]) for label, key in keys if results.get(key)]
-    for _, key in keys:
-        for run in results.get(key, []):
+    all_series = [(f"File, {src}", runs) for src, runs in results.get("file_seq_base", {}).items()]
+    all_series += [(label, results[key]) for label, key in (("File", "file_seq"), ("Uffd, prefetch on", "uffd_seq"),
+                                                            ("Uffd, prefetch off", "uffd_seq_off")) if key in results]
+    series = [(label, [r for r in runs if "failed" not in r]) for label, runs in all_series]
+    for _, runs in all_series:
+        for run in runs:
             if "failed" in run:
                 print(f"FAILED to start: {run['name']}: {run['failed']}")
     n = max((len(runs) for _, runs in series), default=0)
     print(f"\nclone spawn, {n} sequential clones each (p50 / p95, seconds; ratio = p50 / the cold boot's):")
     print(f"{'':<22}{'-d returned':>22}{'exec-ready':>22}{'page served':>22}{'host to cont':>16}")
     for label, runs in series:
+        if len(label) > 22:
+            print(label)
+            label = ""
         cells = []
         for key in ("returned", "exec", "page"):
             values = [r[key] for r in runs]
@@ -422,7 +427,7 @@ def summarize(results: dict[str, Any]) -> None:
         gap = statistics.median(r["t0_gap"] for r in runs)
         stage_p50 = "  ".join(f"{s} {statistics.median(r['timings'][s] for r in runs):.3f}" for s in stages
                               if all(s in r["timings"] for r in runs))
-        print(f"  {label:<20} launch->t0 {gap:.3f}  {stage_p50}")
+        print(f"  {label[-20:]:<20} launch->t0 {gap:.3f}  {stage_p50}")
         container = statistics.median(r["exec_container_s"] for r in runs)
         in_vm = statistics.median(r["exec_vm_s"] for r in runs)
         print(f"  {'':<20} one exec on the running clone: container {container:.2f} s, --vm {in_vm:.2f} s")
@@ -508,12 +513,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"which phases after the anchor and the snapshot, of {','.join(PHASES)}")
-    parser.add_argument("--baseline-src", type=Path, help="another checkout's src/, run alternately with this one's")
+    parser.add_argument("--baseline-src", type=Path, action="append", default=[],
+                        help="another checkout's src/, run alternately with this one's (repeatable)")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     if not phases <= set(PHASES):
         raise SystemExit(f"--phases: unknown {', '.join(sorted(phases - set(PHASES)))}")
-    baseline = args.baseline_src.resolve() if args.baseline_src else None
+    baselines = [b.resolve() for b in args.baseline_src]
     at_once = args.parallel or args.clones
     if args.data_dir.exists():
         raise SystemExit(f"{args.data_dir} exists (an earlier run?): remove it first")
@@ -531,8 +537,8 @@ def main() -> None:
     try:
         phase_source(results, args.pause_runs)
         if "file" in phases:
-            log("sequential File clones" + (f", alternating with {baseline}" if baseline else ""))
-            results["file_seq"], results["file_seq_base"] = sequential("file", args.clones, None, baseline=baseline)
+            log("sequential File clones" + "".join(f", in turn with {b}" for b in baselines))
+            results["file_seq"], results["file_seq_base"] = sequential("file", args.clones, None, baselines=baselines)
         if "trace" in phases and shutil.which("perf"):
             log("one File clone under `perf record`: where the host-side time goes")
             results["trace"] = traced_clone("traced", free_port(), args.data_dir)
@@ -552,8 +558,8 @@ def main() -> None:
             with page_server("off") as serve_pid:
                 results["uffd_seq_off"], _ = sequential("uoff", args.clones, serve_pid)
         if "par" in phases:
-            if baseline:
-                par = results["file_par_base"] = parallel("bpar", at_once, None, src=baseline)
+            if baselines:
+                par = results["file_par_base"] = parallel("bpar", at_once, None, src=baselines[0])
                 stop_all(par["all_names"])
             par = results["file_par"] = parallel("fpar", at_once, None)
             if "mem" in phases:

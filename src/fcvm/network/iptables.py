@@ -131,10 +131,13 @@ class Ruleset:
 
     @classmethod
     def read(cls) -> Ruleset:
-        out = proc.run([base.tool("iptables-save")], timeout=30).stdout.decode()
+        return cls.parse(proc.run([base.tool("iptables-save")], timeout=30).stdout.decode())
+
+    @classmethod
+    def parse(cls, saved: str) -> Ruleset:
         tables: dict[str, dict[str, list[list[str]]]] = {}
         chains: dict[str, list[list[str]]] = {}
-        for line in out.splitlines():
+        for line in saved.splitlines():
             if line.startswith("*"):
                 chains = tables.setdefault(line[1:].strip(), {})
             elif line.startswith(":"):

@@ -35,6 +35,8 @@ GATEWAY_IP = "172.31.0.1"
 GUEST_PREFIX = 30
 GUEST_NET = "172.31.0.0/30"
 GUEST_MAC = "06:00:ac:1f:00:02"  # locally administered, unicast
+# The TAP's (the guest's gateway's) MAC: a clone's guest finds its gateway where its snapshot's neighbour cache says.
+GATEWAY_MAC = "06:00:ac:1f:00:01"
 TAP_NAME = "tap0"
 # The namespace end of the uplink: the veth peer (bridged) or slirp4netns' tap (rootless).
 UPLINK_NAME = "uplink0"

@@ -10,7 +10,8 @@ it all dies with the namespace.
 
 The guest's MAC is fixed, so the namespace knows it from the start (a permanent neighbour entry): a connection
 that arrives while the guest is not yet running waits in the TAP's queue, not for an ARP answer that would be
-asked again only after 1 s.
+asked again only after 1 s. The TAP's MAC is fixed too: a clone's guest answers through the gateway its
+snapshot's neighbour cache knows, before the agent has flushed that cache.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def configure(config: dict[str, Any]) -> None:
         ipr.link("add", ifname=base.TAP_NAME, kind="tuntap", mode="tap",
                  **({"uid": config["tap_uid"]} if config.get("tap_uid") is not None else {}))
         tap = _link(ipr, base.TAP_NAME)
+        ipr.link("set", index=tap, address=base.GATEWAY_MAC)
         ipr.addr("add", index=tap, address=base.GATEWAY_IP, prefixlen=base.GUEST_PREFIX)
         ipr.link("set", index=tap, state="up")
         ipr.neigh("add", dst=base.GUEST_IP, lladdr=base.GUEST_MAC, ifindex=tap, state=base.NUD_PERMANENT)

@@ -4,6 +4,10 @@ working-set prefetch, and the host-side time from `fcvm snapshot run` to `cont`.
 image (`fcvm podman run -d localhost/fcvm-demo-httpd`, 2 vCPUs, 1 GiB), measured the same way in the same run.
 
 Run (root, after scripts/setup-host.sh and `fcvm setup uffd-preload`): python3 bench/clone.py [--clones 10]
+[--parallel 10] [--phases file,trace,uffd,par,mem] [--baseline-src DIR ...]. With --baseline-src (the src/ of
+another checkout, say the commit before a change; repeatable), the File clones alternate between that code and
+this checkout's, and the parallel File clones run with the first and with this one: a before/after under the
+same load.
 It works in its own data dir (--data-dir, default /var/lib/fcvm/bench-clone: the same btrfs as the assets, so
 reflinks work), shares the built assets, stops everything after each phase and removes the data dir at the end.
 
@@ -29,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +45,7 @@ IMAGE = "localhost/fcvm-demo-httpd"
 PAGE = "fcvm demo page"
 SOURCE = "bench-src"
 TAG = "bench-v1"
+PHASES = ("file", "trace", "uffd", "par", "mem")
 WORKING_SET_MIB = 384
 COLD_MIB = 128
 MiB = 1 << 20
@@ -54,9 +59,12 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def fcvm(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def fcvm(*args: str, check: bool = True, timeout: float = 600, src: Path | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    """`python3 -m fcvm ARGS`, from `src` (a checkout's src/ directory) when given."""
+    env = {**os.environ, "PYTHONPATH": str(src)} if src else None
     result = subprocess.run([sys.executable, "-m", "fcvm", *args], capture_output=True, text=True, timeout=timeout,
-                            check=False)
+                            check=False, env=env)
     if check and result.returncode != 0:
         raise SystemExit(f"fcvm {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -134,16 +142,18 @@ def exec_ok(name: str, *, vm: bool = False, deadline: float = 120) -> tuple[floa
         time.sleep(0.05)
 
 
-def launch(argv: list[str], name: str, port: int, *, run_exec: bool = True) -> dict[str, Any]:
-    """Run `fcvm ARGV -d` for VM `name` publishing `port`: launch -> returned, -> exec-ready, -> page served.
-    A start that fails is recorded (its error in "failed"), not fatal: the summary counts it."""
+def launch(argv: list[str], name: str, port: int, *, run_exec: bool = True, src: Path | None = None
+           ) -> dict[str, Any]:
+    """Run `fcvm ARGV -d` (from `src` when given) for VM `name` publishing `port`: launch -> returned,
+    -> exec-ready, -> page served. A start that fails is recorded (its error in "failed"), not fatal: the summary
+    counts it."""
     wall0 = time.time()
     start = time.perf_counter()
     page: list[float | None] = []
     give_up = threading.Event()
     poller = threading.Thread(target=lambda: page.append(page_served(port, start, give_up)), daemon=True)
     poller.start()
-    started = fcvm(*argv, timeout=600, check=False)
+    started = fcvm(*argv, timeout=600, check=False, src=src)
     result: dict[str, Any] = {"name": name, "returned": time.perf_counter() - start, "load": load()}
     if started.returncode != 0:
         give_up.set()
@@ -257,12 +267,17 @@ def phase_source(results: dict[str, Any], pause_runs: int) -> None:
     stop_all([SOURCE])
 
 
-def sequential(label: str, count: int, serve_pid: int | None) -> list[dict[str, Any]]:
-    runs = []
-    for i in range(count):
-        name, port = f"{label}{i}", free_port()
-        run = launch(clone_argv(name, port, serve_pid=serve_pid), name, port)
-        runs.append(run)
+def sequential(label: str, count: int, serve_pid: int | None, *, baselines: Sequence[Path] = ()
+               ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """`count` clones one after the other (and as many from each of `baselines`, in turn with them): (runs,
+    {baseline: its runs})."""
+    runs: list[dict[str, Any]] = []
+    base_runs: dict[str, list[dict[str, Any]]] = {str(b): [] for b in baselines}
+    order = [(i, b, src) for i in range(count) for b, src in [*enumerate(baselines), (None, None)]]
+    for i, b, src in order:
+        name, port = f"{label}{'' if b is None else f'b{b}-'}{i}", free_port()
+        run = launch(clone_argv(name, port, serve_pid=serve_pid), name, port, src=src)
+        (runs if src is None else base_runs[str(src)]).append(run)
         if "failed" in run:
             stop_all([name])
             continue
@@ -275,7 +290,7 @@ def sequential(label: str, count: int, serve_pid: int | None) -> list[dict[str, 
         log(f"{name}: returned {run['returned']:.2f} s, exec-ready {run['exec']:.2f} s, page {run['page']:.2f} s, "
             f"host to cont {run.get('host_to_cont', 0) * 1000:.0f} ms")
         stop_all([name])  # before the next: idle clones would load the 2 cores
-    return runs
+    return runs, base_runs
 
 
 def traced_clone(name: str, port: int, work: Path) -> dict[str, float]:
@@ -314,24 +329,30 @@ def traced_clone(name: str, port: int, work: Path) -> dict[str, float]:
             events.append((ts, pid, event, values.get("filename", "")))
     execs = [(ts, pid, filename) for ts, pid, event, filename in events if event == "sched_process_exec"]
     pythons = [(ts, pid) for ts, pid, filename in execs if "/python" in filename]
-    inside_start, inside = pythons[2]  # `snapshot run`, the supervisor, then the netns setup under nsenter
     qemu_exec = next(ts for ts, _, filename in execs if "qemu-system" in filename)
-    host_iptables = [ts for ts, _, filename in execs if filename.endswith("/iptables") and ts < inside_start]
-    marks = {
-        "main": pythons[0][0], "child": pythons[1][0], "t0": timings["t0_wall"] - wall_offset,
-        "iptables_first": host_iptables[0], "inside_start": inside_start,
-        "inside_end": next(ts for ts, pid, event, _ in events if pid == inside and event == "sched_process_exit"),
-        "qemu_exec": qemu_exec, "loaded": timings["t0_wall"] + timings["loaded"] - wall_offset,
-        "resumed": timings["t0_wall"] + timings["resumed"] - wall_offset,
-    }
+    marks = {"main": pythons[0][0], "child": pythons[1][0], "t0": timings["t0_wall"] - wall_offset}
+    # `snapshot run`, the supervisor, then (before fcvm configured the netns from a thread of the supervisor) the
+    # netns setup under nsenter
+    inside_pythons = [(ts, pid) for ts, pid in pythons[2:] if ts < qemu_exec]
+    network_end = inside_pythons[0][0] if inside_pythons else qemu_exec
+    host_iptables = [ts for ts, _, filename in execs if "/iptables" in filename and ts < network_end]
+    marks["iptables_first"] = host_iptables[0]
+    if inside_pythons:
+        inside_start, inside = inside_pythons[0]
+        marks["inside_start"] = inside_start
+        marks["inside_end"] = next(ts for ts, pid, event, _ in events
+                                   if pid == inside and event == "sched_process_exit")
+    marks.update(qemu_exec=qemu_exec, loaded=timings["t0_wall"] + timings["loaded"] - wall_offset,
+                 resumed=timings["t0_wall"] + timings["resumed"] - wall_offset)
     result = {k: (v - start) * 1000 for k, v in marks.items()}
     result["iptables_host"] = len(host_iptables)
+    result["iptables_all"] = sum(1 for ts, _, filename in execs if "/iptables" in filename and ts < qemu_exec)
     result["processes"] = sum(1 for ts, _, _ in execs if ts <= marks["resumed"])
     data.unlink()
     return result
 
 
-def parallel(label: str, count: int, serve_pid: int | None) -> dict[str, Any]:
+def parallel(label: str, count: int, serve_pid: int | None, *, src: Path | None = None) -> dict[str, Any]:
     names = [f"{label}{i}" for i in range(count)]
     ports: list[int] = []
     while len(ports) < count:
@@ -341,7 +362,7 @@ def parallel(label: str, count: int, serve_pid: int | None) -> dict[str, Any]:
     log(f"{count} {label} clones at once")
     with ThreadPoolExecutor(count) as pool:
         runs = list(pool.map(lambda np: launch(clone_argv(np[0], np[1], serve_pid=serve_pid), np[0], np[1],
-                                               run_exec=False), zip(names, ports, strict=True)))
+                                               run_exec=False, src=src), zip(names, ports, strict=True)))
     served = [r for r in runs if "failed" not in r]
     wall = max(r["page"] for r in served)
     log(f"{len(served)} of {count} serve their page after {wall:.2f} s")
@@ -369,7 +390,6 @@ def memory(names: list[str], steps: list[tuple[str, str]]) -> dict[str, Any]:
 
 def summarize(results: dict[str, Any]) -> None:
     anchor = results["anchor"]
-    n = len(results["file_seq"])
     print(f"\nload average during the run: {min(results['loads']):.2f}-{max(results['loads']):.2f} (1 min, 2 cores)")
     print(f"anchor, cold boot (`fcvm podman run -d {IMAGE}`): returned {anchor['returned']:.2f} s, "
           f"exec-ready {anchor['exec']:.2f} s, page {anchor['page']:.2f} s; on the running VM one "
@@ -380,16 +400,21 @@ def summarize(results: dict[str, Any]) -> None:
           f"({', '.join(f'{p:.3f}' for p in idle)}), after {WORKING_SET_MIB + COLD_MIB} MiB written "
           f"{results['pause_dirty']['pause_s']:.3f} s; the command {results['pause_dirty']['command_s']:.2f} s")
 
-    series = [(label, [r for r in results[key] if "failed" not in r])
-              for label, key in (("File", "file_seq"), ("Uffd, prefetch on", "uffd_seq"),
-                                 ("Uffd, prefetch off", "uffd_seq_off"))]
-    for key in ("file_seq", "uffd_seq", "uffd_seq_off"):
-        for run in results[key]:
+    all_series = [(f"File, {src}", runs) for src, runs in results.get("file_seq_base", {}).items()]
+    all_series += [(label, results[key]) for label, key in (("File", "file_seq"), ("Uffd, prefetch on", "uffd_seq"),
+                                                            ("Uffd, prefetch off", "uffd_seq_off")) if key in results]
+    series = [(label, [r for r in runs if "failed" not in r]) for label, runs in all_series]
+    for _, runs in all_series:
+        for run in runs:
             if "failed" in run:
                 print(f"FAILED to start: {run['name']}: {run['failed']}")
+    n = max((len(runs) for _, runs in series), default=0)
     print(f"\nclone spawn, {n} sequential clones each (p50 / p95, seconds; ratio = p50 / the cold boot's):")
     print(f"{'':<22}{'-d returned':>22}{'exec-ready':>22}{'page served':>22}{'host to cont':>16}")
     for label, runs in series:
+        if len(label) > 22:
+            print(label)
+            label = ""
         cells = []
         for key in ("returned", "exec", "page"):
             values = [r[key] for r in runs]
@@ -402,11 +427,13 @@ def summarize(results: dict[str, Any]) -> None:
         gap = statistics.median(r["t0_gap"] for r in runs)
         stage_p50 = "  ".join(f"{s} {statistics.median(r['timings'][s] for r in runs):.3f}" for s in stages
                               if all(s in r["timings"] for r in runs))
-        print(f"  {label:<20} launch->t0 {gap:.3f}  {stage_p50}")
+        print(f"  {label[-20:]:<20} launch->t0 {gap:.3f}  {stage_p50}")
         container = statistics.median(r["exec_container_s"] for r in runs)
         in_vm = statistics.median(r["exec_vm_s"] for r in runs)
         print(f"  {'':<20} one exec on the running clone: container {container:.2f} s, --vm {in_vm:.2f} s")
-    for label, runs in series[1:]:
+    for label, runs in series:
+        if not label.startswith("Uffd"):
+            continue
         first, rest = runs[0], runs[1:]  # the first of the series records the working set
         print(f"  {label}: first clone page {first['page']:.2f} s exec-ready {first['exec']:.2f} s "
               f"({first['uffd']['prefetch']}, {(first['uffd']['bytes_copied'] or 0) / MiB:.0f} MiB demand-copied); "
@@ -423,11 +450,19 @@ def summarize(results: dict[str, Any]) -> None:
             ("supervisor: Python start and imports until it begins (t0)", t["child"], t["t0"]),
             ("t0 -> first iptables: reap, state row, reflinked disk, pyroute2 import, netns and veth",
              t["t0"], t["iptables_first"]),
-            (f"{t['iptables_host']:.0f} host iptables processes (and the rest of the host side of the network)",
-             t["iptables_first"], t["inside_start"]),
-            ("`python3 -m fcvm.network.inside` in the netns (TAP, routes, 2 iptables)", t["inside_start"],
-             t["inside_end"]),
-            ("-> QEMU exec'd (through nsenter)", t["inside_end"], t["qemu_exec"]),
+        ]
+        if "inside_start" in t:
+            steps += [
+                (f"{t['iptables_host']:.0f} host iptables processes (and the rest of the host side of the network)",
+                 t["iptables_first"], t["inside_start"]),
+                ("`python3 -m fcvm.network.inside` in the netns (TAP, routes, iptables)", t["inside_start"],
+                 t["inside_end"]),
+                ("-> QEMU exec'd (through nsenter)", t["inside_end"], t["qemu_exec"]),
+            ]
+        else:
+            steps.append((f"the network from the first iptables process ({t['iptables_all']:.0f} in all), the netns "
+                          "side from a thread; QEMU exec'd (through nsenter)", t["iptables_first"], t["qemu_exec"]))
+        steps += [
             ("QEMU start, QMP connect, version, capabilities, device state loaded", t["qemu_exec"], t["loaded"]),
             ("`cont`", t["loaded"], t["resumed"]),
         ]
@@ -436,7 +471,9 @@ def summarize(results: dict[str, Any]) -> None:
         for label, begin, end in steps:
             print(f"  {end - begin:6.0f} ms  {label}")
 
-    for key, label in (("file_par", "File"), ("uffd_par", "Uffd")):
+    for key, label in (("file_par_base", "File (baseline)"), ("file_par", "File"), ("uffd_par", "Uffd")):
+        if key not in results:
+            continue
         par = results[key]
         print(f"\n{len(par['all_names'])} {label} clones started at once: {len(par['names'])} serve their page after "
               f"{par['wall_all_pages']:.2f} s (all `-d` returned after {par['wall_all_returned']:.2f} s); "
@@ -444,9 +481,13 @@ def summarize(results: dict[str, Any]) -> None:
         for failure in par["failed"]:
             print(f"  FAILED to start (not in the wall time): {failure}")
 
+    if "file_mem" not in results and "uffd_mem" not in results:
+        return
     source_rss = results["source_memory"]["Rss"]
     print(f"\nmemory: the source's QEMU RSS {source_rss / MiB:.0f} MiB after it read its working set")
     for key, label in (("file_mem", "File"), ("uffd_mem", "Uffd")):
+        if key not in results:
+            continue
         mem = results[key]
         for step, per_clone in mem.items():
             if step == "server":
@@ -458,7 +499,7 @@ def summarize(results: dict[str, Any]) -> None:
             ratio = pss / (count * source_rss)
             print(f"  {count} {label} clones, {step:<22} sum PSS {pss / MiB:6.0f} MiB = {ratio:.3f}"
                   f" x ({count} x source RSS); RSS each {rss / MiB:.0f} MiB, anonymous PSS each {anon / MiB:.0f} MiB")
-    if "server" in results["uffd_mem"]:
+    if "server" in results.get("uffd_mem", {}):
         server = results["uffd_mem"]["server"]
         print(f"  the page server: RSS {server['Rss'] / MiB:.0f} MiB, PSS {server['Pss'] / MiB:.0f} MiB")
 
@@ -466,10 +507,20 @@ def summarize(results: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clones", type=int, default=10)
+    parser.add_argument("--parallel", type=int, help="clones started at once (default: --clones)")
     parser.add_argument("--pause-runs", type=int, default=3)
     parser.add_argument("--data-dir", type=Path, default=Path("/var/lib/fcvm/bench-clone"))
     parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"which phases after the anchor and the snapshot, of {','.join(PHASES)}")
+    parser.add_argument("--baseline-src", type=Path, action="append", default=[],
+                        help="another checkout's src/, run alternately with this one's (repeatable)")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if not phases <= set(PHASES):
+        raise SystemExit(f"--phases: unknown {', '.join(sorted(phases - set(PHASES)))}")
+    baselines = [b.resolve() for b in args.baseline_src]
+    at_once = args.parallel or args.clones
     if args.data_dir.exists():
         raise SystemExit(f"{args.data_dir} exists (an earlier run?): remove it first")
     os.environ["FCVM_ASSETS_DIR"] = str(paths.assets_dir())  # share the built assets; before DATA_DIR moves
@@ -485,28 +536,37 @@ def main() -> None:
     threading.Thread(target=sample_load, daemon=True).start()
     try:
         phase_source(results, args.pause_runs)
-        log("sequential File clones")
-        results["file_seq"] = sequential("file", args.clones, None)
-        if shutil.which("perf"):
+        if "file" in phases:
+            log("sequential File clones" + "".join(f", in turn with {b}" for b in baselines))
+            results["file_seq"], results["file_seq_base"] = sequential("file", args.clones, None, baselines=baselines)
+        if "trace" in phases and shutil.which("perf"):
             log("one File clone under `perf record`: where the host-side time goes")
             results["trace"] = traced_clone("traced", free_port(), args.data_dir)
             stop_all(["traced"])
-        log("sequential Uffd clones, prefetch on (the first records the working set)")
-        with page_server("on") as serve_pid:
-            results["uffd_seq"] = sequential("uffd", args.clones, serve_pid)
-            par = results["uffd_par"] = parallel("upar", args.clones, serve_pid)
-            mem = results["uffd_mem"] = memory(par["names"], [
-                ("read the working set", "dd if=/root/ws of=/dev/null bs=1M status=none")])
-            mem["server"] = rollup(serve_pid)
+        if "uffd" in phases:
+            log("sequential Uffd clones, prefetch on (the first records the working set)")
+            with page_server("on") as serve_pid:
+                results["uffd_seq"], _ = sequential("uffd", args.clones, serve_pid)
+                if "par" in phases:
+                    par = results["uffd_par"] = parallel("upar", at_once, serve_pid)
+                    if "mem" in phases:
+                        mem = results["uffd_mem"] = memory(par["names"], [
+                            ("read the working set", "dd if=/root/ws of=/dev/null bs=1M status=none")])
+                        mem["server"] = rollup(serve_pid)
+                    stop_all(par["all_names"])
+            log("sequential Uffd clones, prefetch off")
+            with page_server("off") as serve_pid:
+                results["uffd_seq_off"], _ = sequential("uoff", args.clones, serve_pid)
+        if "par" in phases:
+            if baselines:
+                par = results["file_par_base"] = parallel("bpar", at_once, None, src=baselines[0])
+                stop_all(par["all_names"])
+            par = results["file_par"] = parallel("fpar", at_once, None)
+            if "mem" in phases:
+                results["file_mem"] = memory(par["names"], [
+                    ("read the working set", "dd if=/root/ws of=/dev/null bs=1M status=none"),
+                    ("+ read an uncached file", "dd if=/root/cold of=/dev/null bs=1M status=none")])
             stop_all(par["all_names"])
-        log("sequential Uffd clones, prefetch off")
-        with page_server("off") as serve_pid:
-            results["uffd_seq_off"] = sequential("uoff", args.clones, serve_pid)
-        par = results["file_par"] = parallel("fpar", args.clones, None)
-        results["file_mem"] = memory(par["names"], [
-            ("read the working set", "dd if=/root/ws of=/dev/null bs=1M status=none"),
-            ("+ read an uncached file", "dd if=/root/cold of=/dev/null bs=1M status=none")])
-        stop_all(par["all_names"])
     finally:
         sampler_stop.set()
         cleanup()

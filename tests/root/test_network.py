@@ -285,7 +285,7 @@ if stall:  # stop after the host-side resources exist, before the namespace is c
     def _stall(net, config):
         print("stalled", flush=True)
         time.sleep(3600)
-    base.inside_argv = _stall
+    base.configure_inside = _stall
 try:
     net = network.setup_network(mode, store=store, journal=Journal(store, vm_id), vm_id=vm_id,
                                 ports=[network.parse_publish(p) for p in sys.argv[4:]])

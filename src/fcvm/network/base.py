@@ -35,9 +35,13 @@ GATEWAY_IP = "172.31.0.1"
 GUEST_PREFIX = 30
 GUEST_NET = "172.31.0.0/30"
 GUEST_MAC = "06:00:ac:1f:00:02"  # locally administered, unicast
+# The TAP's (the guest's gateway's) MAC: a clone's guest finds its gateway where its snapshot's neighbour cache says.
+GATEWAY_MAC = "06:00:ac:1f:00:01"
 TAP_NAME = "tap0"
 # The namespace end of the uplink: the veth peer (bridged) or slirp4netns' tap (rootless).
 UPLINK_NAME = "uplink0"
+UPLINK_MAC = "06:00:ac:1e:00:02"  # the veth peer's, in every VM: the host knows it before the namespace is up
+NUD_PERMANENT = 0x80  # a neighbour entry that is never resolved again (linux/neighbour.h)
 IFNAMSIZ = 15  # usable characters
 
 NETNS_DIR = Path("/run/netns")
@@ -292,8 +296,17 @@ def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.01) 
         time.sleep(interval)
 
 
-def inside_argv(net: VmNetwork, config: dict[str, Any]) -> list[str]:
-    """argv that configures the VM's namespace from the inside (fcvm.network.inside)."""
+def configure_inside(net: VmNetwork, config: dict[str, Any]) -> None:
+    """Configure the VM's namespace from the inside (fcvm.network.inside). In a root-owned network namespace
+    a thread of ours enters it; a user namespace takes a process of its own (a threaded process cannot join one),
+    run under enter_argv()."""
+    if net.mode == "bridged":
+        from fcvm.network import bridged
+
+        bridged.configure_in_netns(net.netns, config)
+        return
     import json
 
-    return [*net.enter_argv(), sys.executable, "-m", "fcvm.network.inside", json.dumps(config)]
+    from fcvm.core import proc
+
+    proc.run([*net.enter_argv(), sys.executable, "-m", "fcvm.network.inside", json.dumps(config)], timeout=60)

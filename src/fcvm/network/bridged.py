@@ -8,6 +8,10 @@ VMs) and OUTPUT (this host, including 127.0.0.1: route_localnet on the veth plus
 back); the /30 is masqueraded on the way out. Inside the netns the published guest ports on 172.30.N.2 are
 DNATed to the guest and the guest's traffic is masqueraded as 172.30.N.2.
 
+The namespace end of the veth has a fixed MAC, which the host knows from the start (a permanent neighbour entry):
+a connection to a published port that comes before the namespace's uplink is up must not leave the host waiting
+for an ARP answer, which it would ask again only after 1 s.
+
 What a VM may reach: the world (through NAT), DNS, and published ports on the host's addresses, as any
 outside client would. Not the host (FCVM-INPUT rejects new connections from the veth, except DNS to the
 nameservers the guest was given and, with --allow-host-loopback, the host's loopback), and not another VM
@@ -21,13 +25,15 @@ import contextlib
 import errno
 import ipaddress
 import os
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from fcvm.core import log, proc
+from fcvm.core import log
 from fcvm.core.errors import UsageError
 from fcvm.network import base
 from fcvm.network import iptables as ipt
@@ -119,36 +125,59 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
     """Build it all, journaling each resource before creating it. On failure the caller undoes the journal."""
     if os.geteuid() != 0:
         raise UsageError("--network bridged needs root", hint="run as root, or use --network rootless")
-    for tool in ("iptables", "nsenter"):
+    for tool in ("iptables", "iptables-restore", "iptables-save", "nsenter"):
         base.tool(tool)
     net = base.VmNetwork(mode="bridged", vm_id=vm_id, ports=list(ports), netns=base.netns_name(vm_id),
                          host_if=base.host_ifname(vm_id), dns=base.host_dns(), host_loopback=host_loopback)
     with ipt.host_lock():
-        dnat = {p: ipt.published_ports(p) for p in ("tcp", "udp")}
+        ruleset = ipt.Ruleset.read()
+        dnat = {p: ruleset.published_ports(p) for p in ("tcp", "udp")}
         base.check_ports(store, vm_id, ports, default_addr="0.0.0.0",
                          published_elsewhere=lambda m: m.host_port in dnat[m.protocol])
         net.subnet = store.allocate("subnet", vm_id, _subnet_candidates())
-        ipt.acquire_host(journal, vm_id)
+        ipt.acquire_host(journal, vm_id, ruleset)
 
         journal.record("netns", name=net.netns)
         pr_netns.create(net.netns)
         journal.record("link", ifname=net.host_if)
         with IPRoute() as ipr:
             ipr.link("add", ifname=net.host_if, kind="veth",
-                     peer={"ifname": base.UPLINK_NAME, "net_ns_fd": net.netns})
+                     peer={"ifname": base.UPLINK_NAME, "address": base.UPLINK_MAC, "net_ns_fd": net.netns})
             index = ipr.link_lookup(ifname=net.host_if)[0]
             ipr.addr("add", index=index, address=net.host_side_ip, prefixlen=30)
+            ipr.neigh("add", dst=net.ns_side_ip, lladdr=base.UPLINK_MAC, ifindex=index, state=base.NUD_PERMANENT)
             ipt.write_sysctl(f"net.ipv4.conf.{net.host_if}.route_localnet", "1")
             ipr.link("set", index=index, state="up")
-        for table, chain, rule in _host_rules(net):
-            ipt.add_rule(journal, table, chain, rule)
+        ipt.add_rules(journal, _host_rules(net))
 
-    proc.run(base.inside_argv(net, {
+    base.configure_inside(net, {
         "uplink": base.UPLINK_NAME, "uplink_addr": f"{net.ns_side_ip}/30", "uplink_ip": net.ns_side_ip,
         "uplink_gateway": net.host_side_ip, "tap_uid": tap_uid,
         "published": base.published_guest_ports(net.ports), "host_loopback": net.host_side_ip if host_loopback else "",
-    }), timeout=60)
+    })
     return net
+
+
+def configure_in_netns(netns: str, config: dict[str, Any]) -> None:
+    """fcvm.network.inside's configuration of the namespace, from a thread of this process that enters it: a
+    network namespace belongs to a thread, and the commands it runs inherit it. (Another interpreter under
+    nsenter cost ~0.2 s.) The thread ends inside; no other code ever runs in the namespace."""
+    from fcvm.network import inside
+
+    failure: list[BaseException] = []
+
+    def configure() -> None:
+        try:
+            pr_netns.setns(netns, flags=0)
+            inside.configure(config)
+        except BaseException as exc:  # handed to the caller, whatever it is
+            failure.append(exc)
+
+    thread = threading.Thread(target=configure, name=f"configure-{netns}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 # --- undo handlers ------------------------------------------------------------------------------------

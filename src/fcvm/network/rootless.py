@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fcvm.core import log, paths, proc
+from fcvm.core import log, paths
 from fcvm.core.errors import FcvmError
 from fcvm.network import base
 from fcvm.network.ports import PortMapping
@@ -122,11 +122,11 @@ def setup(*, store: Store, journal: Journal, vm_id: str, ports: list[PortMapping
         if ready_w >= 0:
             os.close(ready_w)
 
-    proc.run(base.inside_argv(net, {
+    base.configure_inside(net, {
         "uplink": base.UPLINK_NAME, "uplink_ip": base.SLIRP_NS_IP,
         "published": base.published_guest_ports(ports),
         **({"host_loopback": base.SLIRP_GATEWAY} if host_loopback else {"block_new_to": base.SLIRP_GATEWAY}),
-    }), timeout=60)
+    })
     for m in ports:
         try:
             slirp_api(net.api_socket, "add_hostfwd", {

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -58,8 +59,10 @@ class RestoreFailed(FcvmError):
 
 
 class VmSupervisor:
-    def __init__(self, request: RunRequest, store: Store | None = None, *, vm_id: str | None = None) -> None:
+    def __init__(self, request: RunRequest, store: Store | None = None, *, vm_id: str | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
         self.request = request
+        self._on_ready = on_ready  # called once, when the VM runs and is no longer starting (`-d` returns then)
         self.vm_id = vm_id
         self.store = store or Store()
         self.vm: VmRecord | None = None
@@ -434,6 +437,9 @@ class VmSupervisor:
         if health == Health.HEALTHY:
             self._on_stage("healthy")
         self.store.update_vm(self.vm.id, health=health)
+        if health != Health.STARTING and self._booted and self._on_ready is not None:
+            on_ready, self._on_ready = self._on_ready, None
+            on_ready()
 
     def _start_hypervisor(self) -> None:
         assert self.hypervisor is not None and self.journal is not None and self.vm is not None

@@ -3,6 +3,7 @@ fails, and the entries a cold run leaves behind (see fcvm.snapshot.cache)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from fcvm.core import log
@@ -62,12 +63,14 @@ def choose_start(request: RunRequest, store: Store) -> RunRequest:
     return replace(request, snapshot=record.name, warm=level, snapshottable=True)
 
 
-def run_with_fallback(request: RunRequest, vm_id: str | None = None) -> int:
-    """Run the request; a warm start whose restore fails is retried cold, and its entry removed."""
+def run_with_fallback(request: RunRequest, vm_id: str | None = None,
+                      on_ready: Callable[[], None] | None = None) -> int:
+    """Run the request; a warm start whose restore fails is retried cold, and its entry removed. `on_ready`: see
+    VmSupervisor."""
     from fcvm.run.supervisor import RestoreFailed, VmSupervisor
 
     try:
-        return VmSupervisor(request, vm_id=vm_id).run()
+        return VmSupervisor(request, vm_id=vm_id, on_ready=on_ready).run()
     except RestoreFailed as exc:
         if request.warm is None:
             raise
@@ -77,7 +80,7 @@ def run_with_fallback(request: RunRequest, vm_id: str | None = None) -> int:
         record = store.get_snapshot(request.snapshot)
         if record is not None:
             remove_entry(store, record)
-        return VmSupervisor(replace(request, snapshot=None, warm=None), vm_id=vm_id).run()
+        return VmSupervisor(replace(request, snapshot=None, warm=None), vm_id=vm_id, on_ready=on_ready).run()
 
 
 def take_entry(vm_id: str, shape: RunShape, level: CacheLevel) -> SnapshotRecord | None:

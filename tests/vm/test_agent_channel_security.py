@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fcvm.core import paths
+from fcvm.state import Store
 from fcvm_wire import ports
 from fcvm_wire.fusepipe import proto
 from fcvm_wire.sockets import connect
@@ -94,7 +95,8 @@ def test_mmds_holds_no_credential_and_a_forged_status_changes_nothing_under_fire
          "sleep", "3600", env=env)
     try:
         row = vm_row("fcsec")
-        credential = row["config"]["machine"]["agent_credential"]
+        assert row["config"]["machine"]["agent_credential"] == "<redacted>"  # `ls --json` never shows it
+        credential = Store().require_vm("fcsec").config["machine"]["agent_credential"]
         assert isinstance(credential, str) and len(credential) == 64
         # What the container reads from MMDS: the prepare plan (so MMDS answered), and nothing of the credential.
         answer = fcvm("exec", "fcsec", "--", "sh", "-c", MMDS_READ, env=env).stdout

@@ -18,7 +18,6 @@ from fcvm.core.terminal import TerminalWriter
 from fcvm.run.cleanup import reap_stale
 from fcvm.run.container_log import log_files
 from fcvm.state import Store
-from fcvm.vmm.base import CONSOLE_LOG
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace | SimpleNamespace) -> int:
     reap_stale(store)
     vm = store.require_vm(args.name)
     directory = paths.vm_logs_dir(vm.id)
-    files = existing_files(directory / CONSOLE_LOG) if args.console else log_files(directory)
+    files = existing_files(directory / paths.CONSOLE_LOG) if args.console else log_files(directory)
     if not files:
         return 0
     write = _writer()

@@ -74,6 +74,9 @@ def vm_dir(vm_id: str) -> Path:
     return vms_dir() / vm_id
 
 
+CONSOLE_LOG = "console.log"  # in vm_logs_dir: the VMM's output, the guest's console (a core.bounded_log)
+
+
 def vm_logs_dir(vm_id: str) -> Path:
     """Console and container output; outlives the VM (and its disk) until `fcvm rm`."""
     return data_dir() / "logs" / vm_id

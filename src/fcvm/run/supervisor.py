@@ -39,7 +39,7 @@ from fcvm.run.request import SUPERVISOR_LOG, RunRequest, VolumeMap
 from fcvm.snapshot.cache import CacheLevel, RunShape
 from fcvm.state import Store, VmRecord
 from fcvm.state.journal import Journal
-from fcvm.vmm.base import CONSOLE_LOG, Drive, Hypervisor, MachineSpec, MemBackend
+from fcvm.vmm.base import Drive, Hypervisor, MachineSpec, MemBackend
 from fcvm_wire import credential as credential_wire
 from fcvm_wire import ports as wire_ports
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan, VolumeSpec
@@ -150,7 +150,7 @@ class VmSupervisor:
         paths.ensure_dir(self.workdir, 0o700)
         paths.ensure_dir(self.log_dir, 0o700)
         # What the container prints may be secret: its logs are the owner's alone (the VMM appends to console.log).
-        paths.make_private(self.log_dir / CONSOLE_LOG)
+        paths.make_private(self.log_dir / paths.CONSOLE_LOG)
         self._container_log = BoundedLog(self.log_dir / CONTAINER_LOG)  # created 0600
         # A clone's agent already holds its source's credential; a cold boot's gets a new one.
         self._credential = (credential_wire.from_hex(snapshot.description.agent_credential) if snapshot

@@ -7,9 +7,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from fcvm.core import paths
 from fcvm.core.proc import ProcessRef
-
-CONSOLE_LOG = "console.log"  # the VMM's output: the guest's console, a BoundedLog
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ class MachineSpec:
 
     @property
     def console_log(self) -> Path:
-        return (self.log_dir or self.workdir) / CONSOLE_LOG
+        return (self.log_dir or self.workdir) / paths.CONSOLE_LOG
 
 
 class Hypervisor(Protocol):

@@ -155,3 +155,15 @@ def test_undo_of_a_process_group_reaches_children_the_leader_leaves_behind(tmp_p
     while child.alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not child.alive()
+
+
+def test_config_updates_keep_the_keys_others_set() -> None:
+    # The owner records its timings while `fcvm stop -t` records the grace: neither may erase the other.
+    store = Store()
+    vm = store.create_vm("cfg", process=ProcessRef.self(), config={"cmd": ["sh"]})
+    owner_view = store.require_vm(vm.id).config
+    store.update_config(vm.id, stop_grace=2.5)
+    store.update_config(vm.id, timings={"t0_wall": 1.0, "healthy": 3.2})
+    config = store.require_vm(vm.id).config
+    assert owner_view == {"cmd": ["sh"]}
+    assert config == {"cmd": ["sh"], "stop_grace": 2.5, "timings": {"t0_wall": 1.0, "healthy": 3.2}}

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     def publish(metrics: dict[str, Any]) -> None:
         with publish_lock:
             last["metrics"] = metrics
-            store.update_vm(row.id, config={**base_config, "metrics": metrics})
+            store.update_config(row.id, metrics=metrics)
 
     code = 1
     try:

@@ -19,8 +19,9 @@ def stop_vm(store: Store, name: str, grace: float) -> None:
     process = vm.process
     if process is not None:
         # The owner cleans up on SIGTERM (stops the container within `grace`, then the guest, and replays its
-        # journal); after that and time to tear down it is killed, and we clean up for it.
-        store.request_stop(vm.id, grace)
+        # journal); after that and time to tear down it is killed, and we clean up for it. The owner reads the
+        # grace from the row when the signal comes.
+        store.update_config(vm.id, stop_grace=grace)
         process.terminate(timeout=grace + STOP_SLACK + 15)
     reap_stale(store)
 

@@ -233,11 +233,9 @@ class VmSupervisor:
         )
         self.hypervisor = self._hypervisor(spec, prepare)
         jail_info = {"jail": {"root": str(self.jail.root), "uid": self.jail.uid}} if self.jail else {}
-        self.store.update_vm(self.vm.id, config={
-            **self.vm.config, "vsock_uds": str(vsock_uds), **jail_info,
-            **({"vmm_uid": vmm_uid} if vmm_uid is not None else {}),
-            "machine": self._machine_record(spec, maps),
-        })
+        self.store.update_config(self.vm.id, vsock_uds=str(vsock_uds), **jail_info,
+                                 **({"vmm_uid": vmm_uid} if vmm_uid is not None else {}),
+                                 machine=self._machine_record(spec, maps))
         self._start_hypervisor()
         if snapshot is None:  # a restored agent holds its credential already
             start_thread(deliver_credential, vsock_uds, self._credential, self._stop, request.boot_timeout, self._log)
@@ -399,9 +397,7 @@ class VmSupervisor:
         if stage in self._timings or self.vm is None:
             return
         self._timings[stage] = round((at or time.monotonic()) - self._t0, 3)
-        current = self.store.get_vm(self.vm.id)
-        if current is not None:
-            self.store.update_vm(self.vm.id, config={**current.config, "timings": self._timings})
+        self.store.update_config(self.vm.id, timings=self._timings)
         if stage == "container_running" and self.request.health_url:
             self._start_health_poll(self.request.health_url)
         if stage == "healthy" and self._cache_shape is not None:

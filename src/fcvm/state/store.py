@@ -284,11 +284,16 @@ class Store:
             db.execute(f"UPDATE vms SET {assignments} WHERE id = ?", (*values, vm_id))
 
 
-    def request_stop(self, vm_id: str, grace: float) -> None:
-        """Record how long the VM's owner is to give its container to stop (`fcvm stop -t`); the owner reads it
-        when it is signalled."""
+    def update_config(self, vm_id: str, **values: Any) -> None:
+        """Set these keys of the VM's config in place, in one statement: keys another process sets meanwhile (the
+        owner's timings, `fcvm stop`'s grace) are kept, which a read-modify-write of the whole column would lose."""
+        expression = "config"
+        for key in values:
+            assert key.isidentifier(), key
+            expression = f"json_set({expression}, '$.{key}', json(?))"
         with self.transaction() as db:
-            db.execute("UPDATE vms SET config = json_set(config, '$.stop_grace', ?) WHERE id = ?", (grace, vm_id))
+            db.execute(f"UPDATE vms SET config = {expression} WHERE id = ?",
+                       (*(json.dumps(value) for value in values.values()), vm_id))
 
     @staticmethod
     def _vm(row: sqlite3.Row) -> VmRecord:

@@ -17,6 +17,7 @@ from fcvm_wire.plan import Plan
 CONTAINER = "fcvm"
 _CHUNK = 1 << 20
 _EXIT_CODE = re.compile(r"[0-9]{1,3}")
+_started_id: list[str] = []  # the id podman gave the container: crun knows it by that, not by name
 
 
 class ContainerError(RuntimeError):
@@ -71,6 +72,11 @@ def start(plan: Plan, volume_mounts: list[tuple[str, str, bool]]) -> None:
     result = system.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if result.returncode != 0:
         raise ContainerError(f"podman run failed: {result.stderr.decode(errors='replace').strip()}")
+    _started_id[:] = result.stdout.decode(errors="replace").split()[-1:]
+
+
+def started_id() -> str | None:
+    return _started_id[0] if _started_id else None
 
 
 def stream_logs(emit: Callable[[LogStream, str], None]) -> threading.Thread:

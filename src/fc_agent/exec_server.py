@@ -13,10 +13,11 @@ import subprocess
 import termios
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from fc_agent import system
+from fc_agent import container, oci_exec, system
 from fc_agent.channel import Listener
-from fc_agent.container import CONTAINER
 from fcvm_wire import exec_proto as ep
 
 _log = logging.getLogger("fc_agent.exec")
@@ -38,14 +39,6 @@ def serve(listener: Listener) -> None:
     while True:
         conn = listener.accept()
         threading.Thread(target=_handle, args=(conn,), daemon=True, name="exec").start()
-
-
-def _argv(request: ep.ExecRequest) -> list[str]:
-    if request.target == "vm":
-        return request.argv
-    flags = (["-i"] if request.interactive else []) + (["-t"] if request.tty else [])
-    env = [f"--env={k}={v}" for k, v in request.env.items()]
-    return ["podman", "exec", *flags, *env, CONTAINER, *request.argv]
 
 
 def _handle(conn: socket.socket) -> None:
@@ -71,30 +64,76 @@ def _handle(conn: socket.socket) -> None:
             conn.sendall(ep.exit_frame(code))
 
 
+@dataclass
+class _Started:
+    child: subprocess.Popen[bytes]
+    outputs: list[tuple[int, int]]  # (fd, frame kind) to forward until EOF
+    stdin_fd: int | None
+    master: int  # the terminal's master end, or -1
+    kill: Callable[[], None]
+
+
 def _run(conn: socket.socket, request: ep.ExecRequest) -> int:
-    env = {**os.environ, **request.env} if request.target == "vm" else None
     send_lock = threading.Lock()
 
     def send(kind: int, data: bytes) -> None:
         with send_lock:
             conn.sendall(ep.frame(kind, data))
 
+    with contextlib.ExitStack() as stack:
+        execution: oci_exec.Execution | None = None
+        if request.target == "vm":
+            started = _start_in_vm(request)
+        else:
+            container_id = container.started_id()
+            if container_id is None:
+                send(ep.STDERR, b"fc-agent: the container has not started\n")
+                return oci_exec.EXIT_RUNTIME_ERROR
+            try:
+                execution = stack.enter_context(oci_exec.Execution(container_id, request))
+            except oci_exec.ExecUnavailable as exc:
+                send(ep.STDERR, f"fc-agent: {exc}\n".encode())
+                return oci_exec.EXIT_RUNTIME_ERROR
+            started = _start_in_container(execution, request)
+        return _forward(send, conn, started, execution)
+
+
+def _start_in_vm(request: ep.ExecRequest) -> _Started:
+    env = {**os.environ, **request.env}
     if request.tty:
         master, slave = pty.openpty()
         _set_size(master, request.rows, request.cols)
-        child = system.spawn(_argv(request), stdin=slave, stdout=slave, stderr=slave, env=env,
+        child = system.spawn(request.argv, stdin=slave, stdout=slave, stderr=slave, env=env,
                              start_new_session=True, preexec_fn=_take_tty)
         os.close(slave)
-        outputs = [(master, ep.STDOUT)]
-        stdin_fd: int | None = master
-    else:
-        child = system.spawn(_argv(request), stdin=subprocess.PIPE if request.interactive else subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        assert child.stdout is not None and child.stderr is not None
-        outputs = [(child.stdout.fileno(), ep.STDOUT), (child.stderr.fileno(), ep.STDERR)]
-        stdin_fd = child.stdin.fileno() if child.stdin else None
-        master = -1
+        return _Started(child, [(master, ep.STDOUT)], master, master, child.kill)
+    child = system.spawn(request.argv, stdin=subprocess.PIPE if request.interactive else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return _Started(child, _pipes(child), child.stdin.fileno() if child.stdin else None, -1, child.kill)
 
+
+def _start_in_container(execution: oci_exec.Execution, request: ep.ExecRequest) -> _Started:
+    """crun's own messages come on its stderr; a terminal's output on the master end crun passes us."""
+    interactive = request.interactive and not request.tty
+    child = system.spawn(execution.argv, stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    outputs = _pipes(child)
+    stdin_fd = child.stdin.fileno() if child.stdin else None
+    master = -1
+    if request.tty and (console := execution.receive_console(child)) is not None:
+        master = console
+        outputs.append((master, ep.STDOUT))
+        stdin_fd = master
+    return _Started(child, outputs, stdin_fd, master, lambda: execution.kill(child))
+
+
+def _pipes(child: subprocess.Popen[bytes]) -> list[tuple[int, int]]:
+    assert child.stdout is not None and child.stderr is not None
+    return [(child.stdout.fileno(), ep.STDOUT), (child.stderr.fileno(), ep.STDERR)]
+
+
+def _forward(send: Callable[[int, bytes], None], conn: socket.socket, started: _Started,
+             execution: oci_exec.Execution | None) -> int:
     def pump_out(fd: int, kind: int) -> None:
         while True:
             try:
@@ -105,39 +144,41 @@ def _run(conn: socket.socket, request: ep.ExecRequest) -> int:
                 return
             send(kind, data)
 
-    pumps = [threading.Thread(target=pump_out, args=o, daemon=True) for o in outputs]
+    pumps = [threading.Thread(target=pump_out, args=o, daemon=True) for o in started.outputs]
     for pump in pumps:
         pump.start()
-    threading.Thread(target=_pump_in, args=(conn, stdin_fd, master, child), daemon=True).start()
-    code = child.wait()
-    system.forget(child)
+    threading.Thread(target=_pump_in, args=(conn, started), daemon=True).start()
+    code = started.child.wait()
+    system.forget(started.child)
     for pump in pumps:
         pump.join(timeout=5)
-    if master >= 0:
-        os.close(master)
-    return code if code >= 0 else 128 - code
+    if started.master >= 0:
+        os.close(started.master)
+    if code < 0:
+        return 128 - code
+    return execution.exit_code(code) if execution is not None else code
 
 
-def _pump_in(conn: socket.socket, stdin_fd: int | None, master: int, child: subprocess.Popen[bytes]) -> None:
+def _pump_in(conn: socket.socket, started: _Started) -> None:
+    stdin_fd = started.stdin_fd
     try:
         while (frame := ep.read_frame(conn)) is not None:
             kind, payload = frame
             if kind == ep.STDIN and stdin_fd is not None:
                 os.write(stdin_fd, payload)
             elif kind == ep.STDIN_EOF and stdin_fd is not None:
-                if master >= 0:
-                    os.write(master, b"\x04")
-                elif child.stdin:
-                    child.stdin.close()
+                if started.master >= 0:
+                    os.write(started.master, b"\x04")
+                elif started.child.stdin:
+                    started.child.stdin.close()
                 stdin_fd = None
-            elif kind == ep.RESIZE and master >= 0:
-                _set_size(master, *ep.parse_resize(payload))
+            elif kind == ep.RESIZE and started.master >= 0:
+                _set_size(started.master, *ep.parse_resize(payload))
     except (OSError, ep.ExecProtocolError):
         pass
     # The host went away: do not leave the command running unattended.
-    if child.poll() is None and stdin_fd is not None:
-        with contextlib.suppress(ProcessLookupError):
-            child.kill()
+    if started.child.poll() is None and stdin_fd is not None:
+        started.kill()
 
 
 def _set_size(fd: int, rows: int, cols: int) -> None:

@@ -44,6 +44,11 @@ def test_detached_httpd_serves_its_page_runs_exec_and_leaves_nothing(
     assert fcvm("exec", "demo", "--", "cat", "/etc/hostname").stdout.strip() == "demo"
     exec_code = fcvm("exec", "demo", "--", "sh", "-c", "echo oops >&2; exit 7", check=False)
     assert exec_code.returncode == 7 and exec_code.stderr.strip() == "oops"
+    missing = fcvm("exec", "demo", "--", "no-such-command", check=False)
+    assert missing.returncode == 127 and "no-such-command" in missing.stderr  # what podman exec answers
+    piped = subprocess.run([sys.executable, "-m", "fcvm", "exec", "-i", "demo", "--", "sh", "-c", "cat; exit 255"],
+                           input="from the host\n", capture_output=True, text=True, timeout=120, env=env)
+    assert (piped.returncode, piped.stdout, piped.stderr) == (255, "from the host\n", "")
     assert "Linux" in fcvm("exec", "demo", "--vm", "--", "uname", "-s").stdout
     # -t under a real terminal: the command sees a pty of the caller's size.
     tty = subprocess.run(["script", "-qec", f"stty rows 33 cols 101; {sys.executable} -m fcvm exec -it demo "

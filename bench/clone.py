@@ -171,7 +171,7 @@ def launch(argv: list[str], name: str, port: int, *, run_exec: bool = True, src:
     result["t0_gap"] = timings["t0_wall"] - wall0  # launch -> the supervisor began (two Python starts)
     if "resumed" in timings:
         result["host_to_cont"] = result["t0_gap"] + timings["resumed"]
-    result["qemu_pid"] = int(next(r["pid"] for r in row["resources"] if r["kind"] == "process"))
+    result["owner_pid"] = int(row["pid"])  # the page server knows a clone by it: its supervisor connects for QEMU
     return result
 
 
@@ -200,7 +200,7 @@ def snapshot_info(tag: str) -> dict[str, Any]:
 
 
 def server_clients(serve_pid: int) -> dict[int, dict[str, Any]]:
-    """The page server's per-client metrics, by client (QEMU) pid."""
+    """The page server's per-client metrics, by client pid (the clone's supervisor, as `fcvm ls` shows it)."""
     data = snapshots()
     servers = [s for snap in data["snapshots"] for s in snap["servers"]] + data["servers"]
     return {c["pid"]: c for s in servers if s["pid"] == serve_pid for c in s["clients"]}
@@ -284,7 +284,7 @@ def sequential(label: str, count: int, serve_pid: int | None, *, baselines: Sequ
         run.update(exec_durations(name))
         if serve_pid:
             time.sleep(1.5)  # the server publishes its metrics about once a second
-            client = server_clients(serve_pid).get(run["qemu_pid"], {})
+            client = server_clients(serve_pid).get(run["owner_pid"], {})
             run["uffd"] = {k: client.get(k) for k in ("faults", "bytes_copied", "zero_bytes", "prefetch",
                                                       "prefetch_bytes", "prefetch_seconds")}
         log(f"{name}: returned {run['returned']:.2f} s, exec-ready {run['exec']:.2f} s, page {run['page']:.2f} s, "

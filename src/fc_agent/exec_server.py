@@ -1,4 +1,4 @@
-"""Serves exec requests from the host: in the container (podman exec) or in the VM itself."""
+"""Serves exec requests from the host: in the container (through crun, see oci_exec) or in the VM itself."""
 
 from __future__ import annotations
 

@@ -72,20 +72,24 @@ class Execution:
             config = json.loads(state.read_text())
         except (OSError, ValueError) as exc:
             raise ExecUnavailable(f"the container is not running ({exc.__class__.__name__})") from exc
+        spec = process_spec(config, request)
         _SCRATCH.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(dir=_SCRATCH))
-        self._spec = self.dir / "process.json"
-        self._spec.write_text(json.dumps(process_spec(config, request)))
         self._log = self.dir / "crun.log"
         self._pid_file = self.dir / "pid"
         self._console: socket.socket | None = None
-        options = ["--pid-file", str(self._pid_file), "--process", str(self._spec)]
-        if request.tty:
-            self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._console.bind(str(self.dir / "console"))
-            self._console.listen(1)
-            self._console.settimeout(_CONSOLE_POLL)
-            options += ["--console-socket", str(self.dir / "console")]
+        try:
+            (self.dir / "process.json").write_text(json.dumps(spec))
+            options = ["--pid-file", str(self._pid_file), "--process", str(self.dir / "process.json")]
+            if request.tty:
+                self._console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._console.bind(str(self.dir / "console"))
+                self._console.listen(1)
+                self._console.settimeout(_CONSOLE_POLL)
+                options += ["--console-socket", str(self.dir / "console")]
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         self.argv = ["crun", f"--log=file:{self._log}", "exec", *options, container_id]
 
     def __enter__(self) -> Execution:
@@ -114,7 +118,7 @@ class Execution:
     def kill(self, crun: subprocess.Popen[bytes]) -> None:
         """Kill the command, not only crun (which would leave it running in the container)."""
         with contextlib.suppress(OSError, ValueError):
-            # crun waits for the command as its subreaper, so while crun lives this pid is the command's.
+            # crun is the command's parent and exits right after reaping it: while crun lives, the pid is the command's.
             if crun.poll() is None:
                 os.kill(int(self._pid_file.read_text()), signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):

@@ -123,13 +123,16 @@ def stop(timeout: int) -> None:
                stderr=subprocess.DEVNULL)
 
 
-def has_healthcheck() -> bool:
+def image_has_healthcheck(image_ref: str) -> bool | None:
+    """Whether the image defines a HEALTHCHECK; None while podman does not have the image (it pulls at the run).
+    Asked once the image is loaded, before the run's plan: a pre-start snapshot keeps the answer, so a warm
+    start runs no podman for it while its container starts."""
     result = system.run(
-        ["podman", "inspect", "--format", "{{json .Config.Healthcheck}}", CONTAINER],
+        ["podman", "image", "inspect", "--format", "{{json .HealthCheck}}", image_ref],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     if result.returncode != 0:
-        return False
+        return None
     text = result.stdout.decode().strip()
     return text not in ("", "null") and bool(json.loads(text).get("Test"))
 

@@ -2,9 +2,9 @@
 
 A restore (a clone, or a warm run, waking up in a snapshot) breaks every stream to the host: the host side is
 new. The link reconnects and says hello; the host answers `restore` with its wall clock. The agent then catches
-up with the world: it sets the wall clock (frozen at the snapshot instant otherwise), flushes the neighbour
-cache (the gateway's MAC may differ), reports its container's state again and says `restored`, so the host can
-call the VM running (or send the run's plan, when the snapshot was taken before the run).
+up with the world: it sets the wall clock (frozen at the snapshot instant otherwise), reports its container's
+state again and says `restored`, so the host can call the VM running (or send the run's plan, when the snapshot
+was taken before the run). Its neighbour cache stays right: every VM's gateway has the same address and MAC.
 
 Every connection the agent opens to the host starts with its credential (fcvm_wire.credential), which the host
 hands over once, at a cold boot, before anything else happens in the guest.
@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from fc_agent import network
 from fc_agent.channel import Channel
 from fcvm_wire import credential as credential_wire
 from fcvm_wire import ports
@@ -156,8 +155,6 @@ class HostLink:
             time.clock_settime(time.CLOCK_REALTIME, message.time)
         except OSError as exc:
             _log.warning("cannot set the clock: %s", exc)
-        with contextlib.suppress(RuntimeError):
-            network.flush_neighbours()
         _log.info("restored from a snapshot (restore %d)", self.epoch)
         for state in self.current_state():
             self.send(state)

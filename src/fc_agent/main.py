@@ -109,8 +109,10 @@ def _mount_volumes(link: HostLink, plan: Plan) -> list[tuple[str, str, bool]]:
 class _Reporter:
     """The container's state as last reported, so a restored agent can report it again to its new host side."""
 
-    def __init__(self, link: HostLink) -> None:
+    def __init__(self, link: HostLink, image_ref: str, has_healthcheck: bool | None) -> None:
         self.link = link
+        self.image_ref = image_ref
+        self.has_healthcheck = has_healthcheck
         self.running = False
         self.health: HealthState | None = None
         link.current_state = self.state
@@ -124,7 +126,9 @@ class _Reporter:
         self.link.send(Status(ContainerState.RUNNING))
 
     def follow_health(self, stop: threading.Event) -> None:
-        if not container.has_healthcheck():
+        if self.has_healthcheck is None:  # a pulled image: podman has it now
+            self.has_healthcheck = container.image_has_healthcheck(self.image_ref) is True
+        if not self.has_healthcheck:
             self._set_health(HealthState.HEALTHY)
             return
         while not stop.wait(2.0):
@@ -145,13 +149,14 @@ def run_plan(channel: Channel, link: HostLink) -> int:
     threading.Thread(target=exec_server.serve, args=(listener,), daemon=True, name="exec").start()
     link.send(Status(ContainerState.STARTING, detail="loading image"))
     container.load_image(prepare)
+    has_healthcheck = container.image_has_healthcheck(prepare.image.ref)
     link.send(Status(ContainerState.PREPARED))
     plan = _wait(link.plans, "plan")
     _log.info("plan for %s: image %s", plan.name, plan.image.ref)
     network.set_hostname(plan.hostname or plan.name)
     mounts = _mount_volumes(link, plan)
     container.start(plan, mounts)
-    reporter = _Reporter(link)
+    reporter = _Reporter(link, plan.image.ref, has_healthcheck)
     reporter.set_running()
 
     def send_output(stream: LogStream, line: str) -> None:

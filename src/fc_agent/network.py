@@ -57,7 +57,3 @@ def set_hostname(name: str) -> None:
     lines = [line for line in hosts.read_text().splitlines() if not line.endswith(" # fcvm")] if hosts.exists() else []
     hosts.write_text("\n".join([*lines, f"127.0.1.1 {name} # fcvm"]) + "\n")
 
-
-def flush_neighbours() -> None:
-    """A clone's gateway may answer from another MAC than the source's did: forget what the guest learned."""
-    _ip("neigh", "flush", "dev", INTERFACE)

@@ -11,7 +11,7 @@ it all dies with the namespace.
 The guest's MAC is fixed, so the namespace knows it from the start (a permanent neighbour entry): a connection
 that arrives while the guest is not yet running waits in the TAP's queue, not for an ARP answer that would be
 asked again only after 1 s. The TAP's MAC is fixed too: a clone's guest answers through the gateway its
-snapshot's neighbour cache knows, before the agent has flushed that cache.
+snapshot's neighbour cache knows, and never needs to learn it again.
 """
 
 from __future__ import annotations

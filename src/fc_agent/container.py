@@ -8,10 +8,9 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
-from fc_agent import seccomp, system
-from fcvm_wire.control import MAX_LOG_LINE, LogStream
+from fc_agent import conmon, seccomp, system
+from fcvm_wire.control import LogStream
 from fcvm_wire.plan import Plan
 
 CONTAINER = "fcvm"
@@ -79,36 +78,21 @@ def started_id() -> str | None:
     return _started_id[0] if _started_id else None
 
 
-def stream_logs(emit: Callable[[LogStream, str], None]) -> threading.Thread:
-    """Follow the container's stdout and stderr, calling emit(stream, line) per line (a line longer than one log
-    message holds arrives in pieces, so a container that never prints a newline cannot fill the agent's memory)."""
-    follower = system.spawn(
-        ["podman", "logs", "--follow", CONTAINER], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-
-    def pump(stream: LogStream, pipe: IO[bytes]) -> None:
-        for raw in iter(lambda: pipe.readline(MAX_LOG_LINE), b""):
-            emit(stream, raw.decode(errors="replace").rstrip("\n"))
-
-    threads = [
-        threading.Thread(target=pump, args=(LogStream.STDOUT, follower.stdout), daemon=True),
-        threading.Thread(target=pump, args=(LogStream.STDERR, follower.stderr), daemon=True),
-    ]
-    for thread in threads:
-        thread.start()
-
-    def reap() -> None:
-        for thread in threads:
-            thread.join()
-        follower.wait()
-        system.forget(follower)
-
-    reaper = threading.Thread(target=reap, daemon=True)
-    reaper.start()
-    return reaper
+def follow_logs(emit: Callable[[LogStream, str], None], ended: threading.Event) -> threading.Thread:
+    """Follow the container's stdout and stderr from its start (conmon.follow_log) until `ended` is set."""
+    container_id = started_id()
+    assert container_id is not None, "the container has not started"
+    follower = threading.Thread(target=conmon.follow_log, args=(container_id, emit, ended), daemon=True,
+                                name="container-log")
+    follower.start()
+    return follower
 
 
 def wait() -> int:
+    """The container's exit code, once it has exited: from conmon's exit file, else from `podman wait`."""
+    container_id = started_id()
+    if container_id is not None and (code := conmon.wait_for_exit(container_id)) is not None:
+        return code
     result = system.run(["podman", "wait", CONTAINER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     if result.returncode != 0:
         raise ContainerError(f"podman wait failed: {result.stderr.decode(errors='replace').strip()}")

@@ -163,13 +163,15 @@ def run_plan(channel: Channel, link: HostLink) -> int:
         for message in log_messages(stream, line):
             link.send(message)
 
-    logs = container.stream_logs(send_output)
+    ended = threading.Event()
+    logs = container.follow_logs(send_output, ended)
     stop = threading.Event()
     threading.Thread(target=reporter.follow_health, args=(stop,), daemon=True).start()
     link.on_shutdown = _stop_container
     code = container.wait()
+    ended.set()
     stop.set()
-    logs.join(timeout=10)  # `podman logs -f` ends with the container; every line must reach the host first
+    logs.join(timeout=10)  # every line must reach the host before the exit does
     link.send(Status(ContainerState.EXITED, code))
     return code
 

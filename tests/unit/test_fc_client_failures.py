@@ -16,7 +16,9 @@ import pytest
 
 from fcvm.core.errors import FcvmError
 from fcvm.vmm.base import Drive, MachineSpec
-from fcvm.vmm.firecracker import FirecrackerApiError, FirecrackerError, FirecrackerVm, find_firecracker
+from fcvm.vmm.firecracker.binary import find_firecracker
+from fcvm.vmm.firecracker.client import FirecrackerApiError, FirecrackerError
+from fcvm.vmm.firecracker.vm import FirecrackerVm
 
 FAKE = r'''#!{python}
 import argparse, json, os, signal, socketserver, subprocess, sys, time

@@ -15,8 +15,8 @@ import pytest
 
 from fcvm.core.errors import FcvmError
 from fcvm.vmm.base import Drive, MachineSpec, MemBackend, RestoreSpec
-from fcvm.vmm.firecracker import FirecrackerVm
 from fcvm.vmm.firecracker.client import FirecrackerApiError
+from fcvm.vmm.firecracker.vm import FirecrackerVm
 from fcvm_standins.fc_mock import api as fc_api
 from fcvm_standins.fc_mock.spec import Spec
 from tests.fc_mock_support import SPEC_PATH
@@ -305,8 +305,8 @@ def _machine(tmp_path: Path, name: str, root: Path) -> MachineSpec:
 
 def test_fcvm_clones_through_fc_mock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client's load sequence (load paused, patch drives, resume) is what fc-mock, and Firecracker, accept."""
-    from fcvm.vmm.firecracker import Client
     from fcvm.vmm.firecracker import models as m
+    from fcvm.vmm.firecracker.client import Client
 
     binary = shutil.which("fcvm-fc-mock")
     require(binary is not None, "fcvm-fc-mock is not installed (pip install -e .)")

@@ -9,8 +9,8 @@ import pytest
 
 from fcvm.core.errors import FcvmError
 from fcvm.vmm.base import Drive, MachineSpec, MemBackend, RestoreSpec
-from fcvm.vmm.firecracker import FirecrackerVm
 from fcvm.vmm.firecracker import models as m
+from fcvm.vmm.firecracker.vm import FirecrackerVm
 from fcvm_standins.fc_mock.spec import Spec
 from tests.support import require
 

@@ -26,8 +26,8 @@ from fcvm.run.cleanup import reap_stale
 from fcvm.state import Store
 from fcvm.state.journal import Journal
 from fcvm.vmm.base import Drive, MachineSpec
-from fcvm.vmm.firecracker import FirecrackerVm
 from fcvm.vmm.firecracker.client import Client
+from fcvm.vmm.firecracker.vm import FirecrackerVm
 from fcvm_wire.plan import ImageSpec, NetworkSpec, Plan
 from tests.support import require, require_tool
 

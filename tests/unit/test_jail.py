@@ -15,9 +15,9 @@ import pytest
 
 from fcvm.core.errors import FcvmError
 from fcvm.vmm.base import Drive, MachineSpec
-from fcvm.vmm.firecracker import FirecrackerVm
 from fcvm.vmm.firecracker import models as m
 from fcvm.vmm.firecracker.jail import Jail, find_jailer
+from fcvm.vmm.firecracker.vm import FirecrackerVm
 
 
 @pytest.fixture

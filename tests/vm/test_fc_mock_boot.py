@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from fcvm.vmm.base import Drive, MachineSpec
-from fcvm.vmm.firecracker import FirecrackerVm
+from fcvm.vmm.firecracker.vm import FirecrackerVm
 from tests.support import require
 
 SPEC_PATH = Path(__file__).resolve().parents[2].parent / "shared/firecracker/firecracker-v1.16.1.yaml"

@@ -42,7 +42,7 @@ def _kvm() -> Check:
 
 
 def _firecracker() -> Check:
-    from fcvm.vmm.firecracker import describe_binary, find_firecracker
+    from fcvm.vmm.firecracker.binary import describe_binary, find_firecracker
 
     binary = find_firecracker(None)
     if binary is None:
@@ -58,7 +58,7 @@ def _firecracker() -> Check:
 def _jailer() -> Check:
     """Only `--jailer` needs it: the release's jailer beside Firecracker, and a cgroup v2 hierarchy."""
     from fcvm.core.errors import FcvmError
-    from fcvm.vmm.firecracker import find_firecracker
+    from fcvm.vmm.firecracker.binary import find_firecracker
     from fcvm.vmm.firecracker.jail import cgroup2_mount, find_jailer
 
     firecracker = find_firecracker(None)
@@ -197,7 +197,7 @@ def _assets() -> list[Check]:
 
 def _vmm_privileges() -> Check:
     """What a VMM escape would give the guest: a uid of its own, or root."""
-    from fcvm.vmm.firecracker import find_firecracker
+    from fcvm.vmm.firecracker.binary import find_firecracker
 
     tun = Path("/dev/net/tun")
     return _vmm_verdict(root=os.geteuid() == 0, setpriv=host.which("setpriv") is not None,

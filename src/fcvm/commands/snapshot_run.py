@@ -55,7 +55,7 @@ def clone_request(store: Store, *, snapshot: str | None, serve_pid: int | None =
     description = SnapshotDescription.read(Path(record.path))
     binary = None
     if description.hypervisor == VmmKind.FIRECRACKER:
-        from fcvm.vmm.firecracker import find_firecracker
+        from fcvm.vmm.firecracker.binary import find_firecracker
 
         binary = find_firecracker(firecracker_bin)
         if binary is None:

@@ -319,7 +319,7 @@ class VmSupervisor:
                 return {}
             machine.update(qmp_socket=str(qmp_socket(spec)), mem_file=str(spec.mem_file))
         else:
-            from fcvm.vmm.firecracker import FirecrackerVm
+            from fcvm.vmm.firecracker.vm import FirecrackerVm
 
             assert isinstance(self.hypervisor, FirecrackerVm)
             machine["api_socket"] = str(self.hypervisor.api_socket)
@@ -377,7 +377,7 @@ class VmSupervisor:
         from fcvm.guest import qemu_boot_args
 
         if self.request.hypervisor == VmmKind.FIRECRACKER:
-            from fcvm.vmm.firecracker import FirecrackerVm
+            from fcvm.vmm.firecracker.vm import FirecrackerVm
 
             assert self.request.firecracker_bin is not None
             assert self.network is not None

@@ -59,8 +59,8 @@ def freeze_disks(directory: Path, disks: dict[str, Path]) -> None:
 
 def _save_firecracker(machine: dict[str, Any], directory: Path, disks: dict[str, Path]) -> tuple[str, float]:
     """Firecracker's own sequence: Paused, a Full snapshot, then Resumed. Returns (version, pause seconds)."""
-    from fcvm.vmm.firecracker import Client
     from fcvm.vmm.firecracker import models as m
+    from fcvm.vmm.firecracker.client import Client
 
     state, memory = snapshot_files(directory)
     with Client(Path(machine["api_socket"]), timeout=120) as client:

@@ -11,7 +11,7 @@ from fcvm.core.kinds import HYPERVISOR_CHOICES, VmmKind
 
 def choose_hypervisor(requested: str, firecracker_bin: str | None) -> tuple[VmmKind, Path | None]:
     """The VMM to use and, for Firecracker, its binary."""
-    from fcvm.vmm.firecracker import find_firecracker
+    from fcvm.vmm.firecracker.binary import find_firecracker
 
     if requested not in HYPERVISOR_CHOICES:
         raise UsageError(f"unknown --hypervisor {requested!r}: use {', '.join(HYPERVISOR_CHOICES)}")

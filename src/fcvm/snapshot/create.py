@@ -84,7 +84,7 @@ def _save_qemu(machine: dict[str, Any], directory: Path, disks: dict[str, Path])
         version = qemu_version(qmp)
     state, memory = snapshot_files(directory)
     pause = save_snapshot(qmp_socket, state=state, memory=memory, ram_file=Path(machine["mem_file"]),
-                          frozen=lambda: freeze_disks(directory, disks))
+                          frozen=lambda: freeze_disks(directory, disks), disks=list(disks.values()))
     return version, pause
 
 

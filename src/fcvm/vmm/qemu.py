@@ -19,7 +19,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,12 +109,21 @@ def qemu_version(qmp: Qmp) -> str:
 
 
 def save_snapshot(qmp_socket: Path, *, state: Path, memory: Path, ram_file: Path,
-                  frozen: Callable[[], None] = lambda: None, resume: bool = True, header: bytes = b"") -> float:
+                  frozen: Callable[[], None] = lambda: None, disks: Sequence[Path] = (),
+                  resume: bool = True, header: bytes = b"") -> float:
     """Pause the VM, write its device state to `state` (after `header`, if given), freeze its shared RAM file into
-    `memory` (a reflink), call `frozen` while it is still paused (to freeze its writable disks), and resume it
+    `memory` (a reflink), call `frozen` while it is still paused (to freeze its writable `disks`), and resume it
     unless told not to. Returns how long the guest was paused, in seconds."""
     from fcvm.storage.btrfs import clone_file
 
+    # Write the dirty pages of what gets reflinked back while the guest still runs: a reflink in the pause then
+    # flushes only what the guest dirties meanwhile (one that had just written 512 MiB was paused 0.6-1.8 s).
+    for path in (ram_file, *disks):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
     with Qmp(qmp_socket) as qmp:
         qmp.ignore_shared_ram()
         paused_at = time.monotonic()

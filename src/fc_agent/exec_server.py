@@ -71,6 +71,7 @@ class _Started:
     stdin_fd: int | None
     master: int  # the terminal's master end, or -1
     kill: Callable[[], None]
+    exit_code: Callable[[int], int] = lambda code: code  # the command's, from the child's exit status
 
 
 def _run(conn: socket.socket, request: ep.ExecRequest) -> int:
@@ -81,7 +82,6 @@ def _run(conn: socket.socket, request: ep.ExecRequest) -> int:
             conn.sendall(ep.frame(kind, data))
 
     with contextlib.ExitStack() as stack:
-        execution: oci_exec.Execution | None = None
         if request.target == "vm":
             started = _start_in_vm(request)
         else:
@@ -95,7 +95,7 @@ def _run(conn: socket.socket, request: ep.ExecRequest) -> int:
                 send(ep.STDERR, f"fc-agent: {exc}\n".encode())
                 return oci_exec.EXIT_RUNTIME_ERROR
             started = _start_in_container(execution, request)
-        return _forward(send, conn, started, execution)
+        return _forward(send, conn, started)
 
 
 def _start_in_vm(request: ep.ExecRequest) -> _Started:
@@ -124,7 +124,7 @@ def _start_in_container(execution: oci_exec.Execution, request: ep.ExecRequest) 
         master = console
         outputs.append((master, ep.STDOUT))
         stdin_fd = master
-    return _Started(child, outputs, stdin_fd, master, lambda: execution.kill(child))
+    return _Started(child, outputs, stdin_fd, master, lambda: execution.kill(child), execution.exit_code)
 
 
 def _pipes(child: subprocess.Popen[bytes]) -> list[tuple[int, int]]:
@@ -132,8 +132,7 @@ def _pipes(child: subprocess.Popen[bytes]) -> list[tuple[int, int]]:
     return [(child.stdout.fileno(), ep.STDOUT), (child.stderr.fileno(), ep.STDERR)]
 
 
-def _forward(send: Callable[[int, bytes], None], conn: socket.socket, started: _Started,
-             execution: oci_exec.Execution | None) -> int:
+def _forward(send: Callable[[int, bytes], None], conn: socket.socket, started: _Started) -> int:
     def pump_out(fd: int, kind: int) -> None:
         while True:
             try:
@@ -154,9 +153,7 @@ def _forward(send: Callable[[int, bytes], None], conn: socket.socket, started: _
         pump.join(timeout=5)
     if started.master >= 0:
         os.close(started.master)
-    if code < 0:
-        return 128 - code
-    return execution.exit_code(code) if execution is not None else code
+    return 128 - code if code < 0 else started.exit_code(code)
 
 
 def _pump_in(conn: socket.socket, started: _Started) -> None:

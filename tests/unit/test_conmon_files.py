@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from fc_agent import conmon
+from fcvm.core.wait import wait_until
 from fcvm_wire.control import MAX_LOG_LINE, LogStream
 
 pytestmark = pytest.mark.unit
@@ -35,7 +35,7 @@ def test_the_log_is_followed_until_the_container_ended_and_partial_lines_are_joi
     ended = threading.Event()
     follower = threading.Thread(target=conmon.follow_log, args=(ID, lambda s, t: lines.append((s, t)), ended))
     follower.start()
-    time.sleep(0.3)
+    assert wait_until(lambda: lines, 10), "the follower never read the log's first line"
     with log.open("ab") as f:  # written while followed, the last of it just before conmon exits
         f.write(b"2026-12-03T16:19:08.0+00:00 stderr F stderr\n2026-12-03T16:19:08.0+00:00 stdout F \n"
                 b"2026-12-03T16:19:08.1+00:00 stdout P " + b"x" * MAX_LOG_LINE + b"\n")

@@ -87,9 +87,14 @@ def fusepipe(src: Path, mnt: Path, sock: Path, readers: int, cache: bool = True)
     fcvm = [sys.executable, "-m", "fcvm", "--log-level", "warning", "fuse-pipe"]
     server = subprocess.Popen([*fcvm, "serve", str(src), "--socket", str(sock)], env=env)
     while not sock.exists():
+        if server.poll() is not None:
+            raise SystemExit(f"fuse-pipe serve exited with {server.returncode}")
         time.sleep(0.01)
     client = subprocess.Popen([*fcvm, "mount", "--socket", str(sock), "--readers", str(readers), str(mnt)])
     while not _mounted(mnt):
+        if client.poll() is not None:
+            server.terminate()
+            raise SystemExit(f"fuse-pipe mount exited with {client.returncode}")
         time.sleep(0.01)
     os.stat(mnt)
     try:

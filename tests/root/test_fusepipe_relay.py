@@ -12,6 +12,8 @@ import os
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,49 @@ def test_file_capabilities_are_hidden_from_the_guest_and_stripped_by_its_writes(
     with pytest.raises(OSError) as exc:  # the host's kernel removed it, as for any unprivileged write
         os.getxattr(host, CAPABILITY)
     assert exc.value.errno == errno.ENODATA
+
+
+def _eventually(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def hour_long_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's entry, attribute and negative timeouts (and so the relay's) are an hour: whatever the mount
+    shows of a host-side change before then came by invalidation. Must come before `served`."""
+    monkeypatch.setenv("FCVM_FUSEPIPE_TIMEOUT", "3600")
+
+
+def test_creating_files_asks_the_server_nothing_about_their_directory(served: Served) -> None:
+    (served.src / "d").mkdir()
+    for i in range(20):
+        with open(served.mnt / "d" / f"f{i}", "wb") as f:
+            f.write(b"x")
+    ((_, d),) = {(op, node) for (op, node) in served.requests if op == "CREATE"}
+    assert served.seen(proto.CREATE, d) == 20
+    assert served.seen(proto.LOOKUP, d) == 1  # the first new name; its answer lists the directory for the relay
+    assert served.seen(proto.GETATTR, d) == 0  # each CREATE's answer carries the directory's new attributes
+    os.mkdir(served.mnt / "d" / "sub")
+    os.unlink(served.mnt / "d" / "f0")
+    seen = os.stat(served.mnt / "d")
+    host = os.stat(served.src / "d")
+    assert (seen.st_nlink, seen.st_mtime_ns, seen.st_ctime_ns) == (host.st_nlink, host.st_mtime_ns, host.st_ctime_ns)
+    assert sorted(os.listdir(served.mnt / "d")) == sorted(os.listdir(served.src / "d"))
+
+
+def test_names_the_host_creates_show_up_although_the_relay_answers_lookups(hour_long_caches: None,
+                                                                          served: Served) -> None:
+    (served.src / "d").mkdir()
+    d = served.mnt / "d"
+    assert not (d / "a").exists()  # the server lists d for the relay
+    lookups = served.seen(proto.LOOKUP)
+    assert not (d / "b").exists()
+    assert served.seen(proto.LOOKUP) == lookups  # the relay answered
+    (served.src / "d" / "b").write_text("host")
+    _eventually(lambda: (d / "b").exists(), "a file the host created")
+    assert (d / "b").read_text() == "host"
+    os.mkdir(served.src / "d" / "sub")
+    _eventually(lambda: os.stat(d).st_nlink == 3, "the directory's new link count")

@@ -56,6 +56,8 @@ _SETID_BITS = stat.S_ISUID | stat.S_ISGID
 _HOST_ONLY_XATTRS = (b"security.", b"trusted.")  # the host's LSM labels, file capabilities, admin data
 _HIDDEN_XATTR = b"security.capability"  # never shown to the guest (see the module docstring)
 _NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK})  # what MKNOD may make: no devices
+_MAX_LISTED = 4096  # names in the largest directory whose listing goes to the relay...
+_MAX_LISTING_BYTES = 128 << 10  # ...and their size
 _MAX_LOCK_FDS = 1024  # (inode, lock owner) pairs with a POSIX lock fd open, per session
 _MAX_REPLY = proto.MAX_FRAME - proto.OUT_HEADER.size  # the largest payload one reply frame carries
 _WRITE_OPS = frozenset({
@@ -167,6 +169,11 @@ class Filesystem:
         self.initialized = False
         self._times = (self._timeout(entry_timeout), self._timeout(attr_timeout), self._timeout(negative_timeout))
         self.after_change: Callable[[Inode], None] | None = None
+        # The relay takes hints (fcvm_wire.fusepipe.dircache): the reader thread's inline requests add them to
+        # `hints`, and its session sends them ahead of the reply.
+        self.hints_wanted = False
+        self.hints: list[bytes] = []
+        self._unlisted: dict[int, float] = {}  # directories too large to list, until when
         # Told about each name operation done for the guest: the guest kernel knows about it, so its
         # inotify event needs no invalidation (see inval.Invalidator.expect).
         self.invalidator: Invalidator | None = None
@@ -361,6 +368,8 @@ class Filesystem:
             ino, st = self._lookup(parent, _name(name))
         except OSError as exc:
             if exc.errno == errno.ENOENT:
+                with contextlib.suppress(OSError):  # a directory this uid cannot read is not listed
+                    self._hint_names(h.unique, parent)
                 return self._entry(None, None)
             raise
         return self._entry(ino, st)
@@ -438,17 +447,58 @@ class Filesystem:
         ino = self.inodes.get(h.nodeid)
         return os.fsencode(os.readlink("", dir_fd=ino.fd)) if ino.fmt == stat.S_IFLNK else _raise(errno.EINVAL)
 
-    def _created(self, parent: Inode, name: bytes) -> bytes:
+    def _created(self, h: InHeader, parent: Inode, name: bytes) -> bytes:
         ino, st = self._lookup(parent, name)
         self._changed(parent)
+        self._hint_attrs(h.unique, parent)
         return self._entry(ino, st)
+
+    # ---- hints to the relay (see fcvm_wire.fusepipe.dircache) -------------------------------------
+    @staticmethod
+    def _ns(timeout: tuple[int, int]) -> int:
+        return timeout[0] * 1_000_000_000 + timeout[1]
+
+    def _hint_attrs(self, unique: int, parent: Inode) -> None:
+        """After a name operation in `parent`: its attributes now, which its next GETATTR would fetch."""
+        valid = self._ns(self._times[1])
+        if self.hints_wanted and valid:
+            head = proto.HINT_HEAD.pack(parent.nodeid, unique, valid)
+            self.hints.append(proto.pack_notify(proto.HINT_DIR_ATTR, head + self._attr(os.fstat(parent.fd))))
+
+    def _hint_names(self, unique: int, parent: Inode) -> None:
+        """With a negative LOOKUP: every name in `parent`, if it is watched (its host-side changes reach the
+        relay as notifications, which is what keeps the list true) and not too large to send."""
+        valid = self._ns(self._times[2])
+        if not (self.hints_wanted and valid and parent.wd >= 0 and self.invalidator is not None):
+            return
+        now = time.monotonic()
+        if self._unlisted.get(parent.nodeid, 0.0) > now:
+            return
+        names: list[bytes] = []
+        size = 0
+        fd = self._reopen(parent, os.O_RDONLY)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = os.fsencode(entry.name)
+                    size += len(name) + 1
+                    if len(names) == _MAX_LISTED or size > _MAX_LISTING_BYTES:
+                        if len(self._unlisted) >= _MAX_LISTED:
+                            self._unlisted.clear()
+                        self._unlisted[parent.nodeid] = now + valid / 1e9
+                        return
+                    names.append(name)
+        finally:
+            os.close(fd)
+        body = proto.HINT_HEAD.pack(parent.nodeid, unique, valid) + b"".join(n + b"\0" for n in names)
+        self.hints.append(proto.pack_notify(proto.HINT_DIR_NAMES, body))
 
     def op_symlink(self, h: InHeader, b: memoryview) -> bytes:
         name, target = _cstrings(b, 2)
         parent = self.inodes.get(h.nodeid)
         with self._own_events((parent, name, IN_CREATE)):
             os.symlink(target, _name(name), dir_fd=parent.fd)
-        return self._created(parent, name)
+        return self._created(h, parent, name)
 
     def op_mknod(self, h: InHeader, b: memoryview) -> bytes:
         mode, rdev, _umask, _ = struct.unpack_from("<IIII", b, 0)
@@ -465,7 +515,7 @@ class Filesystem:
                 os.close(fd)
             else:
                 os.mknod(_name(name), fmt | _guest_mode(mode), os.makedev(major, minor), dir_fd=parent.fd)
-        return self._created(parent, name)
+        return self._created(h, parent, name)
 
     def op_mkdir(self, h: InHeader, b: memoryview) -> bytes:
         mode, _umask = struct.unpack_from("<II", b, 0)
@@ -473,7 +523,7 @@ class Filesystem:
         parent = self.inodes.get(h.nodeid)
         with self._own_events((parent, name, IN_CREATE)), sysc.exact_modes():
             os.mkdir(_name(name), _guest_mode(mode), dir_fd=parent.fd)
-        return self._created(parent, name)
+        return self._created(h, parent, name)
 
     def op_unlink(self, h: InHeader, b: memoryview) -> bytes:
         return self._remove(h, b, os.unlink)
@@ -487,6 +537,7 @@ class Filesystem:
         with self._own_events((parent, name, IN_DELETE)):
             remove(_name(name), dir_fd=parent.fd)
         self._changed(parent)
+        self._hint_attrs(h.unique, parent)
         return b""
 
     def _rename(self, h: InHeader, newdir: int, flags: int, names: memoryview) -> bytes:
@@ -499,8 +550,10 @@ class Filesystem:
             else:
                 os.rename(_name(old), _name(new), src_dir_fd=src.fd, dst_dir_fd=dst.fd)
         self._changed(src)
+        self._hint_attrs(h.unique, src)
         if dst is not src:
             self._changed(dst)
+            self._hint_attrs(h.unique, dst)
         return b""
 
     def op_rename(self, h: InHeader, b: memoryview) -> bytes:
@@ -520,7 +573,7 @@ class Filesystem:
             raise OSError(errno.EPERM, "hard link to a directory")
         with self._own_events((parent, name, IN_CREATE)):
             sysc.link_empty(src.fd, parent.fd, _name(name))
-        return self._created(parent, name)
+        return self._created(h, parent, name)
 
     # ---- files -----------------------------------------------------------------------------------
     def op_open(self, h: InHeader, b: memoryview) -> bytes:
@@ -549,6 +602,7 @@ class Filesystem:
                          _guest_mode(mode), dir_fd=parent.fd)
         reply = self._opened_new(fd, proto.FOPEN_KEEP_CACHE)
         self._changed(parent)
+        self._hint_attrs(h.unique, parent)
         return reply
 
     def op_tmpfile(self, h: InHeader, b: memoryview) -> bytes:

@@ -210,6 +210,10 @@ class Session:
             batch.append(refused)
             return
         reply = self.fs.dispatch(h, msg)
+        hints = self.fs.hints
+        if hints:  # ahead of the reply, never in the reply cache: a re-sent request gets none
+            batch.extend(hints)
+            hints.clear()
         if reply is not None:
             self._finish(h, reply)
             batch.append(reply)
@@ -313,6 +317,7 @@ class Server:
             sock.sendall(proto.HELLO_OK.pack(proto.MAGIC, proto.HELLO_BUSY, 0))
             return None
         session, resumed = found
+        session.fs.hints_wanted = bool(flags & proto.HELLO_FLAG_HINTS)
         if not resumed and flags & proto.HELLO_FLAG_INITIALIZED:
             # A restored guest's mount: its node ids belong to the source's server and answer ESTALE here, which
             # makes the guest kernel look the paths up again; the root (node 1) is the same directory.

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 
 from fcvm_wire.fusepipe import proto
+from fcvm_wire.fusepipe.dircache import DirCache
 
 _log = logging.getLogger("fc_agent.fusepipe")
 
@@ -49,6 +50,7 @@ STREAM_BUFFER = 2 * proto.MAX_FRAME  # always room for one whole message after a
 BATCH_BYTES = 256 << 10  # send what has been read from /dev/fuse once this much is queued...
 BATCH_MESSAGES = 64  # ...or this many requests
 MAX_LOCKED_NODES = 4096  # nodes remembered as having seen a lock request; beyond, every FLUSH goes to the server
+_DIR_ANSWERS = frozenset({proto.LOOKUP, proto.GETATTR})  # when the DirCache knows
 _ANSWERED_HERE = frozenset({proto.FLUSH, proto.GETXATTR, proto.GETLK, proto.SETLK, proto.SETLKW})
 _CAPABILITY = b"security.capability\0"
 _GETXATTR_NAME = proto.IN_HEADER.size + 8  # after fuse_getxattr_in (size, padding)
@@ -117,7 +119,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def handshake(sock: socket.socket, session_id: int, read_only: bool, *, initialized: bool = False) -> bool:
     """Send HELLO, wait for HELLO_OK; returns whether the server knew the session."""
-    flags = (proto.HELLO_FLAG_READ_ONLY if read_only else 0) | (proto.HELLO_FLAG_INITIALIZED if initialized else 0)
+    flags = ((proto.HELLO_FLAG_READ_ONLY if read_only else 0) | (proto.HELLO_FLAG_INITIALIZED if initialized else 0)
+             | proto.HELLO_FLAG_HINTS)
     sock.sendall(proto.HELLO.pack(proto.MAGIC, session_id, flags, 0))
     magic, status, resumed = proto.HELLO_OK.unpack(_recv_exact(sock, proto.HELLO_OK.size))
     if magic != proto.MAGIC or status != proto.HELLO_STATUS_OK:
@@ -147,6 +150,7 @@ class Relay:
         self.error: BaseException | None = None
         self.reconnects = 0
         self.locked_nodes: set[int] = set()  # nodes a POSIX lock request was sent for (FLUSH must go out)
+        self.dirs = DirCache()  # the loop thread's alone
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
 
     # ---- lifecycle --------------------------------------------------------------------------------
@@ -304,6 +308,9 @@ class Relay:
         answered_here = _ANSWERED_HERE
         make_room = proto.make_room
         inflight = self.inflight
+        dirs = self.dirs
+        dir_answers = _DIR_ANSWERS
+        hints = proto.HINTS
         stop_r = self._stop_r
         header = proto.IN_HEADER.size
         while True:
@@ -329,9 +336,15 @@ class Relay:
                         if n < header:
                             continue
                         msg = bytes(rview_fd[:n])
-                        opcode, unique = unpack_from("<IQ", msg, 4)
+                        opcode, unique, nodeid = unpack_from("<IQQ", msg, 4)
                         if opcode in answered_here and self._answered_here(fd, opcode, unique, msg):
                             continue
+                        if opcode in dir_answers:
+                            known = dirs.answer(opcode, unique, nodeid, msg)
+                            if known is not None:
+                                self._reply(fd, known, unique)
+                                continue
+                        dirs.sent(opcode, unique, nodeid, msg)
                         if opcode not in no_reply:
                             inflight[unique] = (fd, msg)
                         out += msg
@@ -353,7 +366,7 @@ class Relay:
                         continue
                     end += n
                     while end - start >= proto.MIN_REPLY:
-                        length, _error, unique = unpack_from("<IiQ", rbuf, start)
+                        length, code, unique = unpack_from("<IiQ", rbuf, start)
                         if length < proto.MIN_REPLY or length > proto.MAX_FRAME:
                             _log.error("fuse-pipe: malformed stream from server (bad message length); "
                                        "reconnecting")
@@ -362,7 +375,12 @@ class Relay:
                         if end - start < length:
                             break
                         if unique == 0:
-                            notes.append(bytes(rview[start:start + length]))
+                            if code in hints:
+                                dirs.hint(code, rview[start:start + length],
+                                          ((u, m) for u, (_, m) in inflight.items()))
+                            else:
+                                dirs.notified(code, rview[start:start + length])
+                                notes.append(bytes(rview[start:start + length]))
                         else:
                             entry = inflight.pop(unique, None)
                             if entry is not None:  # else: a duplicate after a re-send, or a dropped request
@@ -393,6 +411,7 @@ class Relay:
                 poller.register(sock, select.POLLIN)
                 want_out = False
                 start = end = 0
+                dirs.clear()
                 out = self._pending()  # requests sent but unanswered, and those never sent
             # Flow control: POLLOUT while output is pending; stop reading /dev/fuse while it is large.
             if bool(out) != want_out:

@@ -88,6 +88,12 @@ NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_DELETE = 6
 EXPIRE_ONLY = 1 << 0  # fuse_notify_inval_entry_out.flags
+# fuse-pipe's own notifications, server to relay only (never written to /dev/fuse; see dircache): a
+# HINT_HEAD (directory node id, the unique of the request it came with, validity in ns), then for DIR_ATTR a
+# fuse_attr_out, for DIR_NAMES every name in the directory, each NUL-terminated.
+HINT_DIR_ATTR = 1001
+HINT_DIR_NAMES = 1002
+HINTS = frozenset({HINT_DIR_ATTR, HINT_DIR_NAMES})
 
 # --- INIT flags -------------------------------------------------------------------------------------
 ASYNC_READ = 1 << 0
@@ -159,6 +165,7 @@ LK_IN = struct.Struct("<QQQQIIII")  # fh owner start end type pid lk_flags paddi
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
 NOTIFY_DELETE_OUT = struct.Struct("<QQII")
+HINT_HEAD = struct.Struct("<QQQ")
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88
 assert ENTRY_OUT.size == 128 and ATTR_OUT.size == 104 and INIT_OUT.size == 64 and KSTATFS.size == 80
@@ -171,6 +178,7 @@ HELLO_FLAG_READ_ONLY = 1 << 0
 # The client's kernel mount finished FUSE_INIT long ago: a server that does not know the session (a snapshot's
 # guest restored as a clone, talking to the clone's own server) adopts it as initialized instead of refusing it.
 HELLO_FLAG_INITIALIZED = 1 << 1
+HELLO_FLAG_HINTS = 1 << 2  # the client takes HINT_* notifications
 HELLO_STATUS_OK = 0
 HELLO_BUSY = 1
 

@@ -50,14 +50,15 @@ class RawClient:
         self.sock.settimeout(DEADLINE)
         self.buf = b""
         self.replies: dict[int, tuple[int, bytes]] = {}
+        self.notes: list[tuple[int, bytes]] = []  # notifications and hints: (code, payload)
         self.uniques = itertools.count(2)
 
     def close(self) -> None:
         self.sock.close()
 
-    def hello(self, session_id: int) -> int:
+    def hello(self, session_id: int, flags: int = 0) -> int:
         """Send HELLO; the server's status (HELLO_STATUS_OK, HELLO_BUSY), or -1 if it closed the stream."""
-        self.sock.sendall(proto.HELLO.pack(proto.MAGIC, session_id, 0, 0))
+        self.sock.sendall(proto.HELLO.pack(proto.MAGIC, session_id, flags, 0))
         try:
             got = self._recv_exact(proto.HELLO_OK.size)
         except (ConnectionError, OSError):
@@ -66,8 +67,8 @@ class RawClient:
         assert magic == proto.MAGIC
         return status
 
-    def start(self, session_id: int) -> None:
-        assert self.hello(session_id) == proto.HELLO_STATUS_OK
+    def start(self, session_id: int, flags: int = 0) -> None:
+        assert self.hello(session_id, flags) == proto.HELLO_STATUS_OK
         assert self.call(proto.INIT, INIT_BODY)[0] == 0
 
     def send(self, opcode: int, body: bytes = b"", *, nodeid: int = proto.ROOT_ID, uid: int = 0, gid: int = 0,
@@ -77,7 +78,7 @@ class RawClient:
         return unique
 
     def reply(self, unique: int) -> tuple[int, bytes]:
-        """(errno, payload) of request `unique`; notifications are skipped, other replies kept for later."""
+        """(errno, payload) of request `unique`; notifications are noted, other replies kept for later."""
         while unique not in self.replies:
             while len(self.buf) < 16 or len(self.buf) < struct.unpack_from("<I", self.buf)[0]:
                 chunk = self.sock.recv(1 << 20)
@@ -87,6 +88,8 @@ class RawClient:
             length, error, got = proto.OUT_HEADER.unpack_from(self.buf)
             if got:
                 self.replies[got] = (-error, self.buf[16:length])
+            else:
+                self.notes.append((error, self.buf[16:length]))
             self.buf = self.buf[length:]
         return self.replies.pop(unique)
 
@@ -183,9 +186,9 @@ class Served:
         sock.connect(self.address)
         return RawClient(sock)
 
-    def client(self, session_id: int = 1) -> RawClient:
+    def client(self, session_id: int = 1, flags: int = 0) -> RawClient:
         c = self.connect()
-        c.start(session_id)
+        c.start(session_id, flags)
         return c
 
 
@@ -381,6 +384,38 @@ def test_directory_listings_and_replies_are_not_kept(served: Served, big_dir: Pa
     after = Resources.now()
     assert after.rss - before.rss < 24 * MiB, f"the server kept {(after.rss - before.rss) / MiB:.0f} MiB"
     assert after.fds <= before.fds
+
+
+def test_directories_are_listed_for_the_relay_rarely_and_only_when_small(served: Served, big_dir: Path) -> None:
+    """A negative LOOKUP makes the server list the directory for a relay that asked for hints: at most once per
+    negative timeout (1 s), however many lookups the guest sends, and never a directory too large to send."""
+    small = served.src / "small"
+    small.mkdir()
+    for i in range(10):
+        (small / f"f{i}").touch()
+    plain = served.client(session_id=1)
+    hinted = served.client(session_id=2, flags=proto.HELLO_FLAG_HINTS)
+    for c in (plain, hinted):
+        c.lookup("small")
+        c.lookup("big")
+
+    def listings(c: RawClient, name: str) -> list[set[bytes]]:
+        nodeid = c.lookup(name)
+        return [set(body[proto.HINT_HEAD.size:].split(b"\0")) - {b""} for code, body in c.notes
+                if code == proto.HINT_DIR_NAMES and proto.HINT_HEAD.unpack_from(body)[0] == nodeid]
+
+    started = time.monotonic()
+    for i in range(300):
+        for c in (plain, hinted):
+            for parent in ("small", "big"):
+                err, entry = c.call(proto.LOOKUP, f"missing{i}\0".encode(), nodeid=c.lookup(parent))
+                assert err == 0 and struct.unpack_from("<Q", entry)[0] == 0  # a negative entry
+    elapsed = time.monotonic() - started
+    assert listings(plain, "small") == [] and listings(plain, "big") == []  # it did not ask for hints
+    assert listings(hinted, "big") == []
+    got = listings(hinted, "small")
+    assert got and all(names == {f"f{i}".encode() for i in range(10)} for names in got)
+    assert len(got) <= elapsed / 1.0 + 1, (len(got), elapsed)
 
 
 def test_sessions_are_bounded_and_share_one_inotify_instance(served: Served, baseline: Resources) -> None:

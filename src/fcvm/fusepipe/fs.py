@@ -56,8 +56,8 @@ _SETID_BITS = stat.S_ISUID | stat.S_ISGID
 _HOST_ONLY_XATTRS = (b"security.", b"trusted.")  # the host's LSM labels, file capabilities, admin data
 _HIDDEN_XATTR = b"security.capability"  # never shown to the guest (see the module docstring)
 _NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK})  # what MKNOD may make: no devices
-_MAX_LISTED = 4096  # names in the largest directory whose listing goes to the relay...
-_MAX_LISTING_BYTES = 128 << 10  # ...and their size
+_MAX_LISTED = 1024  # names in the largest directory whose listing goes to the relay (and directories listed
+_MAX_LISTING_BYTES = 64 << 10  # within one negative timeout), and their size
 _MAX_LOCK_FDS = 1024  # (inode, lock owner) pairs with a POSIX lock fd open, per session
 _MAX_REPLY = proto.MAX_FRAME - proto.OUT_HEADER.size  # the largest payload one reply frame carries
 _WRITE_OPS = frozenset({
@@ -173,7 +173,7 @@ class Filesystem:
         # `hints`, and its session sends them ahead of the reply.
         self.hints_wanted = False
         self.hints: list[bytes] = []
-        self._unlisted: dict[int, float] = {}  # directories too large to list, until when
+        self._listed_until: dict[int, float] = {}  # directories not to list again before then
         # Told about each name operation done for the guest: the guest kernel knows about it, so its
         # inotify event needs no invalidation (see inval.Invalidator.expect).
         self.invalidator: Invalidator | None = None
@@ -467,13 +467,20 @@ class Filesystem:
 
     def _hint_names(self, unique: int, parent: Inode) -> None:
         """With a negative LOOKUP: every name in `parent`, if it is watched (its host-side changes reach the
-        relay as notifications, which is what keeps the list true) and not too large to send."""
+        relay as notifications, which is what keeps the list true) and not too large to send. A directory is
+        listed at most once per negative timeout (a relay that lost or refused the list asks the server until
+        then), so a guest cannot make the server read large directories over and over."""
         valid = self._ns(self._times[2])
         if not (self.hints_wanted and valid and parent.wd >= 0 and self.invalidator is not None):
             return
         now = time.monotonic()
-        if self._unlisted.get(parent.nodeid, 0.0) > now:
+        if self._listed_until.get(parent.nodeid, 0.0) > now:
             return
+        if len(self._listed_until) >= _MAX_LISTED:
+            self._listed_until = {n: t for n, t in self._listed_until.items() if t > now}
+            if len(self._listed_until) >= _MAX_LISTED:
+                return
+        self._listed_until[parent.nodeid] = now + valid / 1e9
         names: list[bytes] = []
         size = 0
         fd = self._reopen(parent, os.O_RDONLY)
@@ -483,9 +490,6 @@ class Filesystem:
                     name = os.fsencode(entry.name)
                     size += len(name) + 1
                     if len(names) == _MAX_LISTED or size > _MAX_LISTING_BYTES:
-                        if len(self._unlisted) >= _MAX_LISTED:
-                            self._unlisted.clear()
-                        self._unlisted[parent.nodeid] = now + valid / 1e9
                         return
                     names.append(name)
         finally:

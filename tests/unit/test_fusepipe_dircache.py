@@ -122,9 +122,24 @@ def test_a_listing_older_than_a_notification_about_its_directory_is_refused() ->
     relay = Relay()
     assert relay.send(lookup(2, b"missing")) is None
     # The host created "late" after the server read the directory; its notification overtook the hint.
-    relay.receive(proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(DIR, -1, 0)))
+    relay.receive(proto.pack_notify(proto.NOTIFY_INVAL_ENTRY,
+                                    proto.NOTIFY_INVAL_ENTRY_OUT.pack(DIR, 4, 0) + b"late\0"))
     relay.receive(hint(proto.HINT_DIR_NAMES, 2, names(b"a")))
     assert not relay.absent(4, b"late")
+
+
+def test_an_attribute_change_of_the_directory_keeps_its_names_but_not_its_attributes() -> None:
+    relay = Relay()
+    relay.send(create(2, b"f"))
+    relay.receive(hint(proto.HINT_DIR_ATTR, 2, ATTR_OUT))
+    assert relay.send(lookup(4, b"missing")) is None
+    attrs_only = proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(DIR, -1, 0))
+    relay.receive(attrs_only)  # e.g. the host made the directory just before the guest looked into it
+    relay.receive(hint(proto.HINT_DIR_NAMES, 4, names(b"f")))
+    assert relay.absent(6, b"other")
+    assert getattr_answer(relay, 8) is None
+    relay.receive(proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(DIR, 0, 0)))
+    assert not relay.absent(10, b"other")  # its data: the server lost track (inotify overflow)
 
 
 def test_listings_expire_and_go_with_the_stream_and_the_node() -> None:

@@ -78,7 +78,10 @@ class DirCache:
         self.attrs: dict[int, tuple[float, bytes]] = {}  # nodeid -> (expiry, fuse_attr_out)
         self.names: dict[int, tuple[float, set[bytes]]] = {}  # nodeid -> (expiry, every name it has)
         self.name_count = 0
-        self.noted: dict[int, int] = {}  # nodeid -> the highest unique sent when a notification named it
+        # nodeid -> the highest unique sent when a notification last named it: any notification (its attributes),
+        # one about its entries (its names).
+        self.noted: dict[int, int] = {}
+        self.noted_names: dict[int, int] = {}
         self.floor = 0  # hints for requests up to this unique are refused (`noted` was cleared then)
         self.max_sent = 0
 
@@ -88,6 +91,7 @@ class DirCache:
         self.names.clear()
         self.name_count = 0
         self.noted.clear()
+        self.noted_names.clear()
         self.floor = self.max_sent
 
     # ---- requests from the kernel ------------------------------------------------------------------------
@@ -115,9 +119,8 @@ class DirCache:
         return None
 
     def sent(self, opcode: int, unique: int, nodeid: int, msg: bytes) -> None:
-        """A request is going to the server."""
-        if unique > self.max_sent:
-            self.max_sent = unique
+        """A request is going to the server (the relay skips this while nothing is held, setting max_sent)."""
+        self.max_sent = unique
         if opcode in _NOT_CHANGING:
             if opcode in (proto.FORGET, proto.BATCH_FORGET):
                 for node in self._forgotten(opcode, nodeid, msg):
@@ -143,21 +146,32 @@ class DirCache:
 
     # ---- messages from the server -------------------------------------------------------------------------
     def notified(self, code: int, msg: bytes | memoryview) -> None:
-        """A kernel notification on its way to /dev/fuse: whatever it names may have changed on the host."""
-        if code not in (proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_ENTRY, proto.NOTIFY_DELETE):
+        """A kernel notification on its way to /dev/fuse: what it names may have changed on the host. An entry
+        notification (or a data one, as after lost inotify events) means its names; any, its attributes."""
+        if code == proto.NOTIFY_INVAL_INODE:
+            node, offset, _ = proto.NOTIFY_INVAL_INODE_OUT.unpack_from(msg, proto.OUT_HEADER.size)
+            names = offset >= 0
+        elif code in (proto.NOTIFY_INVAL_ENTRY, proto.NOTIFY_DELETE):
+            (node,) = _NODEID.unpack_from(msg, proto.OUT_HEADER.size)
+            names = True
+        else:
             return
-        (node,) = _NODEID.unpack_from(msg, proto.OUT_HEADER.size)
-        self.drop(node)
         if len(self.noted) >= MAX_NOTED:
             self.noted.clear()
+            self.noted_names.clear()
             self.floor = self.max_sent
+        self.attrs.pop(node, None)
         self.noted[node] = self.max_sent
+        if names:
+            self._drop_names(node)
+            self.noted_names[node] = self.max_sent
 
     def hint(self, code: int, msg: bytes | memoryview, in_flight: Iterable[tuple[int, bytes]]) -> None:
         """A DIR_ATTR or DIR_NAMES hint; `in_flight` is every (unique, request) still unanswered."""
         nodeid, unique, valid_ns = proto.HINT_HEAD.unpack_from(msg, proto.OUT_HEADER.size)
         body = bytes(msg[proto.OUT_HEADER.size + proto.HINT_HEAD.size:])
-        if unique <= self.floor or self.noted.get(nodeid, 0) >= unique or not valid_ns:
+        noted = self.noted if code == proto.HINT_DIR_ATTR else self.noted_names
+        if unique <= self.floor or noted.get(nodeid, 0) >= unique or not valid_ns:
             return
         later = [(u, m) for u, m in in_flight if u > unique]
         expiry = self.clock() + valid_ns / 1e9

@@ -24,7 +24,12 @@ The guest, its kernel's permission checks included, is not trusted. The rules, w
   symlink (see inodes); node ids and file handles the server never issued are ESTALE / EBADF.
 - Bounded: a READDIR reply is at most the requested size and one frame, read straight from the host
   directory (nothing is kept between requests); at most _MAX_LOCK_FDS lock fds (ENOLCK beyond); an
-  INTERRUPT is remembered only for a lock request that is waiting.
+  INTERRUPT is remembered only for a lock request that is waiting; a directory is listed for the relay's
+  hints (below) at most once per negative timeout, and only when it is small and watched.
+
+Hints (for a relay that asked for them, see fcvm_wire.fusepipe.dircache): after each name operation, the
+parent directory's attributes; with a negative LOOKUP, the directory's names. They are sent ahead of the
+reply and never kept in the reply cache (a re-sent request gets none).
 """
 
 from __future__ import annotations

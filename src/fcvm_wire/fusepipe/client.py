@@ -16,6 +16,10 @@ round trip to the host on every written file):
 - FLUSH of a node no POSIX lock request (GETLK, SETLK, SETLKW) has been sent for: the server's FLUSH only
   drops the lock owner's POSIX locks (close(2) on the host reports no write error on local filesystems).
   Once a node has seen a lock request, its FLUSHes go to the server as before.
+
+And, from what the server tells it (fcvm_wire.fusepipe.dircache), a directory's GETATTR after a name operation
+in it and a LOOKUP of a name the directory does not have: two of the three round trips a create makes while
+the guest kernel holds the directory's lock.
 """
 
 from __future__ import annotations

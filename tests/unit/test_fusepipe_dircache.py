@@ -93,6 +93,7 @@ def test_lookups_of_names_the_directory_lacks_are_answered_without_the_server() 
     assert relay.absent(4, b"c")
     assert not relay.absent(6, b"a")  # present: the server gives its entry
     assert relay.absent(8, b"c")  # asked again: the kernel does not cache the relay's ENOENT
+    assert not relay.absent(10, b"n" * 256)  # the server's answer is ENAMETOOLONG
 
 
 def test_names_created_through_the_mount_are_never_answered_absent() -> None:

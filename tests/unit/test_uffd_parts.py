@@ -8,6 +8,7 @@ import errno
 import itertools
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,17 @@ def _serve_args(**kw: object) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_snapshot_serve_argument_errors(tmp_path: Path) -> None:
+@pytest.fixture
+def process_umask() -> Iterator[None]:
+    """`snapshot serve` owns its process and sets its umask to 077; put this test process's back, or directories
+    later tests make for other users (tests/root/test_fusepipe_posix.py runs checks as nobody) are private."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield
+    os.umask(previous)
+
+
+def test_snapshot_serve_argument_errors(tmp_path: Path, process_umask: None) -> None:
     with pytest.raises(FcvmError, match="SNAPSHOT, or both"):
         snapshot_serve.run(_serve_args(mem_file=str(tmp_path / "m")))
     with pytest.raises(FcvmError, match="no snapshot named 'nope'"):

@@ -36,6 +36,7 @@ from fcvm_wire.fusepipe import proto
 _HDR = proto.IN_HEADER.size
 _NODEID = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_NAME_MAX = 255
 MAX_DIRS = 1024  # directories with attributes or names held; beyond, everything is dropped
 MAX_NAMES = 1 << 16  # names held over all directories
 MAX_NOTED = 1 << 14  # nodes remembered as recently notified; beyond, hints older than now are refused
@@ -113,7 +114,7 @@ class DirCache:
                 self._drop_names(nodeid)
                 return None
             name = msg[_HDR:].split(b"\0", 1)[0]
-            if name in known[1] or name in (b".", b".."):
+            if name in known[1] or name in (b".", b"..") or len(name) > _NAME_MAX:  # the server's ENAMETOOLONG
                 return None
             return proto.pack_reply(unique, -errno.ENOENT)
         return None

@@ -71,12 +71,15 @@ class Relay:
             self.cache.notified(code, msg)
 
     def absent(self, unique: int, name: bytes) -> bool:
-        """True if the relay answered LOOKUP `name` with ENOENT itself."""
+        """True if the relay answered LOOKUP `name` with a negative entry itself (one the kernel keeps no longer
+        than the listing is valid)."""
         answer = self.send(lookup(unique, name))
         if answer is None:
             self.receive(proto.pack_reply(unique, -errno.ENOENT))
             return False
-        assert proto.OUT_HEADER.unpack_from(answer, 0) == (16, -errno.ENOENT, unique)
+        assert proto.OUT_HEADER.unpack_from(answer, 0) == (16 + proto.ENTRY_OUT.size, 0, unique)
+        nodeid, _, entry_valid, _, entry_nsec, _ = struct.unpack_from("<QQQQII", answer, 16)
+        assert nodeid == 0 and 0 < entry_valid + entry_nsec / 1e9 <= 1.0
         return True
 
 
@@ -92,7 +95,7 @@ def test_lookups_of_names_the_directory_lacks_are_answered_without_the_server() 
     listed(relay, 2, b"a", b"b")
     assert relay.absent(4, b"c")
     assert not relay.absent(6, b"a")  # present: the server gives its entry
-    assert relay.absent(8, b"c")  # asked again: the kernel does not cache the relay's ENOENT
+    assert relay.absent(8, b"c")
     assert not relay.absent(10, b"n" * 256)  # the server's answer is ENAMETOOLONG
 
 

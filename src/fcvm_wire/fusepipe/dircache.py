@@ -10,8 +10,7 @@ that let it answer the first two itself:
   directory's attributes as they are right after the operation, i.e. NFS's post-operation attributes. The
   relay answers the directory's GETATTR with them until they expire (the attribute timeout).
 - DIR_NAMES (with a negative LOOKUP): every name in the directory. The relay answers a LOOKUP of any other
-  name with ENOENT (not cached by the kernel, so each such LOOKUP asks the relay again) until it expires
-  (the negative timeout).
+  name with a negative entry, which the kernel keeps until the listing would expire (the negative timeout).
 
 They stay true the way the kernel's own caches do: every host-side change to a directory reaches the
 relay as a notification naming it (inotify, see fcvm.fusepipe.inval), which drops what the relay holds
@@ -26,7 +25,6 @@ about a change the hint does not include).
 
 from __future__ import annotations
 
-import errno
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +35,7 @@ _HDR = proto.IN_HEADER.size
 _NODEID = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _NAME_MAX = 255
+_NO_ATTR = (0,) * 16  # a negative entry's fuse_attr
 MAX_DIRS = 1024  # directories with attributes or names held; beyond, everything is dropped
 MAX_NAMES = 1 << 16  # names held over all directories
 MAX_NOTED = 1 << 14  # nodes remembered as recently notified; beyond, hints older than now are refused
@@ -110,13 +109,17 @@ class DirCache:
             known = self.names.get(nodeid)
             if known is None:
                 return None
-            if known[0] <= self.clock():
+            now = self.clock()
+            if known[0] <= now:
                 self._drop_names(nodeid)
                 return None
             name = msg[_HDR:].split(b"\0", 1)[0]
             if name in known[1] or name in (b".", b"..") or len(name) > _NAME_MAX:  # the server's ENAMETOOLONG
                 return None
-            return proto.pack_reply(unique, -errno.ENOENT)
+            # A negative entry the kernel keeps while the listing is valid, as it keeps the server's: a host-side
+            # create of the name invalidates both (FUSE_NOTIFY_INVAL_ENTRY).
+            sec, nsec = divmod(int((known[0] - now) * 1e9), 1_000_000_000)
+            return proto.pack_reply(unique, 0, proto.ENTRY_OUT.pack(0, 0, sec, 0, nsec, 0, *_NO_ATTR))
         return None
 
     def sent(self, opcode: int, unique: int, nodeid: int, msg: bytes) -> None:

@@ -1,6 +1,6 @@
-"""fuse-pipe benchmark: parallel reads, create+write+fsync, stat latency; host ext4 (a fresh one per run, on a
-loop device) vs fuse-pipe split over a
-Unix socket (`fcvm fuse-pipe serve` + `fcvm fuse-pipe mount`, two processes), ratios printed.
+"""fuse-pipe benchmark: parallel reads, create+write+fsync, stat latency, lookups of absent names; host ext4 (a
+fresh one per run, on a loop device) vs fuse-pipe split over a Unix socket (`fcvm fuse-pipe serve` + `fcvm
+fuse-pipe mount`, two processes), ratios printed.
 
     sudo python bench/fusepipe.py [--files 1024] [--readers 256] [--writes 256] [--writers 32] [--reps 5]
 
@@ -57,6 +57,16 @@ int main(int argc, char **argv) {
         iters = atol(argv[3]); char path[4096]; snprintf(path, sizeof path, "%s/f00000", dir); struct stat st;
         double t0 = now(); for (long i = 0; i < iters; i++) if (stat(path, &st)) { perror("stat"); return 1; }
         printf("%.3f\n", (now() - t0) / iters * 1e6); return 0;
+    }
+    if (!strcmp(m, "absent")) {  /* an import path search: the same absent names, probed round after round */
+        int names = atoi(argv[3]), rounds = atoi(argv[4]); char path[4096]; struct stat st;
+        double t0 = now();
+        for (int r = 0; r < rounds; r++)
+            for (int i = 0; i < names; i++) {
+                snprintf(path, sizeof path, "%s/absent%05d", dir, i);
+                if (!stat(path, &st)) { fprintf(stderr, "%s exists\n", path); return 1; }
+            }
+        printf("%.3f\n", (now() - t0) / ((double)names * rounds) * 1e6); return 0;
     }
     mode = !strcmp(m, "write"); nfiles = atoi(argv[3]); nthreads = atoi(argv[4]);
     pthread_t *t = calloc(nthreads, sizeof *t); double t0 = now();
@@ -189,6 +199,9 @@ def bench(args: argparse.Namespace, base: Path, backing: Path) -> None:
         stat_fp = run(driver, "stat", mnt / "reads", max(1000, args.stat_iters // 10))
     with fusepipe(src, mnt, sock, args.relay_readers, cache=True):
         stat_fp_cached = run(driver, "stat", mnt / "reads", args.stat_iters)
+    absent_host = run(driver, "absent", reads, 100, 20)
+    with fusepipe(src, mnt, sock, args.relay_readers):
+        absent_fp = run(driver, "absent", mnt / "reads", 100, 20)
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"fuse-pipe bench: {args.files}x4KB reads by {args.readers} readers; {args.writes}x create+4KB "
           f"write+fsync by {args.writers} threads; median of {args.reps}; relay readers {args.relay_readers}")
@@ -200,6 +213,8 @@ def bench(args: argparse.Namespace, base: Path, backing: Path) -> None:
           f"ratio {stat_fp / stat_host:5.0f}x")
     print(f"  stat, cached     host {stat_host:8.2f} us   fuse-pipe {stat_fp_cached:8.2f} us   "
           f"ratio {stat_fp_cached / stat_host:5.1f}x")
+    print(f"  absent names     host {absent_host:8.2f} us   fuse-pipe {absent_fp:8.2f} us   "
+          f"ratio {absent_fp / absent_host:5.1f}x  (100 names not in a directory of {args.files}, 20 rounds)")
     print("  raw: " + ", ".join(f"{k}={[round(x, 1) for x in v]}" for k, v in results.items()))
 
 

@@ -121,8 +121,8 @@ def hour_long_caches(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_creating_files_asks_the_server_nothing_about_their_directory(served: Served) -> None:
-    # Made through the mount: one made on the host would be announced by a notification, which (arriving
-    # after the first LOOKUP in it) could make the relay refuse the listing, as it must.
+    # Made through the mount: one made on the host is announced by a notification about it, which may arrive
+    # after the first create's hint and void it (as it must), so the counts below would depend on timing.
     os.mkdir(served.mnt / "d")
     for i in range(20):
         with open(served.mnt / "d" / f"f{i}", "wb") as f:

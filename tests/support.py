@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI") == "true"
+
+
+def eventually(check: Callable[[], bool], what: str, deadline: float = 30.0) -> None:
+    """Poll `check` (an OSError counts as not yet) until it holds; fail, saying `what`, if it has not after a
+    generous deadline (seconds) for something that should take milliseconds."""
+    end = time.monotonic() + deadline
+    while True:
+        with contextlib.suppress(OSError):
+            if check():
+                return
+        assert time.monotonic() < end, f"never happened: {what}"
+        time.sleep(0.02)
 
 
 def require(condition: bool, reason: str) -> None:

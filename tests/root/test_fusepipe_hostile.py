@@ -17,7 +17,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,21 +25,13 @@ import pytest
 
 from fcvm.fusepipe import Server
 from fcvm_wire.fusepipe import proto
-from tests.support import require_root
+from tests.support import eventually, require_root
 
 INIT_BODY = struct.pack("<IIIII", 7, 38, 131072, proto.INIT_EXT | proto.DO_READDIRPLUS | proto.POSIX_LOCKS,
                         0) + bytes(44)
 USER = 1000
 DEADLINE = 30.0  # seconds: generous, for something that should take milliseconds
 MiB = 1 << 20
-
-
-def eventually(check: Callable[[], bool], what: str) -> None:
-    """Poll `check` until it holds; fail (saying `what`) if it has not after DEADLINE."""
-    deadline = time.monotonic() + DEADLINE
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
 
 
 class RawClient:

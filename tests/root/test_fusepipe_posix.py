@@ -31,7 +31,7 @@ from fcvm.fusepipe import Server
 from fcvm_wire.fusepipe import proto
 from tests.root import test_fusepipe_hostile as hostile
 from tests.root import test_fusepipe_scenario as scenario
-from tests.support import require, require_root
+from tests.support import eventually, require, require_root
 
 SCENARIO = Path(scenario.__file__)
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -227,17 +227,6 @@ def test_random_operations_match_plain_directory(mount: MountLocal, dirs: tuple[
     print(f"{len(runs)} sequences, {sum(runs)} operations")
 
 
-def _eventually(check: Callable[[], bool], what: str) -> None:
-    """Poll `check` (an OSError counts as not yet) until it holds; fail if it has not after a generous deadline."""
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(OSError):
-            if check():
-                return
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
-
-
 def test_host_changes_show_up_at_once(dirs: tuple[Path, Path, Path]) -> None:
     """Host-side changes reach the mount by invalidation: the kernel's caches here would keep a stale view for an
     hour, so whatever shows up before then was invalidated."""
@@ -252,15 +241,15 @@ def test_host_changes_show_up_at_once(dirs: tuple[Path, Path, Path]) -> None:
         (src / "new").write_text("n")
         os.mkdir(src / "sub")
         (src / "sub" / "x").write_text("x")
-        _eventually(lambda: (mnt / "f").read_text() == "two!", "new content")
-        _eventually(lambda: (mnt / "new").read_text() == "n", "a new file")
-        _eventually(lambda: (mnt / "sub" / "x").read_text() == "x", "a new directory")
+        eventually(lambda: (mnt / "f").read_text() == "two!", "new content")
+        eventually(lambda: (mnt / "new").read_text() == "n", "a new file")
+        eventually(lambda: (mnt / "sub" / "x").read_text() == "x", "a new directory")
         os.chmod(src / "f", 0o600)
         os.unlink(src / "new")
         os.rename(src / "sub", src / "sub2")
-        _eventually(lambda: (mnt / "f").stat().st_mode & 0o777 == 0o600, "a new mode")
-        _eventually(lambda: not (mnt / "new").exists(), "a file gone")
-        _eventually(lambda: sorted(os.listdir(mnt)) == ["f", "sub2"], "a directory renamed")
+        eventually(lambda: (mnt / "f").stat().st_mode & 0o777 == 0o600, "a new mode")
+        eventually(lambda: not (mnt / "new").exists(), "a file gone")
+        eventually(lambda: sorted(os.listdir(mnt)) == ["f", "sub2"], "a directory renamed")
         assert (mnt / "sub2" / "x").read_text() == "x"
     finally:
         assert m.stop() == 0

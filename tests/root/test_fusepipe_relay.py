@@ -12,8 +12,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import pytest
 from fcvm.fusepipe.fs import Filesystem
 from fcvm_wire.fusepipe import proto
 from tests.root.test_fusepipe_reconnect import ResettingProxy, setup  # noqa: F401 (a fixture)
+from tests.support import eventually
 
 CAPABILITY = "security.capability"
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000000, 1 << 13, 0, 0, 0)  # vfs_cap_data v2: cap_net_raw permitted
@@ -106,13 +105,6 @@ def test_file_capabilities_are_hidden_from_the_guest_and_stripped_by_its_writes(
     assert exc.value.errno == errno.ENODATA
 
 
-def _eventually(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def hour_long_caches(monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's entry, attribute and negative timeouts (and so the relay's) are an hour: whatever the mount
@@ -148,7 +140,7 @@ def test_names_the_host_creates_show_up_although_the_relay_answers_lookups(hour_
     assert not (d / "b").exists()
     assert served.seen(proto.LOOKUP) == lookups  # the relay answered
     (served.src / "d" / "b").write_text("host")
-    _eventually(lambda: (d / "b").exists(), "a file the host created")
+    eventually(lambda: (d / "b").exists(), "a file the host created")
     assert (d / "b").read_text() == "host"
     os.mkdir(served.src / "d" / "sub")
-    _eventually(lambda: os.stat(d).st_nlink == 3, "the directory's new link count")
+    eventually(lambda: os.stat(d).st_nlink == 3, "the directory's new link count")

@@ -13,7 +13,7 @@ from fcvm_wire.fusepipe.dircache import DirCache
 pytestmark = pytest.mark.unit
 
 DIR = 7
-ATTR_OUT = proto.ATTR_OUT.pack(1, 0, 0, *([0] * 16))[16:]  # a fuse_attr_out body
+ATTR_OUT = proto.ATTR_OUT.pack(1, 0, 0, *([0] * 16))  # a fuse_attr_out valid for 1 s
 
 
 class Clock:
@@ -115,6 +115,16 @@ def test_a_create_still_in_flight_when_the_listing_arrives_counts_as_present() -
     assert relay.absent(8, b"other")
 
 
+def test_truncated_hints_and_notifications_are_ignored() -> None:
+    relay = Relay()
+    relay.send(create(2, b"f"))
+    relay.receive(hint(proto.HINT_DIR_ATTR, 2, ATTR_OUT)[:60])
+    relay.receive(proto.pack_notify(proto.NOTIFY_INVAL_INODE, b"\1"))
+    assert getattr_answer(relay, 4) is None
+    listed(relay, 6, b"a")
+    assert relay.absent(8, b"b")
+
+
 def test_host_changes_drop_what_the_relay_knows_about_the_directory() -> None:
     relay = Relay()
     listed(relay, 2, b"a")
@@ -170,7 +180,11 @@ def test_a_directory_s_getattr_is_answered_from_the_attributes_after_the_last_ch
     relay.send(create(2, b"f"))
     relay.receive(hint(proto.HINT_DIR_ATTR, 2, ATTR_OUT))
     assert getattr_answer(relay, 4) == proto.pack_reply(4, 0, ATTR_OUT)
-    relay.clock.now += 1.5
+    relay.clock.now += 0.75
+    answer = getattr_answer(relay, 5)
+    assert answer is not None and answer[16 + 12:] == ATTR_OUT[12:]
+    assert struct.unpack_from("<QI", answer, 16) == (0, 250_000_000)  # the kernel keeps it 0.25 s, not 1 s
+    relay.clock.now += 0.75
     assert getattr_answer(relay, 6) is None  # expired
 
 

@@ -36,6 +36,10 @@ _NODEID = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _NAME_MAX = 255
 _NO_ATTR = (0,) * 16  # a negative entry's fuse_attr
+_ATTR_VALID = struct.Struct("<QI")  # the head of a fuse_attr_out
+_NOTIFY_SIZE = {proto.NOTIFY_INVAL_INODE: proto.NOTIFY_INVAL_INODE_OUT.size,
+                proto.NOTIFY_INVAL_ENTRY: proto.NOTIFY_INVAL_ENTRY_OUT.size,
+                proto.NOTIFY_DELETE: proto.NOTIFY_DELETE_OUT.size}
 MAX_DIRS = 1024  # directories with attributes or names held; beyond, everything is dropped
 MAX_NAMES = 1 << 16  # names held over all directories
 MAX_NOTED = 1 << 14  # nodes remembered as recently notified; beyond, hints older than now are refused
@@ -101,10 +105,13 @@ class DirCache:
             held = self.attrs.get(nodeid)
             if held is None:
                 return None
-            if held[0] <= self.clock():
+            now = self.clock()
+            if held[0] <= now:
                 del self.attrs[nodeid]
                 return None
-            return proto.pack_reply(unique, 0, held[1])
+            # The kernel keeps them no longer than the hint is valid (fuse_attr_out: attr_valid, its nsec, dummy).
+            sec, nsec = divmod(int((held[0] - now) * 1e9), 1_000_000_000)
+            return proto.pack_reply(unique, 0, _ATTR_VALID.pack(sec, nsec) + held[1][_ATTR_VALID.size:])
         if opcode == proto.LOOKUP:
             known = self.names.get(nodeid)
             if known is None:
@@ -152,6 +159,8 @@ class DirCache:
     def notified(self, code: int, msg: bytes | memoryview) -> None:
         """A kernel notification on its way to /dev/fuse: what it names may have changed on the host. An entry
         notification (or a data one, as after lost inotify events) means its names; any, its attributes."""
+        if len(msg) < proto.OUT_HEADER.size + _NOTIFY_SIZE.get(code, 0):
+            return  # not one of ours, or truncated (the kernel refuses it too)
         if code == proto.NOTIFY_INVAL_INODE:
             node, offset, _ = proto.NOTIFY_INVAL_INODE_OUT.unpack_from(msg, proto.OUT_HEADER.size)
             names = offset >= 0
@@ -172,6 +181,9 @@ class DirCache:
 
     def hint(self, code: int, msg: bytes | memoryview, in_flight: Iterable[tuple[int, bytes]]) -> None:
         """A DIR_ATTR or DIR_NAMES hint; `in_flight` is every (unique, request) still unanswered."""
+        if len(msg) < proto.OUT_HEADER.size + proto.HINT_HEAD.size + (proto.ATTR_OUT.size
+                                                                        if code == proto.HINT_DIR_ATTR else 0):
+            return  # truncated: not from our server
         nodeid, unique, valid_ns = proto.HINT_HEAD.unpack_from(msg, proto.OUT_HEADER.size)
         body = bytes(msg[proto.OUT_HEADER.size + proto.HINT_HEAD.size:])
         noted = self.noted if code == proto.HINT_DIR_ATTR else self.noted_names

@@ -173,6 +173,8 @@ class Filesystem:
         self.expire_only = False
         self.initialized = False
         self._times = (self._timeout(entry_timeout), self._timeout(attr_timeout), self._timeout(negative_timeout))
+        # How long the relay may use its hints: the attribute and negative timeouts, in ns.
+        self._attr_ns, self._negative_ns = (sec * 1_000_000_000 + nsec for sec, nsec in self._times[1:])
         self.after_change: Callable[[Inode], None] | None = None
         # The relay takes hints (fcvm_wire.fusepipe.dircache): the reader thread's inline requests add them to
         # `hints`, and its session sends them ahead of the reply.
@@ -459,13 +461,9 @@ class Filesystem:
         return self._entry(ino, st)
 
     # ---- hints to the relay (see fcvm_wire.fusepipe.dircache) -------------------------------------
-    @staticmethod
-    def _ns(timeout: tuple[int, int]) -> int:
-        return timeout[0] * 1_000_000_000 + timeout[1]
-
     def _hint_attrs(self, unique: int, parent: Inode) -> None:
         """After a name operation in `parent`: its attributes now, which its next GETATTR would fetch."""
-        valid = self._ns(self._times[1])
+        valid = self._attr_ns
         if self.hints_wanted and valid:
             head = proto.HINT_HEAD.pack(parent.nodeid, unique, valid)
             self.hints.append(proto.pack_notify(proto.HINT_DIR_ATTR, head + self._attr(os.fstat(parent.fd))))
@@ -475,7 +473,7 @@ class Filesystem:
         relay as notifications, which is what keeps the list true) and not too large to send. A directory is
         listed at most once per negative timeout (a relay that lost or refused the list asks the server until
         then), so a guest cannot make the server read large directories over and over."""
-        valid = self._ns(self._times[2])
+        valid = self._negative_ns
         if not (self.hints_wanted and valid and parent.wd >= 0 and self.invalidator is not None):
             return
         now = time.monotonic()

@@ -348,10 +348,7 @@ class Relay:
                             if known is not None:
                                 self._reply(fd, known, unique)
                                 continue
-                        if dirs.attrs or dirs.names:
-                            dirs.sent(opcode, unique, nodeid, msg)
-                        else:  # nothing to drop or add to: only the order of requests matters
-                            dirs.max_sent = unique
+                        dirs.sent(opcode, unique, nodeid, msg)
                         if opcode not in no_reply:
                             inflight[unique] = (fd, msg)
                         out += msg

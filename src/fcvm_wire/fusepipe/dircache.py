@@ -103,21 +103,16 @@ class DirCache:
         """The reply to a LOOKUP or GETATTR if it is known here, else None."""
         if opcode == proto.GETATTR:
             held = self.attrs.get(nodeid)
-            if held is None:
-                return None
-            now = self.clock()
-            if held[0] <= now:
-                del self.attrs[nodeid]
+            left = None if held is None else self._left(held[0])
+            if held is None or left is None:
+                self.attrs.pop(nodeid, None)
                 return None
             # The kernel keeps them no longer than the hint is valid (fuse_attr_out: attr_valid, its nsec, dummy).
-            sec, nsec = divmod(int((held[0] - now) * 1e9), 1_000_000_000)
-            return proto.pack_reply(unique, 0, _ATTR_VALID.pack(sec, nsec) + held[1][_ATTR_VALID.size:])
+            return proto.pack_reply(unique, 0, _ATTR_VALID.pack(*left) + held[1][_ATTR_VALID.size:])
         if opcode == proto.LOOKUP:
             known = self.names.get(nodeid)
-            if known is None:
-                return None
-            now = self.clock()
-            if known[0] <= now:
+            left = None if known is None else self._left(known[0])
+            if known is None or left is None:
                 self._drop_names(nodeid)
                 return None
             name = msg[_HDR:].split(b"\0", 1)[0]
@@ -125,13 +120,20 @@ class DirCache:
                 return None
             # A negative entry the kernel keeps while the listing is valid, as it keeps the server's: a host-side
             # create of the name invalidates both (FUSE_NOTIFY_INVAL_ENTRY).
-            sec, nsec = divmod(int((known[0] - now) * 1e9), 1_000_000_000)
+            sec, nsec = left
             return proto.pack_reply(unique, 0, proto.ENTRY_OUT.pack(0, 0, sec, 0, nsec, 0, *_NO_ATTR))
         return None
 
+    def _left(self, expiry: float) -> tuple[int, int] | None:
+        """(seconds, nanoseconds) until `expiry`, or None once it has passed."""
+        left = expiry - self.clock()
+        return divmod(int(left * 1e9), 1_000_000_000) if left > 0 else None
+
     def sent(self, opcode: int, unique: int, nodeid: int, msg: bytes) -> None:
-        """A request is going to the server (the relay skips this while nothing is held, setting max_sent)."""
+        """A request is going to the server."""
         self.max_sent = unique
+        if not (self.attrs or self.names):
+            return  # nothing to drop or add to: only the order of requests matters
         if opcode in _NOT_CHANGING:
             if opcode in (proto.FORGET, proto.BATCH_FORGET):
                 for node in self._forgotten(opcode, nodeid, msg):

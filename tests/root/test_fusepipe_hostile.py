@@ -485,3 +485,36 @@ def test_lock_waits_lock_fds_and_interrupts_are_bounded(served: Served, baseline
         answers += [c.reply(u)[0] for u in tries]
     assert set(answers) == {errno.EAGAIN, errno.ENOLCK}
     assert Resources.now().fds - before.fds <= 1024
+
+
+def test_file_content_goes_with_an_open_only_to_a_relay_that_can_store_it_safely(served: Served) -> None:
+    """A read-only OPEN brings the file's content along (HINT_STORE) only for a relay that asked for hints, only
+    for a file of at most 64 KiB, only when no other handle is open on the file (a READ of it could be holding its
+    pages, and the relay's store would wait for it), and never on a session the server adopted: the guest there
+    may hold files this server never opened. What comes along is what a READ gives."""
+    (served.src / "small").write_bytes(b"s" * 5000)
+    (served.src / "large").write_bytes(b"l" * ((64 << 10) + 1))
+
+    def stores(c: RawClient, name: str, flags: int = os.O_RDONLY) -> list[bytes]:
+        nodeid = c.lookup(name)
+        c.notes.clear()
+        c.open(nodeid, flags)
+        return [body[proto.HINT_HEAD.size:] for code, body in c.notes
+                if code == proto.HINT_STORE and proto.HINT_HEAD.unpack_from(body)[0] == nodeid]
+
+    plain = served.client(session_id=1)
+    assert stores(plain, "small") == []
+    hinted = served.client(session_id=2, flags=proto.HELLO_FLAG_HINTS)
+    assert stores(hinted, "small") == [b"s" * 5000]
+    assert stores(hinted, "small") == []  # the first handle is still open
+    assert stores(hinted, "large") == []
+    assert stores(hinted, "small", os.O_RDWR) == []
+    adopted = served.connect()
+    assert adopted.hello(3, proto.HELLO_FLAG_HINTS | proto.HELLO_FLAG_INITIALIZED) == proto.HELLO_STATUS_OK
+    assert stores(adopted, "small") == []
+    (served.src / "secret").write_bytes(b"x")
+    os.chmod(served.src / "secret", 0o600)
+    secret = hinted.lookup("secret")
+    hinted.notes.clear()
+    err, _ = hinted.call(proto.OPEN, struct.pack("<II", os.O_RDONLY, 0), nodeid=secret, uid=USER, gid=USER)
+    assert err == errno.EACCES and hinted.notes == []

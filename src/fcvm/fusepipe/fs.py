@@ -63,6 +63,7 @@ _HIDDEN_XATTR = b"security.capability"  # never shown to the guest (see the modu
 _NODE_TYPES = frozenset({stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK})  # what MKNOD may make: no devices
 _MAX_LISTED = 1024  # names in the largest directory whose listing goes to the relay (and directories listed
 _MAX_LISTING_BYTES = 64 << 10  # within one negative timeout), and their size
+_STORE_MAX = 64 << 10  # the largest file whose content goes to the relay with its read-only OPEN
 _MAX_LOCK_FDS = 1024  # (inode, lock owner) pairs with a POSIX lock fd open, per session
 _MAX_REPLY = proto.MAX_FRAME - proto.OUT_HEADER.size  # the largest payload one reply frame carries
 _WRITE_OPS = frozenset({
@@ -180,6 +181,7 @@ class Filesystem:
         # `hints`, and its session sends them ahead of the reply.
         self.hints_wanted = False
         self.hints: list[bytes] = []
+        self.stores_safe = True  # every file the guest has open was opened through this server
         self._listed_until: dict[int, float] = {}  # directories not to list again before then
         # Told about each name operation done for the guest: the guest kernel knows about it, so its
         # inotify event needs no invalidation (see inval.Invalidator.expect).
@@ -289,7 +291,17 @@ class Filesystem:
             fh = self._next_fh
             self._next_fh += 1
             self.handles[fh] = Handle(fd, ino, is_dir)
+            ino.opens += 1
         return fh
+
+    def _drop_handle(self, fh: int) -> Handle | None:
+        with self.handles_lock:
+            handle = self.handles.pop(fh, None)
+            if handle is not None:
+                handle.inode.opens -= 1
+        if handle is not None:
+            _close(handle.fd)
+        return handle
 
     def _reopen(self, ino: Inode, flags: int) -> int:
         if ino.fmt == stat.S_IFDIR:
@@ -349,6 +361,7 @@ class Filesystem:
         kernel negotiated what this server offers, and nothing else needs to be known."""
         self.proto_minor = proto.KERNEL_MINOR_VERSION
         self.initialized = True
+        self.stores_safe = False
 
     def op_destroy(self, h: InHeader, b: memoryview) -> bytes:
         return b""
@@ -467,6 +480,20 @@ class Filesystem:
         if self.hints_wanted and valid:
             head = proto.HINT_HEAD.pack(parent.nodeid, unique, valid)
             self.hints.append(proto.pack_notify(proto.HINT_DIR_ATTR, head + self._attr(os.fstat(parent.fd))))
+
+    def _hint_store(self, unique: int, ino: Inode, fd: int) -> None:
+        """With a read-only OPEN of a small file no other handle is open on: its content, which the relay puts
+        in the guest's page cache before the reply (its first read then needs no round trip). Only then: the
+        relay writes it to /dev/fuse from its loop, and the kernel would block that write on a page a READ
+        in flight has locked, waiting for the loop itself; with no other open file there is no such READ
+        (after `adopt`, the guest may hold files this server never opened: no stores)."""
+        if not (self.hints_wanted and self.stores_safe):
+            return
+        size = os.fstat(fd).st_size
+        if 0 < size <= _STORE_MAX:
+            data = os.pread(fd, size, 0)
+            head = proto.HINT_HEAD.pack(ino.nodeid, unique, 0)
+            self.hints.append(proto.pack_notify(proto.HINT_STORE, head + data))
 
     def _hint_names(self, unique: int, parent: Inode) -> None:
         """With a negative LOOKUP: every name in `parent`, if it is watched (its host-side changes reach the
@@ -593,6 +620,8 @@ class Filesystem:
         fh = self._new_handle(fd, ino)
         if flags & os.O_TRUNC:
             self._changed(ino)
+        elif flags & (os.O_ACCMODE | os.O_DIRECT) == os.O_RDONLY and ino.opens == 1:
+            self._hint_store(h.unique, ino, fd)
         # A read-only open has nothing to flush: skip the FLUSH round trip on close. POSIX locks taken
         # through it are dropped at RELEASE instead (see op_release).
         open_flags = proto.FOPEN_KEEP_CACHE
@@ -658,13 +687,10 @@ class Filesystem:
 
     def op_release(self, h: InHeader, b: memoryview) -> bytes:
         fh, _flags, _release_flags, lock_owner = struct.unpack_from("<QIIQ", b, 0)
-        with self.handles_lock:
-            handle = self.handles.pop(fh, None)
-        if handle is not None:
-            _close(handle.fd)
-            if self.lock_fds:
-                for owner in {lock_owner, *(handle.lock_owners or ())}:
-                    self._drop_lock_fd(handle.inode.nodeid, owner)
+        handle = self._drop_handle(fh)
+        if handle is not None and self.lock_fds:
+            for owner in {lock_owner, *(handle.lock_owners or ())}:
+                self._drop_lock_fd(handle.inode.nodeid, owner)
         return b""
 
     def op_flush(self, h: InHeader, b: memoryview) -> bytes:
@@ -770,10 +796,7 @@ class Filesystem:
 
     def op_releasedir(self, h: InHeader, b: memoryview) -> bytes:
         (fh,) = struct.unpack_from("<Q", b, 0)
-        with self.handles_lock:
-            handle = self.handles.pop(fh, None)
-        if handle is not None:
-            _close(handle.fd)
+        self._drop_handle(fh)
         return b""
 
     def _dir_entries(self, handle: Handle, offset: int, size: int) -> list[tuple[int, int, int, bytes]]:

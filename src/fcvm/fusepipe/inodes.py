@@ -20,7 +20,7 @@ from fcvm_wire.fusepipe import proto
 
 
 class Inode:
-    __slots__ = ("fd", "fmt", "key", "nlookup", "nodeid", "wd")
+    __slots__ = ("fd", "fmt", "key", "nlookup", "nodeid", "opens", "wd")
 
     def __init__(self, nodeid: int, fd: int, key: tuple[int, int], fmt: int) -> None:
         self.nodeid = nodeid
@@ -29,6 +29,7 @@ class Inode:
         self.fmt = fmt
         self.nlookup = 0
         self.wd = -1  # inotify watch descriptor (directories only)
+        self.opens = 0  # file handles open on it
 
     @property
     def is_dir(self) -> bool:

@@ -278,6 +278,24 @@ class Relay:
             self.locked_nodes.add(nodeid)
         return False
 
+    def _store(self, hint: memoryview) -> None:
+        """A file's content that came with the reply to its read-only OPEN (still in flight: the reply follows
+        in the stream): into the guest's page cache now, so the opener's first read finds it there. Written
+        from the loop thread, which the server allows only when no READ can hold the file's pages locked
+        (see fcvm.fusepipe.fs); a store the kernel refuses (the inode is gone) only costs the round trip."""
+        head = proto.OUT_HEADER.size
+        if len(hint) < head + proto.HINT_HEAD.size:
+            return
+        nodeid, unique, _ = proto.HINT_HEAD.unpack_from(hint, head)
+        entry = self.inflight.get(unique)
+        if entry is None or struct.unpack_from("<IQQ", entry[1], 4) != (proto.OPEN, unique, nodeid):
+            return
+        data = hint[head + proto.HINT_HEAD.size:]
+        out = proto.NOTIFY_STORE_OUT.pack(nodeid, 0, len(data), 0)
+        note = proto.OUT_HEADER.pack(head + len(out) + len(data), proto.NOTIFY_STORE, 0)
+        with contextlib.suppress(OSError):
+            os.writev(entry[0], [note, out, data])
+
     # ---- the relay loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
         """Move requests from the /dev/fuse fds to the stream and replies back, in one thread.
@@ -315,6 +333,7 @@ class Relay:
         dirs = self.dirs
         dir_answers = _DIR_ANSWERS
         hints = proto.HINTS
+        store_hint = proto.HINT_STORE
         stop_r = self._stop_r
         header = proto.IN_HEADER.size
         while True:
@@ -379,7 +398,9 @@ class Relay:
                         if end - start < length:
                             break
                         if unique == 0:
-                            if code in hints:
+                            if code == store_hint:
+                                self._store(rview[start:start + length])
+                            elif code in hints:
                                 dirs.hint(code, rview[start:start + length],
                                           ((u, m) for u, (_, m) in inflight.items()))
                             else:

@@ -86,6 +86,7 @@ NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 # --- notify codes -----------------------------------------------------------------------------------
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_STORE = 4
 NOTIFY_DELETE = 6
 EXPIRE_ONLY = 1 << 0  # fuse_notify_inval_entry_out.flags
 # fuse-pipe's own notifications, server to relay only (never written to /dev/fuse; see dircache): a
@@ -94,6 +95,9 @@ EXPIRE_ONLY = 1 << 0  # fuse_notify_inval_entry_out.flags
 HINT_DIR_ATTR = 1001
 HINT_DIR_NAMES = 1002
 HINTS = frozenset({HINT_DIR_ATTR, HINT_DIR_NAMES})
+# With the reply to a read-only OPEN: HINT_HEAD (the file's node id, the OPEN's unique, 0), then the file's
+# whole content, which the relay stores in the guest's page cache (NOTIFY_STORE) before the reply reaches it.
+HINT_STORE = 1003
 
 # --- INIT flags -------------------------------------------------------------------------------------
 ASYNC_READ = 1 << 0
@@ -165,6 +169,7 @@ LK_IN = struct.Struct("<QQQQIIII")  # fh owner start end type pid lk_flags paddi
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
 NOTIFY_DELETE_OUT = struct.Struct("<QQII")
+NOTIFY_STORE_OUT = struct.Struct("<QQII")
 HINT_HEAD = struct.Struct("<QQQ")
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and ATTR.size == 88

@@ -28,8 +28,10 @@ The guest, its kernel's permission checks included, is not trusted. The rules, w
   hints (below) at most once per negative timeout, and only when it is small and watched.
 
 Hints (for a relay that asked for them, see fcvm_wire.fusepipe.dircache): after each name operation, the
-parent directory's attributes; with a negative LOOKUP, the directory's names. They are sent ahead of the
-reply and never kept in the reply cache (a re-sent request gets none).
+parent directory's attributes; with a negative LOOKUP, the directory's names; with a read-only OPEN of a file
+of at most _STORE_MAX bytes that no other handle is open on, its content (the relay stores it in the guest's
+page cache; see `_hint_store` for why only then). They are sent ahead of the reply and never kept in the reply
+cache (a re-sent request gets none).
 """
 
 from __future__ import annotations

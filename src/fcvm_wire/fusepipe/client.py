@@ -19,7 +19,8 @@ round trip to the host on every written file):
 
 And, from what the server tells it (fcvm_wire.fusepipe.dircache), a directory's GETATTR after a name operation
 in it and a LOOKUP of a name the directory does not have: two of the three round trips a create makes while
-the guest kernel holds the directory's lock.
+the guest kernel holds the directory's lock. And a small file's content, sent with the reply to its read-only
+OPEN, goes into the guest's page cache before that reply (`_store`): the first read needs no round trip.
 """
 
 from __future__ import annotations

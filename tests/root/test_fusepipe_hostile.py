@@ -518,3 +518,24 @@ def test_file_content_goes_with_an_open_only_to_a_relay_that_can_store_it_safely
     hinted.notes.clear()
     err, _ = hinted.call(proto.OPEN, struct.pack("<II", os.O_RDONLY, 0), nodeid=secret, uid=USER, gid=USER)
     assert err == errno.EACCES and hinted.notes == []
+
+
+def _fd_table_size() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("FDSize:"))
+
+
+def test_holding_many_files_never_grows_the_fd_table_while_serving(served: Served) -> None:
+    """The server holds an fd per inode the guest knows. Growing a threaded process's fd table waits for an RCU
+    grace period each time it doubles (milliseconds each, on the request path); the server sized it up front."""
+    many = served.src / "many"
+    many.mkdir()
+    files = 900  # within the smallest usual fd limit (1024), above the table a process starts with (64)
+    for i in range(files):
+        (many / str(i)).touch()
+    c = served.client()
+    size = _fd_table_size()
+    parent = c.lookup("many")
+    for i in range(files):
+        c.lookup(str(i), parent)
+    assert _fd_table_size() == size > files

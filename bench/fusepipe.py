@@ -206,9 +206,9 @@ def bench(args: argparse.Namespace, base: Path, backing: Path) -> None:
     print(f"fuse-pipe bench: {args.files}x4KB reads by {args.readers} readers; {args.writes}x create+4KB "
           f"write+fsync by {args.writers} threads; median of {args.reps}; relay readers {args.relay_readers}")
     print(f"  parallel reads   host {med['read_host']:8.1f} ms   fuse-pipe {med['read_fp']:8.1f} ms   "
-          f"ratio {med['read_fp'] / med['read_host']:5.1f}x  (goal <= 5x)")
+          f"ratio {med['read_fp'] / med['read_host']:5.1f}x  (goal <= 5x, then 3x)")
     print(f"  write+fsync      host {med['write_host']:8.1f} ms   fuse-pipe {med['write_fp']:8.1f} ms   "
-          f"ratio {med['write_fp'] / med['write_host']:5.1f}x  (goal <= 2.5x)")
+          f"ratio {med['write_fp'] / med['write_host']:5.1f}x  (goal <= 5x, then 2.5x)")
     print(f"  stat, no cache   host {stat_host:8.2f} us   fuse-pipe {stat_fp:8.1f} us   "
           f"ratio {stat_fp / stat_host:5.0f}x")
     print(f"  stat, cached     host {stat_host:8.2f} us   fuse-pipe {stat_fp_cached:8.2f} us   "

@@ -491,11 +491,12 @@ class Filesystem:
         (after `adopt`, the guest may hold files this server never opened: no stores)."""
         if not (self.hints_wanted and self.stores_safe):
             return
-        size = os.fstat(fd).st_size
-        if 0 < size <= _STORE_MAX:
-            data = os.pread(fd, size, 0)
-            head = proto.HINT_HEAD.pack(ino.nodeid, unique, 0)
-            self.hints.append(proto.pack_notify(proto.HINT_STORE, head + data))
+        with contextlib.suppress(OSError):  # the OPEN has succeeded (its handle exists) whatever happens here
+            size = os.fstat(fd).st_size
+            if 0 < size <= _STORE_MAX:
+                data = os.pread(fd, size, 0)
+                head = proto.HINT_HEAD.pack(ino.nodeid, unique, 0)
+                self.hints.append(proto.pack_notify(proto.HINT_STORE, head + data))
 
     def _hint_names(self, unique: int, parent: Inode) -> None:
         """With a negative LOOKUP: every name in `parent`, if it is watched (its host-side changes reach the

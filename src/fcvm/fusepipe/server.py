@@ -248,10 +248,10 @@ def _grow_fd_table() -> None:
     """Size the process's fd table for as many fds as it may open (up to _FD_TABLE_MAX) now, in one step.
 
     The server holds an O_PATH fd per inode the guest knows. The kernel grows a full fd table by doubling it,
-    and in a process with threads each growth waits for an RCU grace period: milliseconds, tens of them under
-    nested virtualisation. A guest reading its first thousand files made the server grow its table five times,
-    40 of the 85 ms the whole read took (bench/fusepipe.py). Done once here, it costs at most one wait; the
-    table stays (512 KiB at _FD_TABLE_MAX)."""
+    and in a process with threads each growth waits for an RCU grace period: about 8 ms here (nested
+    virtualisation). A guest reading its first thousand files made the server grow its table five times, 40 of
+    the 85 ms the whole read took (bench/fusepipe.py). Done once here, it costs at most one wait; the table
+    stays (512 KiB at _FD_TABLE_MAX)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     try:

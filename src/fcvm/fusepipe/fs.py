@@ -489,7 +489,7 @@ class Filesystem:
         relay writes it to /dev/fuse from its loop, and the kernel would block that write on a page a READ
         in flight has locked, waiting for the loop itself; with no other open file there is no such READ
         (after `adopt`, the guest may hold files this server never opened: no stores)."""
-        if not (self.hints_wanted and self.stores_safe):
+        if not (self.hints_wanted and self.stores_safe and ino.opens == 1):
             return
         with contextlib.suppress(OSError):  # the OPEN has succeeded (its handle exists) whatever happens here
             size = os.fstat(fd).st_size
@@ -623,7 +623,7 @@ class Filesystem:
         fh = self._new_handle(fd, ino)
         if flags & os.O_TRUNC:
             self._changed(ino)
-        elif flags & (os.O_ACCMODE | os.O_DIRECT) == os.O_RDONLY and ino.opens == 1:
+        elif flags & (os.O_ACCMODE | os.O_DIRECT) == os.O_RDONLY:
             self._hint_store(h.unique, ino, fd)
         # A read-only open has nothing to flush: skip the FLUSH round trip on close. POSIX locks taken
         # through it are dropped at RELEASE instead (see op_release).

@@ -291,7 +291,7 @@ class Relay:
         entry = self.inflight.get(unique)
         if entry is None or struct.unpack_from("<IQQ", entry[1], 4) != (proto.OPEN, unique, nodeid):
             return
-        data = hint[head + proto.HINT_HEAD.size:]
+        data = hint[head + proto.HINT_HEAD.size:]  # written from the stream buffer (writev), not copied
         out = proto.NOTIFY_STORE_OUT.pack(nodeid, 0, len(data), 0)
         note = proto.OUT_HEADER.pack(head + len(out) + len(data), proto.NOTIFY_STORE, 0)
         with contextlib.suppress(OSError):

@@ -352,7 +352,8 @@ class Relay:
                         except OSError as exc:
                             if exc.errno in (errno.ENOENT, errno.EINTR):
                                 continue
-                            if exc.errno != errno.ENODEV:
+                            # ENODEV, or ECONNABORTED (seen on 6.18 after an ordinary unmount): the mount is gone.
+                            if exc.errno not in (errno.ENODEV, errno.ECONNABORTED):
                                 _log.warning("fuse-pipe: /dev/fuse read failed: %s", exc)
                             fuse_fds.discard(fd)
                             poller.unregister(fd)

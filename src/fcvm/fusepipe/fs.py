@@ -50,6 +50,7 @@ from fcvm.core import log
 from fcvm.fusepipe import sysc
 from fcvm.fusepipe.inodes import Inode, InodeTable
 from fcvm.fusepipe.inval import Invalidator
+from fcvm.fusepipe.syncgroup import SyncGroups
 from fcvm_wire.fusepipe import proto
 from fcvm_wire.fusepipe.proto import InHeader
 
@@ -167,6 +168,7 @@ class Filesystem:
         self.lock_fds: dict[tuple[int, int], int] = {}
         self.lock_pids: dict[tuple[int, int], int] = {}
         self.locks_lock = threading.Lock()
+        self.syncs = SyncGroups()
         # Lock requests that may wait (until answered) and, of those, the ones the guest interrupted: an
         # INTERRUPT for anything else is dropped, so neither set outgrows the lock waits in progress.
         self.interrupts_lock = threading.Lock()
@@ -716,7 +718,7 @@ class Filesystem:
             finally:
                 os.close(fd)
             return b""
-        (os.fdatasync if flags & proto.FSYNC_FDATASYNC else os.fsync)(handle.fd)
+        self.syncs.fsync(handle.fd, h.pid, bool(flags & proto.FSYNC_FDATASYNC))
         return b""
 
     def op_fsyncdir(self, h: InHeader, b: memoryview) -> bytes:

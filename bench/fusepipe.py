@@ -84,14 +84,18 @@ def build_driver(workdir: Path) -> Path:
     return exe
 
 
-def _mounted(mnt: Path) -> bool:
+def is_mounted(mnt: Path) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == str(mnt) for line in f)
 
 
 @contextlib.contextmanager
-def fusepipe(src: Path, mnt: Path, sock: Path, readers: int, cache: bool = True) -> Iterator[None]:
+def fusepipe(src: Path, mnt: Path, sock: Path, readers: int, cache: bool = True,
+             pythonpath: str | None = None) -> Iterator[None]:
+    """Serve `src` at `mnt` (the fcvm found on `pythonpath`, if given, else this one)."""
     env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     if not cache:
         env["FCVM_FUSEPIPE_TIMEOUT"] = "0"
     fcvm = [sys.executable, "-m", "fcvm", "--log-level", "warning", "fuse-pipe"]
@@ -101,7 +105,7 @@ def fusepipe(src: Path, mnt: Path, sock: Path, readers: int, cache: bool = True)
             raise SystemExit(f"fuse-pipe serve exited with {server.returncode}")
         time.sleep(0.01)
     client = subprocess.Popen([*fcvm, "mount", "--socket", str(sock), "--readers", str(readers), str(mnt)])
-    while not _mounted(mnt):
+    while not is_mounted(mnt):
         if client.poll() is not None:
             server.terminate()
             raise SystemExit(f"fuse-pipe mount exited with {client.returncode}")
@@ -161,7 +165,7 @@ def main() -> int:
         with fresh_ext4(base) as backing:
             bench(args, base, backing)
     finally:
-        if _mounted(base / "mnt"):
+        if is_mounted(base / "mnt"):
             subprocess.run(["umount", "-l", str(base / "mnt")], check=False)
         shutil.rmtree(base, ignore_errors=True)
     return 0

@@ -97,6 +97,15 @@ def test_fsyncs_of_concurrent_threads_are_written_back_together_then_each_synced
     assert sorted(after_alone[3:]) == [("fsync", 4), ("fsync", 5), ("fsync", 6)]
 
 
+def test_fsyncs_further_apart_than_one_takes_are_not_grouped(disk: _Disk) -> None:
+    groups = SyncGroups(max_hold=10 * _LONG_HOLD)
+    groups.fsync(3, pid=100, datasync=False)
+    groups.hold = 0.05
+    threading.Event().wait(4 * groups.hold)  # the next thread comes later than one fsync takes: none would join
+    groups.fsync(4, pid=101, datasync=False)
+    assert disk.calls == [("fsync", 3), ("fsync", 4)], "held and written back as a group"
+
+
 def test_each_member_of_a_group_gets_its_own_fsync_error(disk: _Disk) -> None:
     disk.failing.add(5)
     groups = SyncGroups(max_hold=10 * _LONG_HOLD)

@@ -5,12 +5,13 @@ so each FSYNC used to find the host's journal idle and paid a commit of its own:
 256 files of bench/fusepipe.py's write run, against 17-22 when the host's own 32 threads fsync the same files
 together. Those commits (and the flushes below them) took the two cores from the requests that make the run.
 
-The rule is jbd2's own for synchronous transactions (`jbd2_journal_stop`): an fsync from another thread than
-the last one, arriving soon after it, waits about as long as one fsync takes (`hold`, measured, bounded) for
-others to join. When the hold ends, every member's dirty data is sent to the disk at once (so all of it lands
-in one transaction), then each member fsyncs its own file, in parallel: the first of them commits the
-transaction, the others find it committed. A thread that fsyncs alone never waits, and neither does an fsync
-while no other thread has made one recently.
+The rule follows jbd2's for synchronous transactions (`jbd2_journal_stop`): an fsync from another thread than
+the last one, arriving sooner after it than one fsync takes (`hold`, measured, bounded), waits for others to join
+while they keep coming, each extending the wait by `hold`, at most `max_hold` in all. When the wait ends, every
+member's dirty data is sent to the disk at once (so all of it lands in one transaction), then each member fsyncs
+its own file, in parallel: the first of them commits the transaction, the others find it committed. A thread
+that fsyncs alone never waits, and neither does an fsync when fsyncs come further apart than one takes (none
+would join: in a TCG guest, writers reach the host about 10 ms apart).
 
 Durability is unchanged: every FSYNC still returns only after fsync(2) of its own fd returned, with its error.
 """
@@ -23,8 +24,6 @@ import time
 
 from fcvm.fusepipe import sysc
 
-# Another thread's fsync this recent makes an fsync a candidate for a group.
-_RECENT = 0.010
 # The hold follows the measured fsync time (a waiter at most about doubles its latency), within these bounds.
 _HOLD_MIN = 0.0002
 _HOLD_MAX = 0.005
@@ -61,7 +60,7 @@ class SyncGroups:
                 group.closes = now + self.hold
                 while not group.released:
                     self._cond.wait()
-            elif pid != self._last_pid and now - self._last_arrival < _RECENT:
+            elif pid != self._last_pid and now - self._last_arrival < self.hold:
                 group = self._gathering = _Group(fd, now, self.hold)
                 leads = True
             self._last_pid, self._last_arrival = pid, now

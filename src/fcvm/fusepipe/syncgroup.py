@@ -24,7 +24,7 @@ import time
 
 from fcvm.fusepipe import sysc
 
-# The hold follows the measured fsync time (a waiter at most about doubles its latency), within these bounds.
+# The hold follows the measured time of one fsync, within these bounds; a group waits at most max_hold in all.
 _HOLD_MIN = 0.0002
 _HOLD_MAX = 0.005
 _SMOOTHING = 0.2  # weight of the newest fsync time in the running estimate

@@ -124,12 +124,14 @@ def test_fdatasync_stays_fdatasync(disk: _Disk) -> None:
     assert disk.calls == [("fdatasync", 7)]
 
 
-def test_a_real_file_is_synced_through_a_group(tmp_path: os.PathLike[str]) -> None:
+def test_real_files_are_synced_through_a_group(tmp_path: os.PathLike[str]) -> None:
     groups = SyncGroups(max_hold=10 * _LONG_HOLD)
     fds = [os.open(os.path.join(tmp_path, f"f{i}"), os.O_CREAT | os.O_WRONLY, 0o600) for i in range(3)]
     try:
         for fd in fds:
             os.write(fd, b"x" * 4096)
+        groups.fsync(fds[0], pid=199, datasync=False)
+        groups.hold = 0.5  # the threads below come within it: they form a group (real writeback, real fsync)
         errors: dict[int, OSError] = {}
         threads = [_in_thread(groups, fd, 200 + i, errors) for i, fd in enumerate(fds)]
         for thread in threads:

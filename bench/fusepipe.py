@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 DRIVER_C = r"""
 #define _GNU_SOURCE
@@ -160,26 +161,43 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (mount)", file=sys.stderr)
         return 1
-    base = Path(tempfile.mkdtemp(prefix="fp-bench-", dir="/var/tmp"))
-    try:
-        with fresh_ext4(base) as backing:
-            bench(args, base, backing)
-    finally:
-        if is_mounted(base / "mnt"):
-            subprocess.run(["umount", "-l", str(base / "mnt")], check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    with workspace("fp-bench-", args.files) as ws:
+        bench(args, ws)
     return 0
 
 
-def bench(args: argparse.Namespace, base: Path, backing: Path) -> None:
-    driver = build_driver(base)
-    src, mnt, sock = backing / "src", base / "mnt", base / "sock"
-    src.mkdir()
-    mnt.mkdir()
-    reads = src / "reads"
-    reads.mkdir()
-    for i in range(args.files):
-        (reads / f"f{i:05d}").write_bytes(os.urandom(4096))
+class Workspace(NamedTuple):
+    base: Path  # scratch directory (not on the fresh ext4)
+    driver: Path
+    src: Path  # the directory served, on the fresh ext4
+    reads: Path  # in src: the files the read load reads
+    mnt: Path
+    sock: Path
+
+
+@contextlib.contextmanager
+def workspace(prefix: str, files: int) -> Iterator[Workspace]:
+    """A fresh ext4 with `files` 4 KiB files to read, a mount point and the C driver; all gone afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    mnt = base / "mnt"
+    try:
+        with fresh_ext4(base) as backing:
+            src = backing / "src"
+            src.mkdir()
+            mnt.mkdir()
+            reads = src / "reads"
+            reads.mkdir()
+            for i in range(files):
+                (reads / f"f{i:05d}").write_bytes(os.urandom(4096))
+            yield Workspace(base, build_driver(base), src, reads, mnt, base / "sock")
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def bench(args: argparse.Namespace, ws: Workspace) -> None:
+    driver, src, reads, mnt, sock = ws.driver, ws.src, ws.reads, ws.mnt, ws.sock
     results: dict[str, list[float]] = {k: [] for k in ("read_host", "read_fp", "write_host", "write_fp")}
     def write_host(rep: int) -> None:
         (src / f"h{rep}").mkdir()

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # The sibling bench script: its C driver, loads, mount and fresh ext4.
@@ -45,8 +43,9 @@ def journal_commits(device: str) -> int:
         return int(f.readline().split()[0])
 
 
-def loop_device(mnt: Path) -> str:
-    source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mnt)], check=True, capture_output=True,
+def loop_device(path: Path) -> str:
+    """The loop device (its name) of the filesystem holding `path`."""
+    source = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--target", str(path)], check=True, capture_output=True,
                             text=True).stdout.strip()
     return os.path.basename(source)
 
@@ -62,28 +61,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (mount)", file=sys.stderr)
         return 1
-    base = Path(tempfile.mkdtemp(prefix="fp-ab-", dir="/var/tmp"))
-    try:
-        paths = [export(v, base) for v in args.versions]
-        with fp.fresh_ext4(base) as backing:
-            compare(args, paths, base, backing)
-    finally:
-        if fp.is_mounted(base / "mnt"):
-            subprocess.run(["umount", "-l", str(base / "mnt")], check=False)
-        shutil.rmtree(base, ignore_errors=True)
+    with fp.workspace("fp-ab-", args.files) as ws:
+        compare(args, [export(v, ws.base) for v in args.versions], ws)
     return 0
 
 
-def compare(args: argparse.Namespace, paths: list[str], base: Path, backing: Path) -> None:
-    driver = fp.build_driver(base)
-    src, mnt, sock = backing / "src", base / "mnt", base / "sock"
-    src.mkdir()
-    mnt.mkdir()
-    reads = src / "reads"
-    reads.mkdir()
-    for i in range(args.files):
-        (reads / f"f{i:05d}").write_bytes(os.urandom(4096))
-    device = loop_device(backing)
+def compare(args: argparse.Namespace, paths: list[str], ws: fp.Workspace) -> None:
+    driver, src, reads, mnt, sock = ws.driver, ws.src, ws.reads, ws.mnt, ws.sock
+    device = loop_device(src)
     host: list[float] = []
     times: dict[int, list[float]] = {i: [] for i in range(len(paths))}
     commits: dict[int, list[int]] = {i: [] for i in range(len(paths))}

@@ -68,7 +68,7 @@ def _poll(condition: Callable[[], bool], deadline: float = 10.0) -> None:
 
 
 def test_a_thread_fsyncing_alone_never_waits(disk: _Disk) -> None:
-    groups = SyncGroups(max_hold=10 * _LONG_HOLD)
+    groups = SyncGroups(max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
     groups.fsync(3, pid=100, datasync=False)
     groups.hold = _LONG_HOLD
     errors: dict[int, OSError] = {}
@@ -80,7 +80,7 @@ def test_a_thread_fsyncing_alone_never_waits(disk: _Disk) -> None:
 
 
 def test_fsyncs_of_concurrent_threads_are_written_back_together_then_each_synced(disk: _Disk) -> None:
-    groups = SyncGroups(max_hold=10 * _LONG_HOLD)
+    groups = SyncGroups(max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
     groups.fsync(3, pid=100, datasync=False)  # another thread's recent fsync: the next one from elsewhere waits
     groups.hold = _LONG_HOLD
     errors: dict[int, OSError] = {}
@@ -97,18 +97,18 @@ def test_fsyncs_of_concurrent_threads_are_written_back_together_then_each_synced
     assert sorted(after_alone[3:]) == [("fsync", 4), ("fsync", 5), ("fsync", 6)]
 
 
-def test_fsyncs_further_apart_than_one_takes_are_not_grouped(disk: _Disk) -> None:
-    groups = SyncGroups(max_hold=10 * _LONG_HOLD)
+def test_fsyncs_further_apart_than_the_window_are_not_grouped(disk: _Disk) -> None:
+    groups = SyncGroups(max_hold=10 * _LONG_HOLD, window=0.05)
     groups.fsync(3, pid=100, datasync=False)
-    groups.hold = 0.05
-    threading.Event().wait(4 * groups.hold)  # the next thread comes later than one fsync takes: none would join
+    groups.hold = _LONG_HOLD
+    threading.Event().wait(4 * groups.window)  # the next thread comes later than the window: none would join
     groups.fsync(4, pid=101, datasync=False)
     assert disk.calls == [("fsync", 3), ("fsync", 4)], "held and written back as a group"
 
 
 def test_each_member_of_a_group_gets_its_own_fsync_error(disk: _Disk) -> None:
     disk.failing.add(5)
-    groups = SyncGroups(max_hold=10 * _LONG_HOLD)
+    groups = SyncGroups(max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
     groups.fsync(3, pid=100, datasync=False)
     groups.hold = 1.0
     errors: dict[int, OSError] = {}
@@ -125,7 +125,7 @@ def test_fdatasync_stays_fdatasync(disk: _Disk) -> None:
 
 
 def test_real_files_are_synced_through_a_group(tmp_path: os.PathLike[str]) -> None:
-    groups = SyncGroups(max_hold=10 * _LONG_HOLD)
+    groups = SyncGroups(max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
     fds = [os.open(os.path.join(tmp_path, f"f{i}"), os.O_CREAT | os.O_WRONLY, 0o600) for i in range(3)]
     try:
         for fd in fds:

@@ -38,7 +38,8 @@ class Served:
 
 @pytest.fixture
 def served(setup: tuple[Path, Path, ResettingProxy], monkeypatch: pytest.MonkeyPatch) -> Served:  # noqa: F811
-    """The reconnect tests' mount (in-process server, relay in `fcvm fuse-pipe mount`), its requests counted."""
+    """The reconnect tests' mount (in-process server, relay in `fcvm fuse-pipe mount`), the requests reaching its
+    server counted."""
     requests: collections.Counter[tuple[str, int]] = collections.Counter()
     dispatch = Filesystem.dispatch
 
@@ -46,7 +47,17 @@ def served(setup: tuple[Path, Path, ResettingProxy], monkeypatch: pytest.MonkeyP
         requests[(proto.OPCODE_NAMES.get(h.opcode, str(h.opcode)), h.nodeid)] += 1
         return dispatch(self, h, msg)
 
+    fsync_target = Filesystem.fsync_target
+
+    def counting_fsyncs(self: Filesystem, msg: bytes) -> tuple[int, bool] | None:
+        target = fsync_target(self, msg)
+        if target is not None:  # an FSYNC the session's sync groups take instead of dispatch
+            h = proto.parse_in_header(msg)
+            requests[(proto.OPCODE_NAMES[h.opcode], h.nodeid)] += 1
+        return target
+
     monkeypatch.setattr(Filesystem, "dispatch", counting)
+    monkeypatch.setattr(Filesystem, "fsync_target", counting_fsyncs)
     src, mnt, _ = setup
     return Served(src, mnt, requests)
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcvm.fusepipe.fs import Filesystem
-from fcvm.fusepipe.server import Server, Session, Workers
+from fcvm.fusepipe.server import Connection, Server, Session, Workers
 from fcvm_wire.fusepipe import proto
 
 INIT_BODY = struct.pack("<IIIII", 7, 45, 131072, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(44)
@@ -192,6 +192,51 @@ def test_resent_requests_are_not_executed_twice(tmp_path: Path) -> None:
         assert batch[1] == batch[2]
     finally:
         session.close()
+
+
+def _read_replies(sock: socket.socket, count: int) -> list[bytes]:
+    sock.settimeout(30)  # generous: the replies take milliseconds
+    buf = b""
+    frames: list[bytes] = []
+    while len(frames) < count:
+        chunk = sock.recv(4096)
+        assert chunk, f"the stream closed after {len(frames)} replies"
+        buf += chunk
+        got, used = proto.split_frames(buf, proto.MIN_REPLY)
+        frames += got
+        buf = buf[used:]
+    assert buf == b""
+    return frames
+
+
+def test_fsyncs_are_answered_once_each_through_the_stream(tmp_path: Path) -> None:
+    session = Session(1, str(tmp_path), False, Workers(2, 2))
+    ours, theirs = socket.socketpair()
+    session.attach(Connection(theirs))
+    try:
+        batch: list[bytes] = []
+        SERVER_THREAD.submit(session.process, req(proto.INIT, INIT_BODY, unique=1), batch).result()
+        create = req(proto.CREATE, struct.pack("<IIII", os.O_WRONLY | os.O_CREAT, 0o644, 0, 0) + b"f\0", unique=2)
+        SERVER_THREAD.submit(session.process, create, batch).result()
+        assert reply_error(batch[-1]) == 0
+        nodeid, = struct.unpack_from("<Q", batch[-1], proto.OUT_HEADER.size)
+        fh, = struct.unpack_from("<Q", batch[-1], proto.OUT_HEADER.size + proto.ENTRY_OUT.size)
+        answered = len(batch)
+        # One thread's FSYNC of the open handle, two others' (a group), and one of a handle the server does not
+        # know (synced by reopening the node).
+        for unique, pid, handle in ((3, 10, fh), (4, 11, fh), (5, 12, fh), (6, 13, 999)):
+            fsync = proto.IN_HEADER.pack(56, proto.FSYNC, unique, nodeid, os.geteuid(), os.getegid(), pid, 0, 0)
+            SERVER_THREAD.submit(session.process, fsync + struct.pack("<QII", handle, 0, 0), batch).result()
+        assert len(batch) == answered, "an FSYNC was answered inline"
+        replies = _read_replies(ours, 4)
+        assert sorted((proto.OUT_HEADER.unpack_from(r)[2], reply_error(r)) for r in replies) == [
+            (3, 0), (4, 0), (5, 0), (6, 0)]
+        ours.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            ours.recv(4096)  # and nothing more
+    finally:
+        session.close()
+        ours.close()
 
 
 def test_server_survives_garbage_and_disconnects(tmp_path: Path) -> None:

@@ -50,7 +50,6 @@ from fcvm.core import log
 from fcvm.fusepipe import sysc
 from fcvm.fusepipe.inodes import Inode, InodeTable
 from fcvm.fusepipe.inval import Invalidator
-from fcvm.fusepipe.syncgroup import SyncGroups
 from fcvm_wire.fusepipe import proto
 from fcvm_wire.fusepipe.proto import InHeader
 
@@ -168,7 +167,6 @@ class Filesystem:
         self.lock_fds: dict[tuple[int, int], int] = {}
         self.lock_pids: dict[tuple[int, int], int] = {}
         self.locks_lock = threading.Lock()
-        self.syncs = SyncGroups()
         # Lock requests that may wait (until answered) and, of those, the ones the guest interrupted: an
         # INTERRUPT for anything else is dropped, so neither set outgrows the lock waits in progress.
         self.interrupts_lock = threading.Lock()
@@ -708,6 +706,16 @@ class Filesystem:
             self._drop_lock_fd(handle.inode.nodeid, lock_owner)
         return b""
 
+    def fsync_target(self, msg: bytes) -> tuple[int, bool] | None:
+        """The host fd of the open handle an FSYNC names and whether it asks for fdatasync, for the session's
+        sync groups (fcvm.fusepipe.syncgroup: the fd is open, so no credentials are involved); None: the request
+        goes through `dispatch`."""
+        if not self.initialized or len(msg) < _HDR + 12:
+            return None
+        fh, flags = struct.unpack_from("<QI", msg, _HDR)
+        handle = self.handles.get(fh)
+        return None if handle is None else (handle.fd, bool(flags & proto.FSYNC_FDATASYNC))
+
     def op_fsync(self, h: InHeader, b: memoryview) -> bytes:
         fh, flags = struct.unpack_from("<QI", b, 0)
         handle = self.handles.get(fh)
@@ -718,7 +726,7 @@ class Filesystem:
             finally:
                 os.close(fd)
             return b""
-        self.syncs.fsync(handle.fd, h.pid, bool(flags & proto.FSYNC_FDATASYNC))
+        (os.fdatasync if flags & proto.FSYNC_FDATASYNC else os.fsync)(handle.fd)
         return b""
 
     def op_fsyncdir(self, h: InHeader, b: memoryview) -> bytes:

@@ -8,7 +8,8 @@ executed twice. A new stream for a session replaces (closes) the one it had.
 Requests are executed inline on the stream's reader thread (no thread hand-off for the common, fast
 operations; replies to one read batch go out in one send) except those that can block for long (fsync,
 fallocate, copy_file_range, syncfs, locks), which run in a thread pool, and lock waits, which get a thread
-each.
+each. An FSYNC of an open handle goes to the session's sync groups (syncgroup), which sync it in the pool,
+alone or with others'.
 
 The guest is not trusted to be reasonable either: everything it can make the server hold is bounded. Per
 server: `max_sessions` sessions (a new one first evicts the longest-detached session; with none detached
@@ -39,6 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from fcvm.core import log
 from fcvm.fusepipe.fs import Filesystem
 from fcvm.fusepipe.inval import InotifyHub, Invalidator
+from fcvm.fusepipe.syncgroup import SyncGroups
 from fcvm_wire.fusepipe import proto
 
 _log = log.get("fusepipe")
@@ -147,6 +149,7 @@ class Session:
         self.invalidator = (Invalidator(hub, self.fs.inodes, self.notify, lambda: self.fs.expire_only)
                             if hub is not None else None)
         self.fs.invalidator = self.invalidator
+        self.syncs = SyncGroups[proto.InHeader](workers.submit, self._synced)
 
     def attach(self, conn: Connection) -> None:
         with self.lock:
@@ -171,6 +174,7 @@ class Session:
             conn.close()
         if self.invalidator is not None:
             self.invalidator.close()
+        self.syncs.close()
         self.fs.close()
 
     def send(self, data: bytes) -> None:
@@ -199,6 +203,11 @@ class Session:
                     batch.append(cached)
                     return
                 self.pending.add(unique)
+        if opcode == proto.FSYNC:
+            target = self.fs.fsync_target(msg)
+            if target is not None:
+                self.syncs.fsync(target[0], h.pid, target[1], h)
+                return
         if opcode in _POOLED:
             self.workers.submit(lambda: self._run_async(h, msg))
             return
@@ -230,6 +239,15 @@ class Session:
             if reply is not None and h.opcode not in _NOT_CACHED:
                 self.cache.put(h.unique, reply)
             self.pending.discard(h.unique)
+
+    def _synced(self, results: list[tuple[proto.InHeader, int]]) -> None:
+        """FSYNCs the sync groups did together: their replies in one send."""
+        replies = []
+        for h, error in results:
+            reply = proto.pack_reply(h.unique, -error)
+            self._finish(h, reply)
+            replies.append(reply)
+        self.send(b"".join(replies))
 
     def _run_async(self, h: proto.InHeader, msg: bytes) -> None:
         reply = self.fs.dispatch(h, msg)

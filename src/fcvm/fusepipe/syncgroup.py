@@ -8,22 +8,35 @@ the run.
 
 The rule follows jbd2's for synchronous transactions (`jbd2_journal_stop`, which sleeps for the time of one
 commit when the last synchronous writer was another thread): an fsync from another thread than the last one,
-arriving less than `window` after it, waits for others to join while they keep coming, each extending the wait
-by `hold` (the measured time of one fsync, bounded), at most `max_hold` in all. When the wait ends, every
-member's dirty data is sent to the disk at once (so all of it lands in one transaction), then each member fsyncs
-its own file, in parallel: the first of them commits the transaction, the others find it committed. A thread
-that fsyncs alone never waits, and neither does an fsync that comes later than `window` after the one before.
+arriving less than `window` after it, opens a group, and the group waits for others to join while they keep
+coming, each extending the wait by `hold` (the measured time of one fsync, bounded), at most `max_hold` in all.
+Then every member's dirty data is sent to the disk at once (so all of it lands in one transaction), and all the
+members' fsyncs are submitted together (`sysc.FsyncBatch`): each enters fsync before the first one's commit
+has flushed the disk, so one commit and its flush serve them all, where fsyncs coming one after another each
+flush again. A thread that fsyncs alone never waits, and neither does an fsync that comes later than `window`
+after the one before.
 
-Durability is unchanged: every FSYNC still returns only after fsync(2) of its own fd returned, with its error.
+Nothing blocks the caller: a member only joins its group, and the sync of a group (or of a lone fsync) runs
+through `run` (the server's pool); `synced` gets every result of one group at once, so the replies leave in one
+send and no thread per member wakes up when the commit ends (a crowd of them, each taking the GIL in turn, held
+up the server's reader thread after every commit).
+
+Durability is unchanged: every result is fsync(2)'s (or fdatasync(2)'s) own for that fd.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
+from fcvm.core import log
 from fcvm.fusepipe import sysc
+
+_log = log.get("fusepipe")
 
 # The hold follows the measured time of one fsync, within these bounds; a group waits at most max_hold in all.
 _HOLD_MIN = 0.0002
@@ -34,61 +47,114 @@ _HOLD_MAX = 0.005
 _WINDOW = 2 * _HOLD_MAX
 _SMOOTHING = 0.2  # weight of the newest fsync time in the running estimate
 
+Token = TypeVar("Token")  # what the caller knows an fsync by (the server: the request's header)
 
-class _Group:
-    def __init__(self, fd: int, now: float, hold: float) -> None:
-        self.fds = [fd]
-        self.released = False
+
+class _Group(Generic[Token]):
+    def __init__(self, now: float, hold: float) -> None:
+        self.members: list[tuple[int, bool, Token]] = []  # fd, datasync, token
         self.opened = now
         self.closes = now + hold  # each member that joins moves this to its own arrival + hold
 
 
-class SyncGroups:
-    """fsync for one session's requests; see the module's docstring."""
+class SyncGroups(Generic[Token]):
+    """fsync for one session's requests; see the module's docstring. `synced` gets the (token, errno: 0 if
+    synced) of every fsync done together."""
 
-    def __init__(self, max_hold: float = _HOLD_MAX, window: float = _WINDOW) -> None:
+    def __init__(self, run: Callable[[Callable[[], None]], None],
+                 synced: Callable[[list[tuple[Token, int]]], None], max_hold: float = _HOLD_MAX,
+                 window: float = _WINDOW) -> None:
+        self.run = run
+        self.synced = synced
         self.max_hold = max_hold
         self.window = window
-        self._cond = threading.Condition()
-        self._gathering: _Group | None = None
+        self.hold = _HOLD_MIN
+        self._lock = threading.Lock()
+        self._gathering: _Group[Token] | None = None
         self._last_pid = 0
         self._last_arrival = float("-inf")
-        self.hold = _HOLD_MIN
+        self._batches: list[sysc.FsyncBatch] = []  # idle ones: one per group being synced at a time
+        self._closed = False
 
-    def fsync(self, fd: int, pid: int, datasync: bool) -> None:
-        """fsync (or fdatasync) `fd` for the guest thread `pid` (the FUSE request's caller)."""
+    def fsync(self, fd: int, pid: int, datasync: bool, token: Token) -> None:
+        """fsync (or fdatasync) `fd` for the guest thread `pid` (the FUSE request's caller); `synced` gets
+        `token` and the result. Returns at once."""
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             group = self._gathering
-            leads = False
+            opens = False
             if group is not None:
-                group.fds.append(fd)
                 group.closes = now + self.hold
-                while not group.released:
-                    self._cond.wait()
             elif pid != self._last_pid and now - self._last_arrival < self.window:
-                group = self._gathering = _Group(fd, now, self.hold)
-                leads = True
+                group = self._gathering = _Group[Token](now, self.hold)
+                opens = True
+            if group is not None:
+                group.members.append((fd, datasync, token))
             self._last_pid, self._last_arrival = pid, now
-        if leads:
-            assert group is not None
-            self._release(group)
-        started = time.monotonic()
-        (os.fdatasync if datasync else os.fsync)(fd)
-        if group is None or leads:  # one estimate per sync the host's journal saw first
-            taken = time.monotonic() - started
-            self.hold = min(self.max_hold, max(_HOLD_MIN, self.hold + _SMOOTHING * (taken - self.hold)))
+        if group is None:
+            self.run(lambda: self._sync_alone(fd, datasync, token))
+        elif opens:
+            self.run(lambda: self._sync_group(group))
 
-    def _release(self, group: _Group) -> None:
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._batches = self._batches, []
+        for batch in idle:
+            batch.close()
+
+    def _estimate(self, taken: float) -> None:
+        """One more measured fsync time (one per sync the host's journal saw first)."""
+        self.hold = min(self.max_hold, max(_HOLD_MIN, self.hold + _SMOOTHING * (taken - self.hold)))
+
+    def _sync_alone(self, fd: int, datasync: bool, token: Token) -> None:
+        started = time.monotonic()
+        error = _fsync(fd, datasync)
+        self._estimate(time.monotonic() - started)
+        self.synced([(token, error)])
+
+    def _sync_group(self, group: _Group[Token]) -> None:
+        """Wait while others join, write all back, fsync all at once, hand over the results."""
         while True:
-            with self._cond:
+            with self._lock:
                 wait = min(group.closes, group.opened + self.max_hold) - time.monotonic()
                 if wait <= 0:
-                    self._gathering = None  # later fsyncs start the next group
+                    self._gathering = None  # later fsyncs open the next group
+                    batch = self._batches.pop() if self._batches else None
                     break
             time.sleep(wait)
-        for fd in group.fds:
-            sysc.start_writeback(fd)
-        with self._cond:
-            group.released = True
-            self._cond.notify_all()
+        requests = [(fd, datasync) for fd, datasync, _ in group.members]
+        errors = [errno.EIO] * len(requests)
+        try:
+            for fd, _ in requests:
+                sysc.start_writeback(fd)
+            if batch is None:
+                batch = _new_batch()
+            started = time.monotonic()
+            errors = batch.fsync(requests) if batch is not None else [_fsync(fd, ds) for fd, ds in requests]
+            self._estimate(time.monotonic() - started)
+        finally:
+            with self._lock:
+                if batch is not None and not self._closed:
+                    self._batches.append(batch)
+                    batch = None
+            if batch is not None:
+                batch.close()
+            self.synced([(token, error) for (_, _, token), error in zip(group.members, errors, strict=True)])
+
+
+def _fsync(fd: int, datasync: bool) -> int:
+    try:
+        (os.fdatasync if datasync else os.fsync)(fd)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return 0
+
+
+def _new_batch() -> sysc.FsyncBatch | None:
+    """A new AIO context, or None if the host has none left (fs.aio-max-nr): then fsync one after another."""
+    try:
+        return sysc.FsyncBatch()
+    except OSError as exc:
+        _log.warning("fuse-pipe: no AIO context for grouped fsyncs (%s); syncing them one by one", exc)
+        return None

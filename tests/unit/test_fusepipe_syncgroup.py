@@ -38,7 +38,7 @@ class _Disk:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
         return call
 
-    def batch(self) -> object:
+    def batch(self, slots: int = 64) -> object:
         disk = self
 
         class Batch:
@@ -152,8 +152,36 @@ def test_fdatasync_stays_fdatasync_alone_and_in_a_group(disk: _Disk) -> None:
         ("fdatasync", 7), ("batch fdatasync", 8), ("batch fsync", 9)]
 
 
+def test_a_group_takes_at_most_max_members_then_the_next_one_opens(disk: _Disk,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syncgroup, "_MAX_MEMBERS", 2)
+    results = _Results()
+    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
+    groups.fsync(3, pid=100, datasync=False, token=3)
+    assert results.wait_for({3}, timeout=30)
+    groups.hold = 1.0
+    for fd in (4, 5, 6, 7):
+        groups.fsync(fd, pid=100 + fd, datasync=False, token=fd)
+    assert results.wait_for({4, 5, 6, 7}, timeout=30)
+    assert sorted(results.calls[1:]) == [[(4, 0), (5, 0)], [(6, 0), (7, 0)]]
+
+
+def test_beyond_its_aio_contexts_a_session_syncs_a_group_one_by_one(disk: _Disk,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syncgroup, "_MAX_BATCHES", 0)
+    results = _Results()
+    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
+    groups.fsync(3, pid=100, datasync=False, token=3)
+    assert results.wait_for({3}, timeout=30)
+    groups.hold = 1.0
+    for fd in (4, 5):
+        groups.fsync(fd, pid=100 + fd, datasync=False, token=fd)
+    assert results.wait_for({4, 5}, timeout=30)
+    assert [call for call in disk.calls if call[0] != "writeback"] == [("fsync", 3), ("fsync", 4), ("fsync", 5)]
+
+
 def test_without_an_aio_context_a_group_is_synced_one_by_one(disk: _Disk, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse() -> sysc.FsyncBatch:
+    def refuse(slots: int) -> sysc.FsyncBatch:
         raise OSError(errno.EAGAIN, "fs.aio-max-nr reached")
     monkeypatch.setattr(syncgroup.sysc, "FsyncBatch", refuse)
     disk.failing.add(5)

@@ -46,6 +46,11 @@ _HOLD_MAX = 0.005
 # fsync time of the last left nearly twice the journal commits (docs/PERFORMANCE.md).
 _WINDOW = 2 * _HOLD_MAX
 _SMOOTHING = 0.2  # weight of the newest fsync time in the running estimate
+# A guest decides how many FSYNCs it sends: a group takes at most this many (then the next one opens), and a
+# session keeps at most this many AIO contexts (groups beyond them sync one fd after another). The host's AIO
+# events (fs.aio-max-nr) are shared with every other program on it.
+_MAX_MEMBERS = 64
+_MAX_BATCHES = 2
 
 Token = TypeVar("Token")  # what the caller knows an fsync by (the server: the request's header)
 
@@ -74,6 +79,7 @@ class SyncGroups(Generic[Token]):
         self._last_pid = 0
         self._last_arrival = float("-inf")
         self._batches: list[sysc.FsyncBatch] = []  # idle ones: one per group being synced at a time
+        self._batch_count = 0  # made and not closed
         self._closed = False
 
     def fsync(self, fd: int, pid: int, datasync: bool, token: Token) -> None:
@@ -90,6 +96,8 @@ class SyncGroups(Generic[Token]):
                 opens = True
             if group is not None:
                 group.members.append((fd, datasync, token))
+                if len(group.members) >= _MAX_MEMBERS:
+                    self._gathering = None
             self._last_pid, self._last_arrival = pid, now
         if group is None:
             self.run(lambda: self._sync_alone(fd, datasync, token))
@@ -100,6 +108,7 @@ class SyncGroups(Generic[Token]):
         with self._lock:
             self._closed = True
             idle, self._batches = self._batches, []
+            self._batch_count -= len(idle)
         for batch in idle:
             batch.close()
 
@@ -119,8 +128,12 @@ class SyncGroups(Generic[Token]):
             with self._lock:
                 wait = min(group.closes, group.opened + self.max_hold) - time.monotonic()
                 if wait <= 0:
-                    self._gathering = None  # later fsyncs open the next group
+                    if self._gathering is group:
+                        self._gathering = None  # later fsyncs open the next group
                     batch = self._batches.pop() if self._batches else None
+                    make = batch is None and self._batch_count < _MAX_BATCHES
+                    if make:
+                        self._batch_count += 1
                     break
             time.sleep(wait)
         requests = [(fd, datasync) for fd, datasync, _ in group.members]
@@ -128,7 +141,7 @@ class SyncGroups(Generic[Token]):
         try:
             for fd, _ in requests:
                 sysc.start_writeback(fd)
-            if batch is None:
+            if make:
                 batch = _new_batch()
             started = time.monotonic()
             errors = batch.fsync(requests) if batch is not None else [_fsync(fd, ds) for fd, ds in requests]
@@ -138,6 +151,8 @@ class SyncGroups(Generic[Token]):
                 if batch is not None and not self._closed:
                     self._batches.append(batch)
                     batch = None
+                elif make or batch is not None:  # made and failed, or to be closed: its place is free
+                    self._batch_count -= 1
             if batch is not None:
                 batch.close()
             self.synced([(token, error) for (_, _, token), error in zip(group.members, errors, strict=True)])
@@ -154,7 +169,7 @@ def _fsync(fd: int, datasync: bool) -> int:
 def _new_batch() -> sysc.FsyncBatch | None:
     """A new AIO context, or None if the host has none left (fs.aio-max-nr): then fsync one after another."""
     try:
-        return sysc.FsyncBatch()
+        return sysc.FsyncBatch(slots=_MAX_MEMBERS)
     except OSError as exc:
         _log.warning("fuse-pipe: no AIO context for grouped fsyncs (%s); syncing them one by one", exc)
         return None

@@ -18,8 +18,9 @@ once), one inotify instance (`inval.InotifyHub`), `workers` pool threads with at
 requests queued (then the reader stops reading: backpressure), `max_lock_waits` waiting lock requests (more
 are answered ENOLCK). A stream that has not sent its whole HELLO within `hello_timeout` seconds is closed.
 Per session, the reply cache holds at most _CACHE_ENTRIES replies and _CACHE_BYTES bytes; replies to
-requests that are harmless to run twice (reads, READDIR, RELEASE, FSYNC: _NOT_CACHED) are never cached.
-See fs for what a request may do on the host.
+requests that are harmless to run twice (reads, READDIR, RELEASE, FSYNC: _NOT_CACHED) are never cached; its
+sync groups hold at most 64 FSYNCs each (a group's sync takes one pool request) and two AIO contexts (see
+syncgroup). See fs for what a request may do on the host.
 """
 
 from __future__ import annotations

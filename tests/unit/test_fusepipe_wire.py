@@ -222,6 +222,7 @@ def test_fsyncs_are_answered_once_each_through_the_stream(tmp_path: Path) -> Non
         nodeid, = struct.unpack_from("<Q", batch[-1], proto.OUT_HEADER.size)
         fh, = struct.unpack_from("<Q", batch[-1], proto.OUT_HEADER.size + proto.ENTRY_OUT.size)
         answered = len(batch)
+        open_fds = len(os.listdir("/proc/self/fd"))
         # One thread's FSYNC of the open handle, two others' (a group), and one of a handle the server does not
         # know (synced by reopening the node).
         for unique, pid, handle in ((3, 10, fh), (4, 11, fh), (5, 12, fh), (6, 13, 999)):
@@ -234,6 +235,7 @@ def test_fsyncs_are_answered_once_each_through_the_stream(tmp_path: Path) -> Non
         ours.settimeout(0.5)
         with pytest.raises(TimeoutError):
             ours.recv(4096)  # and nothing more
+        assert len(os.listdir("/proc/self/fd")) == open_fds, "an fd taken for a sync group was left open"
     finally:
         session.close()
         ours.close()

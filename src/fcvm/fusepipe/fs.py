@@ -707,14 +707,21 @@ class Filesystem:
         return b""
 
     def fsync_target(self, msg: bytes) -> tuple[int, bool] | None:
-        """The host fd of the open handle an FSYNC names and whether it asks for fdatasync, for the session's
-        sync groups (fcvm.fusepipe.syncgroup: the fd is open, so no credentials are involved); None: the request
-        goes through `dispatch`."""
+        """For the session's sync groups (fcvm.fusepipe.syncgroup), the open handle an FSYNC names: a duplicate of
+        its fd (the caller's to close; the handle's own may be released, and its number reused, before the group
+        syncs) and whether fdatasync is asked for. An open fd needs no credentials. None: the request goes through
+        `dispatch`."""
         if not self.initialized or len(msg) < _HDR + 12:
             return None
         fh, flags = struct.unpack_from("<QI", msg, _HDR)
         handle = self.handles.get(fh)
-        return None if handle is None else (handle.fd, bool(flags & proto.FSYNC_FDATASYNC))
+        if handle is None:
+            return None
+        try:
+            fd = fcntl.fcntl(handle.fd, fcntl.F_DUPFD_CLOEXEC, 0)
+        except OSError:  # no fd to spare: dispatch's fsync needs none
+            return None
+        return fd, bool(flags & proto.FSYNC_FDATASYNC)
 
     def op_fsync(self, h: InHeader, b: memoryview) -> bytes:
         fh, flags = struct.unpack_from("<QI", b, 0)

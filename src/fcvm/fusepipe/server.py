@@ -150,7 +150,7 @@ class Session:
         self.invalidator = (Invalidator(hub, self.fs.inodes, self.notify, lambda: self.fs.expire_only)
                             if hub is not None else None)
         self.fs.invalidator = self.invalidator
-        self.syncs = SyncGroups[proto.InHeader](workers.submit, self._synced)
+        self.syncs = SyncGroups[tuple[proto.InHeader, int]](workers.submit, self._synced)  # token: request, fd
 
     def attach(self, conn: Connection) -> None:
         with self.lock:
@@ -207,7 +207,8 @@ class Session:
         if opcode == proto.FSYNC:
             target = self.fs.fsync_target(msg)
             if target is not None:
-                self.syncs.fsync(target[0], h.pid, target[1], h)
+                fd, datasync = target
+                self.syncs.fsync(fd, h.pid, datasync, (h, fd))
                 return
         if opcode in _POOLED:
             self.workers.submit(lambda: self._run_async(h, msg))
@@ -241,10 +242,12 @@ class Session:
                 self.cache.put(h.unique, reply)
             self.pending.discard(h.unique)
 
-    def _synced(self, results: list[tuple[proto.InHeader, int]]) -> None:
-        """FSYNCs the sync groups did together: their replies in one send."""
+    def _synced(self, results: list[tuple[tuple[proto.InHeader, int], int]]) -> None:
+        """FSYNCs the sync groups did together: their fds closed (see Filesystem.fsync_target), their replies in
+        one send."""
         replies = []
-        for h, error in results:
+        for (h, fd), error in results:
+            os.close(fd)
             reply = proto.pack_reply(h.unique, -error)
             self._finish(h, reply)
             replies.append(reply)

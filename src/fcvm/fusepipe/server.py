@@ -243,15 +243,16 @@ class Session:
             self.pending.discard(h.unique)
 
     def _synced(self, results: list[tuple[tuple[proto.InHeader, int], int]]) -> None:
-        """FSYNCs the sync groups did together: their fds closed (see Filesystem.fsync_target), their replies in
-        one send."""
+        """FSYNCs the sync groups did together: their replies in one send, then their fds closed (see
+        Filesystem.fsync_target)."""
         replies = []
-        for (h, fd), error in results:
-            os.close(fd)
+        for (h, _), error in results:
             reply = proto.pack_reply(h.unique, -error)
             self._finish(h, reply)
             replies.append(reply)
         self.send(b"".join(replies))
+        for (_, fd), _ in results:
+            os.close(fd)
 
     def _run_async(self, h: proto.InHeader, msg: bytes) -> None:
         reply = self.fs.dispatch(h, msg)

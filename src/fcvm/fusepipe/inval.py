@@ -153,7 +153,7 @@ class InotifyHub:
 
     def read_once(self) -> bool:
         """Read and handle the queued events; False when the inotify fd is gone."""
-        # Reading and handling under exp_lock: expect() sees either all of a read or none of it.
+        # Reading and matching under exp_lock: expect() sees either all of a read or none of it.
         with self.exp_lock:
             try:
                 data = os.read(self.fd, _READ_SIZE)
@@ -172,11 +172,19 @@ class InotifyHub:
             except Exception:
                 _log.exception("fuse-pipe: inotify event handling failed")
             finally:
-                batches = [(inv, inv.take_batch()) for inv in invalidators]
                 for inv in invalidators:
                     if inv.expected:
                         inv.expire(self.consumed)
-        # Sent outside exp_lock: a guest slow to read its stream holds up no other session's requests.
+        # The changed children looked up, and everything sent, outside exp_lock: the requests that create, remove
+        # or rename (expect() and done() around their syscalls) never wait for that work, and a guest slow to read
+        # its stream holds up no other session's requests.
+        batches = []
+        for inv in invalidators:
+            try:
+                inv.changed_children()
+            except Exception:
+                _log.exception("fuse-pipe: inotify event handling failed")
+            batches.append((inv, inv.take_batch()))
         for inv, batch in batches:
             if batch:
                 inv.send(b"".join(batch))
@@ -221,6 +229,7 @@ class Invalidator:
         # This session's own name operations, by (wd, event kind, name); guarded by hub.exp_lock.
         self.expected: dict[tuple[int, int, bytes], list[Expectation]] = {}
         self.batch: list[bytes] | None = None  # notifications of the read being handled (hub thread)
+        self.children: list[tuple[Inode, bytes, int]] = []  # (parent, name, pages) to invalidate (hub thread)
         table.on_new_dir = self.watch
         table.on_drop = self.unwatch
         self.watch(table.root)
@@ -328,9 +337,19 @@ class Invalidator:
             self._inval_entry(parent.nodeid, name)
             self._inval_inode(parent.nodeid, -1)
         if mask & (IN_MODIFY | IN_ATTRIB) or (mask & _ENTRY_EVENTS and name):
-            child = self._child(parent, name) if name else parent
+            pages = 0 if mask & IN_MODIFY else -1  # the offset of FUSE_NOTIFY_INVAL_INODE: -1 attributes only
+            if name:
+                self.children.append((parent, name, pages))  # its inode: looked up after the read is matched
+            else:
+                self._inval_inode(parent.nodeid, pages)
+
+    def changed_children(self) -> None:
+        """The inode invalidations of the children the events just handled named (hub thread)."""
+        children, self.children = self.children, []
+        for parent, name, pages in children:
+            child = self._child(parent, name)
             if child is not None:
-                self._inval_inode(child.nodeid, 0 if mask & IN_MODIFY else -1)
+                self._inval_inode(child.nodeid, pages)
 
     def overflow(self) -> None:
         """Events were lost: everything this session knows may be stale."""

@@ -80,6 +80,7 @@ class SyncGroups(Generic[Token]):
         self._last_arrival = float("-inf")
         self._batches: list[sysc.FsyncBatch] = []  # idle ones: one per group being synced at a time
         self._batch_count = 0  # made and not closed
+        self._warned = False
         self._closed = False
 
     def fsync(self, fd: int, pid: int, datasync: bool, token: Token) -> None:
@@ -116,6 +117,16 @@ class SyncGroups(Generic[Token]):
         """One more measured fsync time (one per sync the host's journal saw first)."""
         self.hold = min(self.max_hold, max(_HOLD_MIN, self.hold + _SMOOTHING * (taken - self.hold)))
 
+    def _new_batch(self) -> sysc.FsyncBatch | None:
+        """A new AIO context, or None if the host has none left (fs.aio-max-nr): then one fd after another."""
+        try:
+            return sysc.FsyncBatch(slots=_MAX_MEMBERS)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                _log.warning("fuse-pipe: no AIO context for grouped fsyncs (%s); syncing them one by one", exc)
+            return None
+
     def _sync_alone(self, fd: int, datasync: bool, token: Token) -> None:
         started = time.monotonic()
         error = _fsync(fd, datasync)
@@ -142,7 +153,7 @@ class SyncGroups(Generic[Token]):
             for fd, _ in requests:
                 sysc.start_writeback(fd)
             if make:
-                batch = _new_batch()
+                batch = self._new_batch()
             started = time.monotonic()
             errors = batch.fsync(requests) if batch is not None else [_fsync(fd, ds) for fd, ds in requests]
             self._estimate(time.monotonic() - started)
@@ -164,12 +175,3 @@ def _fsync(fd: int, datasync: bool) -> int:
     except OSError as exc:
         return exc.errno or errno.EIO
     return 0
-
-
-def _new_batch() -> sysc.FsyncBatch | None:
-    """A new AIO context, or None if the host has none left (fs.aio-max-nr): then fsync one after another."""
-    try:
-        return sysc.FsyncBatch(slots=_MAX_MEMBERS)
-    except OSError as exc:
-        _log.warning("fuse-pipe: no AIO context for grouped fsyncs (%s); syncing them one by one", exc)
-        return None

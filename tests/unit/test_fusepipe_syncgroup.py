@@ -54,8 +54,8 @@ class _Disk:
 @pytest.fixture
 def disk(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Disk]:
     fake = _Disk()
-    monkeypatch.setattr(syncgroup.os, "fsync", fake.recorder("fsync"))
-    monkeypatch.setattr(syncgroup.os, "fdatasync", fake.recorder("fdatasync"))
+    monkeypatch.setattr(sysc.os, "fsync", fake.recorder("fsync"))
+    monkeypatch.setattr(sysc.os, "fdatasync", fake.recorder("fdatasync"))
     monkeypatch.setattr(syncgroup.sysc, "start_writeback", fake.recorder("writeback"))
     monkeypatch.setattr(syncgroup.sysc, "FsyncBatch", fake.batch)
     yield fake

@@ -27,7 +27,6 @@ Durability is unchanged: every result is fsync(2)'s (or fdatasync(2)'s) own for 
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -129,7 +128,7 @@ class SyncGroups(Generic[Token]):
 
     def _sync_alone(self, fd: int, datasync: bool, token: Token) -> None:
         started = time.monotonic()
-        error = _fsync(fd, datasync)
+        error = sysc.fsync_errno(fd, datasync)
         self._estimate(time.monotonic() - started)
         self.synced([(token, error)])
 
@@ -155,7 +154,10 @@ class SyncGroups(Generic[Token]):
             if make:
                 batch = self._new_batch()
             started = time.monotonic()
-            errors = batch.fsync(requests) if batch is not None else [_fsync(fd, ds) for fd, ds in requests]
+            if batch is not None:
+                errors = batch.fsync(requests)
+            else:
+                errors = [sysc.fsync_errno(fd, datasync) for fd, datasync in requests]
             self._estimate(time.monotonic() - started)
         finally:
             with self._lock:
@@ -167,11 +169,3 @@ class SyncGroups(Generic[Token]):
             if batch is not None:
                 batch.close()
             self.synced([(token, error) for (_, _, token), error in zip(group.members, errors, strict=True)])
-
-
-def _fsync(fd: int, datasync: bool) -> int:
-    try:
-        (os.fdatasync if datasync else os.fsync)(fd)
-    except OSError as exc:
-        return exc.errno or errno.EIO
-    return 0

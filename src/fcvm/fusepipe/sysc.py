@@ -64,6 +64,15 @@ def start_writeback(fd: int) -> None:
     _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
+def fsync_errno(fd: int, datasync: bool) -> int:
+    """fsync(2) (or fdatasync(2)) of `fd`; its errno, 0 if synced."""
+    try:
+        (os.fdatasync if datasync else os.fsync)(fd)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    return 0
+
+
 class _Iocb(ctypes.Structure):  # struct iocb (linux/aio_abi.h), little-endian
     _fields_ = [("aio_data", ctypes.c_uint64), ("aio_key", ctypes.c_uint32), ("aio_rw_flags", ctypes.c_int32),
                 ("aio_lio_opcode", ctypes.c_uint16), ("aio_reqprio", ctypes.c_int16),
@@ -116,11 +125,7 @@ class FsyncBatch:
         if submitted < 0:
             submitted = 0
         for i in range(submitted, count):  # refused (e.g. a file without fsync): as fsync(2) answers it
-            fd, datasync = fds[i]
-            try:
-                (os.fdatasync if datasync else os.fsync)(fd)
-            except OSError as exc:
-                errors[i] = exc.errno or errno.EIO
+            errors[i] = fsync_errno(*fds[i])
         events = (_IoEvent * max(submitted, 1))()
         reaped = 0
         while reaped < submitted:

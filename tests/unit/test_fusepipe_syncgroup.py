@@ -88,6 +88,16 @@ def _groups(results: _Results, **kwargs: float) -> SyncGroups[int]:
     return SyncGroups(run, results.synced, **kwargs)
 
 
+def _after_a_lone_fsync(results: _Results, hold: float) -> SyncGroups[int]:
+    """Groups in which fd 3 (guest thread 100) has just been synced alone, so that the next fsync from another
+    thread opens a group; the groups' hold set to `hold` afterwards (the lone fsync's time moved it)."""
+    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
+    groups.fsync(3, pid=100, datasync=False, token=3)
+    assert results.wait_for({3}, timeout=30)
+    groups.hold = hold
+    return groups
+
+
 def test_a_thread_fsyncing_alone_never_waits(disk: _Disk) -> None:
     results = _Results()
     groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
@@ -100,10 +110,7 @@ def test_a_thread_fsyncing_alone_never_waits(disk: _Disk) -> None:
 
 def test_fsyncs_of_concurrent_threads_are_written_back_together_then_synced_in_one_batch(disk: _Disk) -> None:
     results = _Results()
-    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
-    groups.fsync(3, pid=100, datasync=False, token=3)  # another thread's recent fsync: the next one waits
-    assert results.wait_for({3}, timeout=30)
-    groups.hold = _LONG_HOLD
+    groups = _after_a_lone_fsync(results, hold=_LONG_HOLD)
     groups.fsync(4, pid=101, datasync=False, token=4)
     assert not results.wait_for({4}, timeout=0.5) and disk.calls == [("fsync", 3)], "held for others to join"
     groups.fsync(5, pid=102, datasync=False, token=5)
@@ -129,10 +136,7 @@ def test_fsyncs_further_apart_than_the_window_are_not_grouped(disk: _Disk) -> No
 def test_each_member_of_a_group_gets_its_own_fsync_error(disk: _Disk) -> None:
     disk.failing.add(5)
     results = _Results()
-    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
-    groups.fsync(3, pid=100, datasync=False, token=3)
-    assert results.wait_for({3}, timeout=30)
-    groups.hold = 1.0
+    groups = _after_a_lone_fsync(results, hold=1.0)
     for fd in (4, 5, 6):
         groups.fsync(fd, pid=101 + fd, datasync=False, token=fd)
     assert results.wait_for({3, 4, 5, 6}, timeout=30)
@@ -156,10 +160,7 @@ def test_a_group_takes_at_most_max_members_then_the_next_one_opens(disk: _Disk,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(syncgroup, "_MAX_MEMBERS", 2)
     results = _Results()
-    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
-    groups.fsync(3, pid=100, datasync=False, token=3)
-    assert results.wait_for({3}, timeout=30)
-    groups.hold = 1.0
+    groups = _after_a_lone_fsync(results, hold=1.0)
     for fd in (4, 5, 6, 7):
         groups.fsync(fd, pid=100 + fd, datasync=False, token=fd)
     assert results.wait_for({4, 5, 6, 7}, timeout=30)
@@ -170,10 +171,7 @@ def test_beyond_its_aio_contexts_a_session_syncs_a_group_one_by_one(disk: _Disk,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(syncgroup, "_MAX_BATCHES", 0)
     results = _Results()
-    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
-    groups.fsync(3, pid=100, datasync=False, token=3)
-    assert results.wait_for({3}, timeout=30)
-    groups.hold = 1.0
+    groups = _after_a_lone_fsync(results, hold=1.0)
     for fd in (4, 5):
         groups.fsync(fd, pid=100 + fd, datasync=False, token=fd)
     assert results.wait_for({4, 5}, timeout=30)
@@ -186,10 +184,7 @@ def test_without_an_aio_context_a_group_is_synced_one_by_one(disk: _Disk, monkey
     monkeypatch.setattr(syncgroup.sysc, "FsyncBatch", refuse)
     disk.failing.add(5)
     results = _Results()
-    groups = _groups(results, max_hold=10 * _LONG_HOLD, window=10 * _LONG_HOLD)
-    groups.fsync(3, pid=100, datasync=False, token=3)
-    assert results.wait_for({3}, timeout=30)
-    groups.hold = 1.0
+    groups = _after_a_lone_fsync(results, hold=1.0)
     for fd in (4, 5):
         groups.fsync(fd, pid=101 + fd, datasync=False, token=fd)
     assert results.wait_for({4, 5}, timeout=30)

@@ -196,6 +196,7 @@ def test_resent_requests_are_not_executed_twice(tmp_path: Path) -> None:
 
 
 def _read_replies(sock: socket.socket, count: int) -> list[bytes]:
+    """`count` replies from the server's end of a stream, and nothing but whole replies."""
     sock.settimeout(30)  # generous: the replies take milliseconds
     buf = b""
     frames: list[bytes] = []
@@ -264,17 +265,7 @@ def test_server_survives_garbage_and_disconnects(tmp_path: Path) -> None:
         assert s.recv(16)[:8] == proto.MAGIC
         s.sendall(req(proto.INIT, INIT_BODY, unique=1) + req(proto.GETATTR, bytes(16), unique=2)
                   + req(4242, b"", unique=3))
-        s.settimeout(30)  # generous: the three replies take milliseconds
-        buf = b""
-        frames: list[bytes] = []
-        while len(frames) < 3:
-            chunk = s.recv(4096)
-            assert chunk, f"the server closed the stream after {len(frames)} replies"
-            buf += chunk
-            got, used = proto.split_frames(buf, proto.MIN_REPLY)
-            frames += got
-            buf = buf[used:]
-        assert buf == b""  # nothing but whole replies
+        frames = _read_replies(s, 3)  # nothing but whole replies
         errors = {proto.OUT_HEADER.unpack_from(f)[2]: -proto.OUT_HEADER.unpack_from(f)[1] for f in frames}
         assert errors == {1: 0, 2: 0, 3: errno.ENOSYS}
         s.close()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,20 +122,109 @@ def test_an_expectation_never_swallows_a_later_host_change(watched: tuple) -> No
     assert _entries(sent) == [b"f"]  # delete + create by the host, coalesced within one read
 
 
-def test_content_changes_are_always_forwarded(watched: tuple) -> None:
-    root, table, hub, _, sent = watched
-    fd = os.open(root / "f", os.O_CREAT | os.O_WRONLY, 0o644)
-    st = os.fstat(fd)
-    assert stat.S_ISREG(st.st_mode)
+def _write_elsewhere(path: Path) -> None:
+    """Append to `path` from another process (a host-side writer)."""
+    subprocess.run(["sh", "-c", 'printf data >> "$0"', str(path)], check=True)
+
+
+def _known_file(root: Path, table: InodeTable, hub: inval.InotifyHub, sent: list[bytes]) -> int:
+    """A file `f` in `root` the session knows (as after a LOOKUP); its node id. Pending events are read."""
+    (root / "f").write_bytes(b"")
+    st = os.stat(root / "f")
     hub.read_once()
     sent.clear()
-    table.add(os.open(root / "f", os.O_PATH | os.O_CLOEXEC), st)
-    os.write(fd, b"data")
-    os.close(fd)
+    return table.add(os.open(root / "f", os.O_PATH | os.O_CLOEXEC), st).nodeid
+
+
+def _content_invals(sent: list[bytes]) -> list[int]:
+    """Node ids of the data invalidations sent (and clears `sent`)."""
+    nodeids = [nodeid for nodeid, offset, _ in
+               (proto.NOTIFY_INVAL_INODE_OUT.unpack_from(m, proto.OUT_HEADER.size) for m in _split(sent)
+                if proto.OUT_HEADER.unpack_from(m)[1] == proto.NOTIFY_INVAL_INODE) if offset == 0]
+    sent.clear()
+    return nodeids
+
+
+def test_another_process_writing_a_file_invalidates_it(watched: tuple) -> None:
+    root, table, hub, _, sent = watched
+    nodeid = _known_file(root, table, hub, sent)
+    _write_elsewhere(root / "f")
     hub.read_once()
-    inodes = [proto.NOTIFY_INVAL_INODE_OUT.unpack_from(m, proto.OUT_HEADER.size) for m in _split(sent)
-              if proto.OUT_HEADER.unpack_from(m)[1] == proto.NOTIFY_INVAL_INODE]
-    assert (table.lookup_key((st.st_dev, st.st_ino)).nodeid, 0, 0) in inodes  # type: ignore[union-attr]
+    assert _content_invals(sent) == [nodeid]
+
+
+def test_the_servers_own_writes_are_not_forwarded_but_never_hide_a_host_write(watched: tuple) -> None:
+    root, table, hub, _, sent = watched
+    assert hub.content is not None, "fanotify is needed on this host (Linux 5.9+)"
+    nodeid = _known_file(root, table, hub, sent)
+    with open(root / "f", "ab") as f:  # as the server writes a guest's WRITE
+        f.write(b"own")
+    hub.read_once()
+    assert _content_invals(sent) == []
+    # A host write right after one of ours, both still queued: inotify would merge the two events into one;
+    # fanotify keeps them apart, and the host's is forwarded.
+    with open(root / "f", "ab") as f:
+        f.write(b"own")
+    _write_elsewhere(root / "f")
+    hub.read_once()
+    assert _content_invals(sent) == [nodeid]
+
+
+def test_own_writes_are_forwarded_when_another_session_watches_the_directory(tmp_path: Path,
+                                                                            hub: inval.InotifyHub) -> None:
+    """Another session of this server, or of a second server in this process (two overlapping --map volumes):
+    this process's write may have been the other session's, so both are told."""
+    other_hub = inval.InotifyHub()
+    tables = [InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for _ in range(3)]
+    sent: list[list[bytes]] = [[], [], []]
+    invs = [inval.Invalidator(h, t, s.append, lambda: True)
+            for h, t, s in zip((hub, hub, other_hub), tables, sent, strict=True)]
+    try:
+        (tmp_path / "f").write_bytes(b"")
+        st = os.stat(tmp_path / "f")
+        nodeids = [t.add(os.open(tmp_path / "f", os.O_PATH | os.O_CLOEXEC), st).nodeid for t in tables]
+        for h in (hub, other_hub):
+            h.read_once()
+        for s in sent:
+            s.clear()
+        invs[1].close()  # one session of each server left on the directory
+        with open(tmp_path / "f", "ab") as f:
+            f.write(b"own")
+        for h in (hub, other_hub):
+            h.read_once()
+        assert [_content_invals(s) for s in sent] == [[nodeids[0]], [], [nodeids[2]]]
+        invs[2].close()  # now the first session alone watches it: its own write is its own
+        with open(tmp_path / "f", "ab") as f:
+            f.write(b"own")
+        hub.read_once()
+        assert _content_invals(sent[0]) == []
+    finally:
+        for inv in invs:
+            inv.close()
+        for t in tables:
+            t.close()
+        other_hub.close()
+
+
+def test_without_fanotify_every_write_is_forwarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fanotify() -> int:
+        raise OSError(errno.EPERM, "fanotify_init: Operation not permitted")
+    monkeypatch.setattr(inval.sysc, "fanotify_init", no_fanotify)
+    hub = inval.InotifyHub()
+    table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+    sent: list[bytes] = []
+    inv = inval.Invalidator(hub, table, sent.append, lambda: True)
+    try:
+        assert hub.content is None
+        nodeid = _known_file(tmp_path, table, hub, sent)
+        with open(tmp_path / "f", "ab") as f:  # the server's own: inotify cannot tell, so it is forwarded
+            f.write(b"own")
+        hub.read_once()
+        assert _content_invals(sent) == [nodeid]
+    finally:
+        inv.close()
+        table.close()
+        hub.close()
 
 
 def test_sessions_share_the_inotify_instance_and_see_each_others_changes(tmp_path: Path,

@@ -14,9 +14,17 @@ syscall, and a matching event consumes the registration. After the syscall, `don
 queued on the shared inotify fd at that moment (the event is queued before the syscall returns);
 registrations whose window has been read are forgotten, so one whose event never came (the file already
 existed, say) cannot swallow a later host-side event. If the syscall failed, an event that was held back
-was someone else's, and is forwarded then. Content and attribute events (IN_MODIFY, IN_ATTRIB) are always
-forwarded: inotify merges identical consecutive events, so one caused by the server could hide a host-side
-change to the same file.
+was someone else's, and is forwarded then.
+
+Content changes (writes, truncation) come from fanotify where the filesystem allows (`ContentWatch`): fanotify
+merges an event only into one of the same process's, and names the process, so the writes this process makes
+itself (a guest's WRITEs: its kernel knows them) are dropped, unless another session, of this server or of
+another in this process, watches the directory too. Where fanotify cannot watch a directory, inotify's
+IN_MODIFY is forwarded instead, as attribute changes (IN_ATTRIB) always are: inotify merges identical
+consecutive events whoever caused them, so an event of the server's own could hide a host-side change.
+(Another writer in this process would be taken for the server too, and its change seen in the guest only
+when the attribute timeout runs out; fcvm's VM supervisor, which hosts its volumes' servers, writes nothing
+into them.)
 
 A watch is added with the credentials of the request that made the directory known (inotify needs read
 permission): a directory that request cannot read is not watched, and its host-side changes show up after
@@ -33,9 +41,10 @@ import os
 import select
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fcvm.core import log
+from fcvm.fusepipe import sysc
 from fcvm.fusepipe.inodes import Inode, InodeTable
 from fcvm_wire.fusepipe import proto
 
@@ -58,12 +67,98 @@ IN_ONLYDIR = 0x01000000
 IN_EXCL_UNLINK = 0x04000000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
-_MASK = (IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR
-         | IN_EXCL_UNLINK)
+_MASK = IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ONLYDIR | IN_EXCL_UNLINK
 _ENTRY_EVENTS = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 _EVENT = struct.Struct("iIII")
 _FIONREAD = 0x541B
 _READ_SIZE = 65536
+FAN_MODIFY = 0x2
+FAN_Q_OVERFLOW = 0x4000
+FAN_EVENT_ON_CHILD = 0x08000000
+_FAN_METADATA = struct.Struct("<IBBHQii")  # event_len vers reserved metadata_len mask fd pid
+_FAN_INFO = struct.Struct("<BBH8s")  # info_type pad len fsid; then struct file_handle and the name
+_FAN_EVENT_INFO_TYPE_DFID_NAME = 2
+_HANDLE_HEAD = struct.Struct("<Ii")  # struct file_handle: handle_bytes handle_type
+
+# Directories watched for content changes in this process, by file handle: how many sessions (of all its
+# servers) watch each. A write of this process's own is dropped only when the one session watching made it.
+_content_watchers: dict[bytes, int] = {}
+_content_lock = threading.Lock()
+
+
+class ContentWatch:
+    """fanotify FAN_MODIFY marks on the watched directories (for their files), mapped back by file handle."""
+
+    def __init__(self) -> None:
+        self.fd = sysc.fanotify_init()
+        self.by_handle: dict[bytes, int] = {}  # a directory's handle -> its inotify watch descriptor
+        self.handles: dict[int, bytes] = {}  # and back
+
+    def add(self, path: bytes, fd: int) -> bytes | None:
+        """Mark the directory `fd` (at `path`); its handle, or None if fanotify cannot watch it."""
+        try:
+            handle = sysc.file_handle(fd)
+            sysc.fanotify_mark(self.fd, True, FAN_MODIFY | FAN_EVENT_ON_CHILD, path)
+        except OSError:  # a filesystem without file handles, or the marks limit: inotify's IN_MODIFY then
+            return None
+        return handle
+
+    def register(self, wd: int, handle: bytes) -> None:
+        """Caller holds the hub's lock."""
+        if wd in self.handles:
+            return
+        self.handles[wd] = handle
+        self.by_handle[handle] = wd
+        with _content_lock:
+            _content_watchers[handle] = _content_watchers.get(handle, 0) + 1
+
+    def drop(self, wd: int, path: bytes | None) -> None:
+        """The watch `wd` is gone; so is its mark (`path`: the directory, None if the kernel removed the mark).
+        Caller holds the hub's lock."""
+        handle = self.handles.pop(wd, None)
+        if handle is None:
+            return
+        if self.by_handle.get(handle) == wd:
+            del self.by_handle[handle]
+        with _content_lock:
+            left = _content_watchers[handle] - 1
+            if left:
+                _content_watchers[handle] = left
+            else:
+                del _content_watchers[handle]
+        if path is not None:
+            with contextlib.suppress(OSError):
+                sysc.fanotify_mark(self.fd, False, FAN_MODIFY | FAN_EVENT_ON_CHILD, path)
+
+    def read(self) -> bytes:
+        try:
+            return os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return b""
+
+    def events(self, data: bytes) -> Iterator[tuple[int, bytes, bytes] | None]:
+        """(writer's pid, directory handle, name) per event read; None for a queue overflow."""
+        pos = 0
+        while pos + _FAN_METADATA.size <= len(data):
+            event_len, _vers, _, meta_len, mask, _fd, pid = _FAN_METADATA.unpack_from(data, pos)
+            if event_len < _FAN_METADATA.size:
+                return
+            if mask & FAN_Q_OVERFLOW:
+                yield None
+            else:
+                info = pos + meta_len
+                info_type, _, _, _ = _FAN_INFO.unpack_from(data, info)
+                if info_type == _FAN_EVENT_INFO_TYPE_DFID_NAME:
+                    start = info + _FAN_INFO.size
+                    size, _ = _HANDLE_HEAD.unpack_from(data, start)
+                    end = start + _HANDLE_HEAD.size + size
+                    name = data[end:pos + event_len].split(b"\0", 1)[0]
+                    yield pid, data[start:end], name
+            pos += event_len
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class Expectation:
@@ -80,7 +175,8 @@ class Expectation:
 
 
 class InotifyHub:
-    """One inotify instance and its reader thread, shared by the `Invalidator`s of a server's sessions."""
+    """One inotify instance (and fanotify group) and their reader thread, shared by the `Invalidator`s of a
+    server's sessions."""
 
     def __init__(self) -> None:
         self.fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
@@ -94,6 +190,12 @@ class InotifyHub:
         self.exp_lock = threading.Lock()
         self.consumed = 0
         self.warned = False
+        self.pid = os.getpid()
+        try:
+            self.content: ContentWatch | None = ContentWatch()
+        except OSError as exc:  # no fanotify here: inotify's IN_MODIFY, forwarded whoever wrote
+            _log.debug("fuse-pipe: no fanotify (%s); the server's own writes invalidate its guest's cache too", exc)
+            self.content = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="fp-inotify", daemon=True)
 
@@ -107,29 +209,46 @@ class InotifyHub:
         for fd in (self.fd, self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self.content is not None:
+            with self.lock:
+                for wd in list(self.content.handles):
+                    self.content.drop(wd, None)  # the marks go with the group
+            self.content.close()
 
     def add(self, inv: Invalidator, ino: Inode) -> int:
         """Watch `ino` (a directory) for `inv`; returns the watch descriptor, or -1 if it cannot be watched."""
-        wd = _libc.inotify_add_watch(self.fd, f"/proc/self/fd/{ino.fd}".encode(), _MASK)
+        path = f"/proc/self/fd/{ino.fd}".encode()
+        handle = self.content.add(path, ino.fd) if self.content is not None else None
+        wd = _libc.inotify_add_watch(self.fd, path, _MASK if handle is not None else _MASK | IN_MODIFY)
         if wd < 0:
             err = ctypes.get_errno()
             if not self.warned and err == errno.ENOSPC:
                 self.warned = True
                 _log.warning("fuse-pipe: inotify watch limit reached (fs.inotify.max_user_watches); "
                              "host-side changes in further directories show up after the cache timeout")
+            if handle is not None and self.content is not None:
+                with self.lock:
+                    if handle not in self.content.by_handle:
+                        with contextlib.suppress(OSError):
+                            sysc.fanotify_mark(self.content.fd, False, FAN_MODIFY | FAN_EVENT_ON_CHILD, path)
             return -1
         with self.lock:
             self.watchers.setdefault(wd, {})[inv] = ino
+            if handle is not None and self.content is not None:
+                self.content.register(wd, handle)
         return wd
 
-    def remove(self, inv: Invalidator, wd: int) -> None:
-        """`inv` no longer watches `wd`; the watch goes when no session has it."""
+    def remove(self, inv: Invalidator, wd: int, ino: Inode) -> None:
+        """`inv` no longer watches `wd` (the directory `ino`, still open); the watch goes when no session has
+        it."""
         with self.lock:
             sessions = self.watchers.get(wd)
             if sessions is None or sessions.pop(inv, None) is None or sessions:
                 return
             del self.watchers[wd]
             _libc.inotify_rm_watch(self.fd, wd)
+            if self.content is not None:
+                self.content.drop(wd, f"/proc/self/fd/{ino.fd}".encode())
 
     def queued(self) -> int:
         buf = bytearray(4)
@@ -144,6 +263,8 @@ class InotifyHub:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
+        if self.content is not None:
+            poller.register(self.content.fd, select.POLLIN)
         while True:
             ready = [fd for fd, _ in poller.poll()]
             if self._stop_r in ready:
@@ -158,9 +279,12 @@ class InotifyHub:
             try:
                 data = os.read(self.fd, _READ_SIZE)
             except BlockingIOError:
-                return True
+                data = b""
             except OSError:
                 return False
+            content = self.content.read() if self.content is not None else b""
+            if not data and not content:
+                return True
             base = self.consumed
             self.consumed += len(data)
             with self.lock:
@@ -169,6 +293,7 @@ class InotifyHub:
                 inv.batch = []
             try:
                 self._handle(data, base)
+                self._handle_content(content)
             except Exception:
                 _log.exception("fuse-pipe: inotify event handling failed")
             finally:
@@ -178,13 +303,14 @@ class InotifyHub:
         # The changed children looked up, and everything sent, outside exp_lock: the requests that create, remove
         # or rename (expect() and done() around their syscalls) never wait for that work, and a guest slow to read
         # its stream holds up no other session's requests.
-        batches = []
+        children: dict[Invalidator, list[bytes]] = {}
         for inv in invalidators:
             try:
-                inv.changed_children()
+                children[inv] = inv.changed_children()
             except Exception:
                 _log.exception("fuse-pipe: inotify event handling failed")
-            batches.append((inv, inv.take_batch()))
+        with self.exp_lock:  # done() appends to a batch under exp_lock: none is taken while it does
+            batches = [(inv, inv.take_batch() + children.get(inv, [])) for inv in invalidators]
         for inv, batch in batches:
             if batch:
                 inv.send(b"".join(batch))
@@ -208,10 +334,34 @@ class InotifyHub:
                 if mask & IN_IGNORED:  # the directory is gone: so is its watch, for every session
                     for inv, parent in self.watchers.pop(wd, {}).items():
                         inv.forget_watch(parent)
+                    if self.content is not None:
+                        self.content.drop(wd, None)
                     continue
                 watching = list(self.watchers.get(wd, {}).items())
             for inv, parent in watching:
                 inv.event(parent, mask, name, offset, seen)
+
+    def _handle_content(self, data: bytes) -> None:
+        if not data or self.content is None:
+            return
+        seen: set[tuple[Invalidator, int, int, bytes]] = set()
+        for event in self.content.events(data):
+            if event is None:
+                with self.lock:
+                    invalidators = {inv for sessions in self.watchers.values() for inv in sessions}
+                for inv in invalidators:
+                    inv.overflow()
+                continue
+            pid, handle, name = event
+            with self.lock:
+                wd = self.content.by_handle.get(handle)
+                if wd is None:
+                    continue
+                watching = list(self.watchers.get(wd, {}).items())
+            if pid == self.pid and len(watching) == 1 and _content_watchers.get(handle) == 1:
+                continue  # the one session watching wrote it: its kernel knows
+            for inv, parent in watching:
+                inv.event(parent, IN_MODIFY, name, 0, seen)
 
 
 class Invalidator:
@@ -251,7 +401,7 @@ class Invalidator:
             if self.by_wd.get(wd) is not ino:
                 return
             del self.by_wd[wd]
-        self.hub.remove(self, wd)
+        self.hub.remove(self, wd, ino)
 
     def forget_watch(self, ino: Inode) -> None:
         """The hub dropped this watch (IN_IGNORED: the directory is gone)."""
@@ -266,7 +416,7 @@ class Invalidator:
             self.by_wd.clear()
         for wd, ino in watched:
             ino.wd = -1
-            self.hub.remove(self, wd)
+            self.hub.remove(self, wd, ino)
 
     def expect(self, parent: Inode, name: bytes, kind: int) -> Expectation | None:
         """Called just before the server creates/removes/renames `name` in `parent` for this session (kind:
@@ -343,13 +493,15 @@ class Invalidator:
             else:
                 self._inval_inode(parent.nodeid, pages)
 
-    def changed_children(self) -> None:
+    def changed_children(self) -> list[bytes]:
         """The inode invalidations of the children the events just handled named (hub thread)."""
         children, self.children = self.children, []
+        msgs = []
         for parent, name, pages in children:
             child = self._child(parent, name)
             if child is not None:
-                self._inval_inode(child.nodeid, pages)
+                msgs.append(_inval_inode_msg(child.nodeid, pages))
+        return msgs
 
     def overflow(self) -> None:
         """Events were lost: everything this session knows may be stale."""
@@ -377,10 +529,14 @@ class Invalidator:
                                      proto.NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), flags) + name + b"\0"))
 
     def _inval_inode(self, nodeid: int, offset: int) -> None:
-        self._emit(proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, 0)))
+        self._emit(_inval_inode_msg(nodeid, offset))
 
     def _emit(self, msg: bytes) -> None:
         if self.batch is not None:  # while the hub handles one read: sent together at the end
             self.batch.append(msg)
         else:
             self.send(msg)
+
+
+def _inval_inode_msg(nodeid: int, offset: int) -> bytes:
+    return proto.pack_notify(proto.NOTIFY_INVAL_INODE, proto.NOTIFY_INVAL_INODE_OUT.pack(nodeid, offset, 0))

@@ -144,6 +144,44 @@ class FsyncBatch:
         _libc.syscall(_SYSCALLS["io_destroy"], self._ctx)
 
 
+_libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+_libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+                                    ctypes.c_int]
+_FAN_CLOEXEC = 0x1
+_FAN_NONBLOCK = 0x2
+_FAN_REPORT_DFID_NAME = 0x400 | 0x800  # FAN_REPORT_DIR_FID | FAN_REPORT_NAME
+_FAN_MARK_ADD = 0x1
+_FAN_MARK_REMOVE = 0x2
+_AT_HANDLE_FID = 0x200  # name_to_handle_at: a handle to compare, not to open (what fanotify reports; Linux 6.5+)
+_MAX_HANDLE_SZ = 128
+
+
+def fanotify_init() -> int:
+    """A fanotify group whose events name the directory (by file handle) and the child they happened to."""
+    return _check(_libc.fanotify_init(_FAN_CLOEXEC | _FAN_NONBLOCK | _FAN_REPORT_DFID_NAME, os.O_RDONLY),
+                  "fanotify_init")
+
+
+def fanotify_mark(group: int, add: bool, mask: int, path: bytes) -> None:
+    _check(_libc.fanotify_mark(group, _FAN_MARK_ADD if add else _FAN_MARK_REMOVE, mask, -100, path),  # AT_FDCWD
+           "fanotify_mark")
+
+
+def file_handle(fd: int) -> bytes:
+    """The file handle of `fd` (O_PATH will do) as fanotify reports it: struct file_handle, header included."""
+    buf = ctypes.create_string_buffer(8 + _MAX_HANDLE_SZ)
+    struct.pack_into("<I", buf, 0, _MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH | _AT_HANDLE_FID) < 0:
+        if ctypes.get_errno() != errno.EINVAL:
+            _check(-1, "name_to_handle_at")
+        # A kernel before AT_HANDLE_FID: the same handle for every filesystem that can encode one.
+        _check(_libc.name_to_handle_at(fd, b"", buf, ctypes.byref(mount_id), AT_EMPTY_PATH), "name_to_handle_at")
+    (size,) = struct.unpack_from("<I", buf, 0)
+    return buf.raw[:8 + size]
+
+
 def utimensat_empty(fd: int, atime: tuple[int, int], mtime: tuple[int, int], nofollow: bool) -> None:
     """utimensat(fd, "", times, AT_EMPTY_PATH): works on O_PATH fds, including symlinks."""
     times = (_Timespec * 2)(_Timespec(*atime), _Timespec(*mtime))

@@ -159,6 +159,13 @@ def test_names_the_host_creates_show_up_although_the_relay_answers_lookups(hour_
     eventually(lambda: os.stat(d).st_nlink == 3, "the directory's new link count")
 
 
+def _host_writes(path: Path, data: bytes, mode: str = "wb") -> None:
+    """Another process on the host writes `data` to `path`, opened with `mode` (the server runs in this one:
+    its own writes are the guest's)."""
+    subprocess.run([sys.executable, "-c", "import sys; open(sys.argv[1], sys.argv[2]).write(sys.argv[3].encode())",
+                    str(path), mode, data.decode()], check=True)
+
+
 def test_a_small_file_comes_with_its_open_and_a_large_one_is_read(hour_long_caches: None, served: Served) -> None:
     small, large = os.urandom(5000), os.urandom((64 << 10) + 1)
     (served.src / "small").write_bytes(small)
@@ -168,8 +175,27 @@ def test_a_small_file_comes_with_its_open_and_a_large_one_is_read(hour_long_cach
     assert (served.mnt / "large").read_bytes() == large
     assert served.seen(proto.READ) > 0
     # What came with the open is the file as it was: a later host-side change still reaches the guest.
-    (served.src / "small").write_bytes(b"changed on the host")
+    _host_writes(served.src / "small", b"changed on the host")
     eventually(lambda: (served.mnt / "small").read_bytes() == b"changed on the host", "the host's new content")
+
+
+def test_a_host_write_right_after_the_guests_own_still_shows(hour_long_caches: None, served: Served) -> None:
+    """The server drops the events of its own writes (the guest's kernel made them); a host write queued right
+    behind one, to the same file, must not be merged into it. The file stays open in the guest, so nothing but
+    an invalidation can show the host's bytes (no content comes with a second open)."""
+    (served.src / "f").write_bytes(b"initial")
+    reader = os.open(served.mnt / "f", os.O_RDONLY)
+    try:
+        for round_ in range(5):
+            writer = os.open(served.mnt / "f", os.O_WRONLY)
+            os.pwrite(writer, b"guest %d" % round_, 0)
+            os.close(writer)
+            assert os.pread(reader, 64, 0) == b"guest %d" % round_
+            _host_writes(served.src / "f", b"host! %d" % round_, "r+b")  # the same size: no size change shows it
+            eventually(lambda: os.pread(reader, 64, 0) == b"host! %d" % round_,  # noqa: B023
+                       "the host's write after the guest's")
+    finally:
+        os.close(reader)
 
 
 def test_reads_racing_writes_through_the_mount_see_every_finished_write(served: Served) -> None:

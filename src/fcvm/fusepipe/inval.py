@@ -41,6 +41,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from fcvm.core import log
@@ -72,6 +73,7 @@ _ENTRY_EVENTS = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
 _EVENT = struct.Struct("iIII")
 _FIONREAD = 0x541B
 _READ_SIZE = 65536
+GATHER_SECONDS = 0.002  # how long events gather before the hub reads them
 FAN_MODIFY = 0x2
 FAN_Q_OVERFLOW = 0x4000
 FAN_EVENT_ON_CHILD = 0x08000000
@@ -269,6 +271,9 @@ class InotifyHub:
             ready = [fd for fd, _ in poller.poll()]
             if self._stop_r in ready:
                 return
+            # Let a burst's events gather first: under load most are the server's own (a create, a write),
+            # and each wake-up of this thread takes the GIL from the threads serving requests.
+            time.sleep(GATHER_SECONDS)
             if not self.read_once():
                 return
 

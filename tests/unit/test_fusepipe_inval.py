@@ -206,10 +206,38 @@ def test_own_writes_are_forwarded_when_another_session_watches_the_directory(tmp
         other_hub.close()
 
 
+def test_own_writes_are_forwarded_when_a_server_without_fanotify_watches_too(
+        tmp_path: Path, hub: inval.InotifyHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second server in this process whose hub has no fanotify (the user's fanotify groups ran out): its
+    guest's writes are this process's too, so this hub cannot call them its own session's."""
+    with monkeypatch.context() as m:
+        m.setattr(inval.sysc, "fanotify_init", _no_fanotify)
+        other_hub = inval.InotifyHub()
+    tables = [InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for _ in range(2)]
+    sent: list[list[bytes]] = [[], []]
+    invs = [inval.Invalidator(h, t, s.append, lambda: True)
+            for h, t, s in zip((hub, other_hub), tables, sent, strict=True)]
+    try:
+        assert hub.content is not None and other_hub.content is None
+        nodeid = _known_file(tmp_path, tables[0], hub, sent[0])
+        with open(tmp_path / "f", "ab") as f:  # the other server's guest writing, as far as anyone can tell
+            f.write(b"theirs")
+        hub.read_once()
+        assert _content_invals(sent[0]) == [nodeid]
+    finally:
+        for inv in invs:
+            inv.close()
+        for t in tables:
+            t.close()
+        other_hub.close()
+
+
+def _no_fanotify() -> int:
+    raise OSError(errno.EPERM, "fanotify_init: Operation not permitted")
+
+
 def test_without_fanotify_every_write_is_forwarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_fanotify() -> int:
-        raise OSError(errno.EPERM, "fanotify_init: Operation not permitted")
-    monkeypatch.setattr(inval.sysc, "fanotify_init", no_fanotify)
+    monkeypatch.setattr(inval.sysc, "fanotify_init", _no_fanotify)
     hub = inval.InotifyHub()
     table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
     sent: list[bytes] = []

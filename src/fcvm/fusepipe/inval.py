@@ -82,10 +82,20 @@ _FAN_INFO = struct.Struct("<BBH8s")  # info_type pad len fsid; then struct file_
 _FAN_EVENT_INFO_TYPE_DFID_NAME = 2
 _HANDLE_HEAD = struct.Struct("<Ii")  # struct file_handle: handle_bytes handle_type
 
-# Directories watched for content changes in this process, by file handle: how many sessions (of all its
-# servers) watch each. A write of this process's own is dropped only when the one session watching made it.
-_content_watchers: dict[bytes, int] = {}
-_content_lock = threading.Lock()
+# Directories watched in this process, by (st_dev, st_ino): how many hubs (servers) watch each, whether
+# fanotify serves them or not. A write of this process's own is dropped only when one hub watches the
+# directory, for one session: then that session made it.
+_hubs_watching: dict[tuple[int, int], int] = {}
+_hubs_lock = threading.Lock()
+
+
+def _count_hub(key: tuple[int, int], change: int) -> None:
+    with _hubs_lock:
+        left = _hubs_watching.get(key, 0) + change
+        if left:
+            _hubs_watching[key] = left
+        else:
+            del _hubs_watching[key]
 
 
 class ContentWatch:
@@ -107,12 +117,8 @@ class ContentWatch:
 
     def register(self, wd: int, handle: bytes) -> None:
         """Caller holds the hub's lock."""
-        if wd in self.handles:
-            return
         self.handles[wd] = handle
         self.by_handle[handle] = wd
-        with _content_lock:
-            _content_watchers[handle] = _content_watchers.get(handle, 0) + 1
 
     def drop(self, wd: int, path: bytes | None) -> None:
         """The watch `wd` is gone; so is its mark (`path`: the directory, None if the kernel removed the mark).
@@ -122,12 +128,6 @@ class ContentWatch:
             return
         if self.by_handle.get(handle) == wd:
             del self.by_handle[handle]
-        with _content_lock:
-            left = _content_watchers[handle] - 1
-            if left:
-                _content_watchers[handle] = left
-            else:
-                del _content_watchers[handle]
         if path is not None:
             with contextlib.suppress(OSError):
                 sysc.fanotify_mark(self.fd, False, FAN_MODIFY | FAN_EVENT_ON_CHILD, path)
@@ -187,6 +187,7 @@ class InotifyHub:
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
         self.lock = threading.Lock()
         self.watchers: dict[int, dict[Invalidator, Inode]] = {}  # wd -> the sessions watching it, their inode
+        self.keys: dict[int, tuple[int, int]] = {}  # wd -> its directory's (st_dev, st_ino)
         # Expectations of every session, and the inotify stream position: once a syscall has returned, its
         # event lies below its expectation's limit in the stream (bytes ever read + bytes queued).
         self.exp_lock = threading.Lock()
@@ -211,10 +212,14 @@ class InotifyHub:
         for fd in (self.fd, self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if self.content is not None:
-            with self.lock:
+        with self.lock:
+            for key in self.keys.values():
+                _count_hub(key, -1)
+            self.keys.clear()
+            if self.content is not None:
                 for wd in list(self.content.handles):
                     self.content.drop(wd, None)  # the marks go with the group
+        if self.content is not None:
             self.content.close()
 
     def add(self, inv: Invalidator, ino: Inode) -> int:
@@ -236,9 +241,20 @@ class InotifyHub:
             return -1
         with self.lock:
             self.watchers.setdefault(wd, {})[inv] = ino
+            if wd not in self.keys:
+                self.keys[wd] = ino.key
+                _count_hub(ino.key, 1)
             if handle is not None and self.content is not None:
                 self.content.register(wd, handle)
         return wd
+
+    def _forget(self, wd: int, path: bytes | None) -> None:
+        """No session watches `wd` any more (caller holds the lock; `path`: see ContentWatch.drop)."""
+        key = self.keys.pop(wd, None)
+        if key is not None:
+            _count_hub(key, -1)
+        if self.content is not None:
+            self.content.drop(wd, path)
 
     def remove(self, inv: Invalidator, wd: int, ino: Inode) -> None:
         """`inv` no longer watches `wd` (the directory `ino`, still open); the watch goes when no session has
@@ -249,8 +265,7 @@ class InotifyHub:
                 return
             del self.watchers[wd]
             _libc.inotify_rm_watch(self.fd, wd)
-            if self.content is not None:
-                self.content.drop(wd, f"/proc/self/fd/{ino.fd}".encode())
+            self._forget(wd, f"/proc/self/fd/{ino.fd}".encode())
 
     def queued(self) -> int:
         buf = bytearray(4)
@@ -339,8 +354,7 @@ class InotifyHub:
                 if mask & IN_IGNORED:  # the directory is gone: so is its watch, for every session
                     for inv, parent in self.watchers.pop(wd, {}).items():
                         inv.forget_watch(parent)
-                    if self.content is not None:
-                        self.content.drop(wd, None)
+                    self._forget(wd, None)
                     continue
                 watching = list(self.watchers.get(wd, {}).items())
             for inv, parent in watching:
@@ -363,7 +377,8 @@ class InotifyHub:
                 if wd is None:
                     continue
                 watching = list(self.watchers.get(wd, {}).items())
-            if pid == self.pid and len(watching) == 1 and _content_watchers.get(handle) == 1:
+                key = self.keys.get(wd)
+            if pid == self.pid and len(watching) == 1 and key is not None and _hubs_watching.get(key) == 1:
                 continue  # the one session watching wrote it: its kernel knows
             for inv, parent in watching:
                 inv.event(parent, IN_MODIFY, name, 0, seen)

@@ -1,8 +1,10 @@
-"""inotify-driven cache invalidation: host-side changes reach the guest kernel at once.
+"""inotify- and fanotify-driven cache invalidation: host-side changes reach the guest kernel at once.
 
 Every directory a session's kernel knows (has a node id for) is watched. All the sessions of one server
-share one inotify instance (`InotifyHub`; the host has few: 128 per user by default) and its reader thread;
-a directory several sessions know is one watch, and each event goes to every session watching it. An event
+share one inotify instance and one fanotify group (`InotifyHub`; the host has few of each: 128 per user by
+default) and their reader thread, which lets a burst's events gather for a couple of milliseconds before it
+reads them (see `GATHER_SECONDS`); a directory several sessions know is one watch, and each event goes to
+every session watching it. An event
 on a name becomes FUSE_NOTIFY_INVAL_ENTRY(parent, name) (expire-only where the kernel supports it, so
 dentries in use, or mounted on, are revalidated rather than dropped) and, for a known child inode,
 FUSE_NOTIFY_INVAL_INODE (data and attributes for writes, attributes only for metadata changes).

@@ -232,6 +232,29 @@ def test_own_writes_are_forwarded_when_a_server_without_fanotify_watches_too(
         other_hub.close()
 
 
+def test_a_directory_fanotify_cannot_mark_is_watched_for_writes_by_inotify(
+        watched: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem without file handles (or the marks limit reached): IN_MODIFY, forwarded whoever wrote."""
+    root, table, hub, _, sent = watched
+
+    def no_handles(fd: int) -> bytes:
+        raise OSError(errno.EOPNOTSUPP, "name_to_handle_at: Operation not supported")
+    monkeypatch.setattr(inval.sysc, "file_handle", no_handles)
+    (root / "sub").mkdir()
+    st = os.stat(root / "sub")
+    sub = table.add(os.open(root / "sub", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), st)  # watched as it comes
+    assert hub.content is not None and sub.wd >= 0 and sub.wd not in hub.content.handles
+    (sub_file := root / "sub" / "f").write_bytes(b"")
+    fst = os.stat(sub_file)
+    hub.read_once()
+    sent.clear()
+    nodeid = table.add(os.open(sub_file, os.O_PATH | os.O_CLOEXEC), fst).nodeid
+    with open(sub_file, "ab") as f:  # the server's own: inotify cannot tell, so it is forwarded
+        f.write(b"own")
+    hub.read_once()
+    assert _content_invals(sent) == [nodeid]
+
+
 def _no_fanotify() -> int:
     raise OSError(errno.EPERM, "fanotify_init: Operation not permitted")
 

@@ -131,8 +131,11 @@ class ContentWatch:
         if self.by_handle.get(handle) == wd:
             del self.by_handle[handle]
         if path is not None:
-            with contextlib.suppress(OSError):
-                sysc.fanotify_mark(self.fd, False, FAN_MODIFY | FAN_EVENT_ON_CHILD, path)
+            self.unmark(path)
+
+    def unmark(self, path: bytes) -> None:
+        with contextlib.suppress(OSError):  # the directory may be gone, and its mark with it
+            sysc.fanotify_mark(self.fd, False, FAN_MODIFY | FAN_EVENT_ON_CHILD, path)
 
     def read(self) -> bytes:
         try:
@@ -237,9 +240,8 @@ class InotifyHub:
                              "host-side changes in further directories show up after the cache timeout")
             if handle is not None and self.content is not None:
                 with self.lock:
-                    if handle not in self.content.by_handle:
-                        with contextlib.suppress(OSError):
-                            sysc.fanotify_mark(self.content.fd, False, FAN_MODIFY | FAN_EVENT_ON_CHILD, path)
+                    if handle not in self.content.by_handle:  # marked for nothing: no watch to map it to
+                        self.content.unmark(path)
             return -1
         with self.lock:
             self.watchers.setdefault(wd, {})[inv] = ino
@@ -309,8 +311,7 @@ class InotifyHub:
                 return True
             base = self.consumed
             self.consumed += len(data)
-            with self.lock:
-                invalidators = {inv for sessions in self.watchers.values() for inv in sessions}
+            invalidators = self._invalidators()
             for inv in invalidators:
                 inv.batch = []
             try:
@@ -338,6 +339,16 @@ class InotifyHub:
                 inv.send(b"".join(batch))
         return True
 
+    def _invalidators(self) -> set[Invalidator]:
+        """Every session watching anything."""
+        with self.lock:
+            return {inv for sessions in self.watchers.values() for inv in sessions}
+
+    def _overflow(self) -> None:
+        """Events were lost (a queue overflowed): every session may hold stale entries."""
+        for inv in self._invalidators():
+            inv.overflow()
+
     def _handle(self, data: bytes, base: int) -> None:
         pos = 0
         seen: set[tuple[Invalidator, int, int, bytes]] = set()
@@ -347,10 +358,7 @@ class InotifyHub:
             name = data[pos + _EVENT.size:pos + _EVENT.size + length].rstrip(b"\0")
             pos += _EVENT.size + length
             if mask & IN_Q_OVERFLOW:
-                with self.lock:
-                    invalidators = {inv for sessions in self.watchers.values() for inv in sessions}
-                for inv in invalidators:
-                    inv.overflow()
+                self._overflow()
                 continue
             with self.lock:
                 if mask & IN_IGNORED:  # the directory is gone: so is its watch, for every session
@@ -368,10 +376,7 @@ class InotifyHub:
         seen: set[tuple[Invalidator, int, int, bytes]] = set()
         for event in self.content.events(data):
             if event is None:
-                with self.lock:
-                    invalidators = {inv for sessions in self.watchers.values() for inv in sessions}
-                for inv in invalidators:
-                    inv.overflow()
+                self._overflow()
                 continue
             pid, handle, name = event
             with self.lock:

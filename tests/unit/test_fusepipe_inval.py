@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -170,16 +171,36 @@ def test_the_servers_own_writes_are_not_forwarded_but_never_hide_a_host_write(wa
     assert _content_invals(sent) == [nodeid]
 
 
-def test_own_writes_are_forwarded_when_another_session_watches_the_directory(tmp_path: Path,
-                                                                            hub: inval.InotifyHub) -> None:
+@contextlib.contextmanager
+def _sessions(root: Path, *hubs: inval.InotifyHub) -> Iterator[tuple[list[InodeTable], list[list[bytes]],
+                                                                       list[inval.Invalidator]]]:
+    """One session on `root` per hub given (a hub twice: two sessions of one server): their tables, what each
+    was sent, their invalidators; all closed afterwards."""
+    tables = [InodeTable(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for _ in hubs]
+    sent: list[list[bytes]] = [[] for _ in hubs]
+    invs = [inval.Invalidator(h, t, s.append, lambda: True) for h, t, s in zip(hubs, tables, sent, strict=True)]
+    try:
+        yield tables, sent, invs
+    finally:
+        for inv in invs:
+            inv.close()
+        for t in tables:
+            t.close()
+
+
+@pytest.fixture
+def other_hub() -> Iterator[inval.InotifyHub]:
+    """A second server's hub in this process."""
+    h = inval.InotifyHub()
+    yield h
+    h.close()
+
+
+def test_own_writes_are_forwarded_when_another_session_watches_the_directory(
+        tmp_path: Path, hub: inval.InotifyHub, other_hub: inval.InotifyHub) -> None:
     """Another session of this server, or of a second server in this process (two overlapping --map volumes):
     this process's write may have been the other session's, so both are told."""
-    other_hub = inval.InotifyHub()
-    tables = [InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for _ in range(3)]
-    sent: list[list[bytes]] = [[], [], []]
-    invs = [inval.Invalidator(h, t, s.append, lambda: True)
-            for h, t, s in zip((hub, hub, other_hub), tables, sent, strict=True)]
-    try:
+    with _sessions(tmp_path, hub, hub, other_hub) as (tables, sent, invs):
         (tmp_path / "f").write_bytes(b"")
         st = os.stat(tmp_path / "f")
         nodeids = [t.add(os.open(tmp_path / "f", os.O_PATH | os.O_CLOEXEC), st).nodeid for t in tables]
@@ -198,12 +219,6 @@ def test_own_writes_are_forwarded_when_another_session_watches_the_directory(tmp
             f.write(b"own")
         hub.read_once()
         assert _content_invals(sent[0]) == []
-    finally:
-        for inv in invs:
-            inv.close()
-        for t in tables:
-            t.close()
-        other_hub.close()
 
 
 def test_own_writes_are_forwarded_when_a_server_without_fanotify_watches_too(
@@ -213,22 +228,15 @@ def test_own_writes_are_forwarded_when_a_server_without_fanotify_watches_too(
     with monkeypatch.context() as m:
         m.setattr(inval.sysc, "fanotify_init", _no_fanotify)
         other_hub = inval.InotifyHub()
-    tables = [InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for _ in range(2)]
-    sent: list[list[bytes]] = [[], []]
-    invs = [inval.Invalidator(h, t, s.append, lambda: True)
-            for h, t, s in zip((hub, other_hub), tables, sent, strict=True)]
     try:
-        assert hub.content is not None and other_hub.content is None
-        nodeid = _known_file(tmp_path, tables[0], hub, sent[0])
-        with open(tmp_path / "f", "ab") as f:  # the other server's guest writing, as far as anyone can tell
-            f.write(b"theirs")
-        hub.read_once()
-        assert _content_invals(sent[0]) == [nodeid]
+        with _sessions(tmp_path, hub, other_hub) as (tables, sent, _):
+            assert hub.content is not None and other_hub.content is None
+            nodeid = _known_file(tmp_path, tables[0], hub, sent[0])
+            with open(tmp_path / "f", "ab") as f:  # the other server's guest writing, as far as anyone can tell
+                f.write(b"theirs")
+            hub.read_once()
+            assert _content_invals(sent[0]) == [nodeid]
     finally:
-        for inv in invs:
-            inv.close()
-        for t in tables:
-            t.close()
         other_hub.close()
 
 
@@ -262,28 +270,21 @@ def _no_fanotify() -> int:
 def test_without_fanotify_every_write_is_forwarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inval.sysc, "fanotify_init", _no_fanotify)
     hub = inval.InotifyHub()
-    table = InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-    sent: list[bytes] = []
-    inv = inval.Invalidator(hub, table, sent.append, lambda: True)
     try:
-        assert hub.content is None
-        nodeid = _known_file(tmp_path, table, hub, sent)
-        with open(tmp_path / "f", "ab") as f:  # the server's own: inotify cannot tell, so it is forwarded
-            f.write(b"own")
-        hub.read_once()
-        assert _content_invals(sent) == [nodeid]
+        with _sessions(tmp_path, hub) as ((table,), (sent,), _):
+            assert hub.content is None
+            nodeid = _known_file(tmp_path, table, hub, sent)
+            with open(tmp_path / "f", "ab") as f:  # the server's own: inotify cannot tell, so it is forwarded
+                f.write(b"own")
+            hub.read_once()
+            assert _content_invals(sent) == [nodeid]
     finally:
-        inv.close()
-        table.close()
         hub.close()
 
 
 def test_sessions_share_the_inotify_instance_and_see_each_others_changes(tmp_path: Path,
                                                                          hub: inval.InotifyHub) -> None:
-    tables = [InodeTable(os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for _ in range(2)]
-    sent: list[list[bytes]] = [[], []]
-    first, second = (inval.Invalidator(hub, t, s.append, lambda: True) for t, s in zip(tables, sent, strict=True))
-    try:
+    with _sessions(tmp_path, hub, hub) as (tables, sent, (first, _)):
         assert len(hub.watchers) == 1  # one directory, one watch, two sessions on it
         e = first.expect(tables[0].root, b"mine", inval.IN_CREATE)  # the first session's own mkdir
         os.mkdir(tmp_path / "mine")
@@ -294,8 +295,4 @@ def test_sessions_share_the_inotify_instance_and_see_each_others_changes(tmp_pat
         os.mkdir(tmp_path / "host")
         hub.read_once()
         assert (_entries(sent[0]), _entries(sent[1])) == ([], [b"host"])
-    finally:
-        second.close()
-        for t in tables:
-            t.close()
     assert not hub.watchers
